@@ -211,8 +211,9 @@ class AUNetConfig:
             d, h, L = self.dimensions[j], self.head_dims[j], self.layers[j]
             if d < 1:
                 raise _err(f"dimensions[{j}]", f"expected >= 1, got {d}")
-            if L < (1 if j == K else 0) or L < 0:
-                raise _err(f"layers[{j}]", f"expected >= {1 if j == K else 0}, got {L}")
+            min_layers = 1 if j == K else 0
+            if min_layers > L:
+                raise _err(f"layers[{j}]", f"expected >= {min_layers}, got {L}")
             if h < 1 or d % h:
                 raise _err(f"head_dims[{j}]", f"head_dim {h} must divide dimensions[{j}]={d}")
             if (h % 2) != 0:
@@ -243,9 +244,12 @@ class AUNetConfig:
             for j in range(n):
                 nh = self.dimensions[j] // self.head_dims[j]
                 if self.n_kv_heads < 1 or nh % self.n_kv_heads:
-                    raise _err("n_kv_heads", f"{self.n_kv_heads} must divide n_heads={nh} of stage {j}")
+                    raise _err(
+                        "n_kv_heads", f"{self.n_kv_heads} must divide n_heads={nh} of stage {j}"
+                    )
         if self.upsampling not in UPSAMPLINGS:
-            raise _err("upsampling", f"unknown {self.upsampling!r} (valid: {', '.join(UPSAMPLINGS)})")
+            valid = ", ".join(UPSAMPLINGS)
+            raise _err("upsampling", f"unknown {self.upsampling!r} (valid: {valid})")
         if self.nonparametric:
             for j in range(K):
                 if self.dimensions[j + 1] % self.dimensions[j]:

@@ -1,0 +1,280 @@
+"""Transformer building blocks: RMSNorm, interleaved RoPE, SwiGLU, sliding-window causal attention.
+
+Module and parameter names follow the official lingua layout (``attention.wq``, ``feed_forward.w1``,
+``attention_norm`` ...), so official checkpoints map onto ours key for key.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back (matches the official numerics)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+        xf = x.float()
+        out = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+@functools.lru_cache(maxsize=64)
+def _rope_freqs(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    # (head_dim/2,) float32: theta^(-2k/head_dim)
+    exps = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    return 1.0 / (theta**exps)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for stage-local integer positions.
+
+    positions (L,) or (B, L) int64 -> cos, sin of shape positions.shape + (head_dim/2,), float32.
+    """
+    freqs = _rope_freqs(head_dim, float(theta), positions.device)
+    angles = positions.float().unsqueeze(-1) * freqs
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) by the position angle, in float32.
+
+    x (B, L, H, Dh); cos/sin (L, Dh/2) or (B, L, Dh/2). Returns x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, L, H, Dh/2, 2)
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------- attention
+@functools.lru_cache(maxsize=1)
+def _flash_attn_func():  # noqa: ANN202 - optional kernel, imported lazily in one place
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+        return flash_attn_func
+    except Exception as e:  # pragma: no cover - CUDA only
+        log.info("flash-attn unavailable (%s); using PyTorch SDPA", e)
+        return None
+
+
+def window_mask(
+    num_q: int, num_k: int, window: int | None, device: torch.device, q_offset: int | None = None
+) -> torch.Tensor:
+    """Boolean (num_q, num_k) mask: True where query may attend key.
+
+    Query i sits at absolute position ``q_offset + i`` (default: the last num_q of num_k keys). It
+    sees keys k with ``pos - window < k <= pos``: ``window`` keys including itself (training
+    semantics of the official model; None = plain causal).
+    """
+    if q_offset is None:
+        q_offset = num_k - num_q
+    q = torch.arange(num_q, device=device).unsqueeze(1) + q_offset
+    k = torch.arange(num_k, device=device).unsqueeze(0)
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    backend: str = "auto",
+    q_offset: int | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention behind one function.
+
+    q (B, Lq, H, Dh), k/v (B, Lk, H, Dh) with heads already repeated for GQA; the queries are the
+    last Lq positions of the Lk keys unless ``q_offset`` says otherwise. Returns (B, Lq, H, Dh).
+    Backends: ``sdpa`` (default, CPU and GPU), ``flash`` (flash-attn, CUDA half precision only),
+    ``auto`` = flash when usable else SDPA.
+    """
+    Lq, Lk = q.shape[1], k.shape[1]
+    if backend in ("auto", "flash") and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fn = _flash_attn_func()
+        if fn is not None and (q_offset is None or q_offset == Lk - Lq):
+            ws = (window - 1, 0) if window is not None else (-1, -1)
+            return fn(q, k, v, causal=True, window_size=ws)
+        if backend == "flash" and fn is None:
+            raise RuntimeError("attention backend 'flash' requested; flash-attn is not importable")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+    full_causal = window is None or window >= Lk
+    if full_causal and Lq == Lk and (q_offset in (None, 0)):
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    elif full_causal and Lq == 1 and (q_offset is None or q_offset == Lk - 1):
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+    else:
+        mask = window_mask(Lq, Lk, window, q.device, q_offset)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.head_dim, self.n_heads, self.n_kv_heads = head_dim, n_heads, n_kv_heads
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> rotated q (B, L, H, Dh), rotated k and v (B, L, KV, Dh)."""
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int | None,
+        backend: str = "auto",
+        q_offset: int | None = None,
+    ) -> torch.Tensor:
+        """q (B, Lq, H, Dh), k/v (B, Lk, KV, Dh) -> (B, Lq, D) after the output projection."""
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        out = attention(q, k, v, window, backend, q_offset)
+        return self.wo(out.flatten(2))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int | None,
+        backend: str = "auto",
+    ) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+        q, k, v = self.qkv(x, cos, sin)
+        return self.attend(q, k, v, window, backend)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + Attn(norm(x)); out = h + FFN(norm(h)). No biases, no dropout."""
+
+    def __init__(
+        self, dim: int, head_dim: int, n_kv_heads: int, hidden: int, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = Attention(dim, head_dim, dim // head_dim, n_kv_heads)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.feed_forward = FeedForward(dim, hidden)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int | None,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, window, backend)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def trunc_normal_(w: torch.Tensor, std: float, bound: float | None = None) -> None:
+    """N(0, std) truncated at +-bound (default 3*std), the official init draw."""
+    bound = 3 * std if bound is None else bound
+    nn.init.trunc_normal_(w, mean=0.0, std=std, a=-bound, b=bound)
+
+
+class CausalTransformer(nn.Module):
+    """A stack of blocks for one stage (an encoder, a decoder or the trunk); no final norm."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        dim: int,
+        head_dim: int,
+        n_kv_heads: int,
+        hidden: int,
+        norm_eps: float,
+        window: int | None,
+        rope_theta: float,
+    ) -> None:
+        super().__init__()
+        self.dim, self.head_dim, self.window, self.rope_theta = dim, head_dim, window, rope_theta
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim, head_dim, n_kv_heads, hidden, norm_eps) for _ in range(n_layers)
+        )
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(positions, self.head_dim, self.rope_theta)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """x (B, L, D) at stage-local positions 0..L-1 -> (B, L, D)."""
+        if len(self.layers) == 0:
+            return x
+        cos, sin = self.rope(torch.arange(x.shape[1], device=x.device))
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.window, backend)
+        return x
+
+    def init_weights(self, base_std: float | None, factor_kind: str) -> None:
+        """Official init (spec §4): sigma = fan_in^-0.5; output projections / a depth factor."""
+        n = len(self.layers)
+        for depth, layer in enumerate(self.layers):
+            f = {
+                "disabled": 1.0,
+                "current_depth": math.sqrt(2 * (depth + 1)),
+                "global_depth": math.sqrt(2 * (n + 1)),
+                "dim_ratio": self.dim / 4096,
+            }[factor_kind]
+            std = base_std or self.dim**-0.5
+            att, ffn = layer.attention, layer.feed_forward
+            for w in (att.wq, att.wk, att.wv):
+                trunc_normal_(w.weight, std)
+            trunc_normal_(att.wo.weight, std / f, bound=3 * std)  # bounds not divided (official)
+            trunc_normal_(ffn.w1.weight, std)
+            trunc_normal_(ffn.w3.weight, std)
+            out_std = (base_std or ffn.w2.weight.shape[1] ** -0.5) / f
+            trunc_normal_(ffn.w2.weight, out_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
