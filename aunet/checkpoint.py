@@ -1,0 +1,122 @@
+"""Consolidated checkpoints: ``config.json`` + ``model.safetensors`` in one directory.
+
+This is what training writes at the end and what generation, evaluation and the official-format
+converter read. Loading never unpickles: safetensors holds tensors only, and the config is JSON.
+A plain ``.pt`` state dict is accepted too, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aunet.config import AUNetConfig, ConfigError
+from aunet.model import AUNet
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "aunet-consolidated-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not match its config; the message names the path."""
+
+
+def save_pretrained(
+    model: AUNet | dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    config: AUNetConfig | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (atomically per file)."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, AUNet):
+        config = config or model.config
+        state = model.state_dict()
+    else:
+        state = model
+    if config is None:
+        raise ValueError("save_pretrained needs the config when given a bare state dict")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    payload = {"format": FORMAT, "model": config.to_dict(), "metadata": metadata or {}}
+    (out / (CONFIG_FILE + ".tmp")).write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(out / (CONFIG_FILE + ".tmp"), out / CONFIG_FILE)
+    return out
+
+
+def read_config(path: str | os.PathLike) -> tuple[AUNetConfig, dict[str, Any]]:
+    """(config, metadata) of a checkpoint directory."""
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (not an AU-Net checkpoint directory)")
+    try:
+        payload = json.loads(cfg_path.read_text())
+        return AUNetConfig.from_dict(payload["model"]), payload.get("metadata", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: corrupt config ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``.pt``/``.pth`` state dict (weights_only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing weights file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or truncated file
+        raise CheckpointError(f"{p}: cannot read weights ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{p}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def check_state_dict(model: AUNet, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
+
+
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AUNet:
+    """Build the model from a checkpoint directory and load its weights (strictly)."""
+    config, _ = read_config(path)
+    weights = Path(path) / WEIGHTS_FILE
+    state = load_state_dict(weights)
+    model = AUNet(config)
+    check_state_dict(model, state, str(weights))
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()
