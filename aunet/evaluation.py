@@ -1,0 +1,261 @@
+"""Evaluation with the training forward: bits per byte, multiple-choice log-likelihoods, and
+character-level tasks.
+
+Scoring goes through ``AUNet.forward`` (with ``vocab_norm`` and training attention windows), not
+through the official generator, whose missing norm and ``w+1`` window shift every number (spec §8).
+Every scored sequence starts with BOS at the top level; levels come from the splitter run on the
+whole sequence, as in training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aunet.config import BOS_ID, AUNetConfig
+from aunet.model import AUNet
+from aunet.splitting import Splitter
+
+LN2 = math.log(2.0)
+
+
+def splitter_for(config: AUNetConfig) -> Splitter | None:
+    """The config's splitter, or None for a 1-stage model (no boundaries needed)."""
+    return Splitter(config.split_strategy) if config.num_stages else None
+
+
+def encode_with_levels(data: bytes, splitter: Splitter | None, top: int) -> tuple[list, list]:
+    """[BOS] + bytes, with their levels (BOS at the top level)."""
+    lv = splitter.levels(data).tolist() if splitter is not None else [0] * len(data)
+    return [BOS_ID, *data], [top, *lv]
+
+
+@torch.no_grad()
+def _token_logprobs(
+    model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
+) -> list[torch.Tensor]:
+    """log p(seq[t+1] | seq[:t+1]) for every sequence, batched with right padding.
+
+    Right padding is harmless: the model is causal and capacity caps keep the first boundaries, so
+    padding after a sequence changes none of its logits.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        L = max(len(seqs[i][0]) for i in idx)
+        toks = torch.zeros(len(idx), L, dtype=torch.long)
+        lvls = torch.zeros(len(idx), L, dtype=torch.long)
+        for r, i in enumerate(idx):
+            t, lv = seqs[i]
+            toks[r, : len(t)] = torch.tensor(t)
+            lvls[r, : len(lv)] = torch.tensor(lv)
+        logits = model(toks.to(device), lvls.to(device)).float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        ll = logp.gather(-1, toks[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        for r, i in enumerate(idx):
+            out[i] = ll[r, : len(seqs[i][0]) - 1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- bits/byte
+@dataclass
+class TextScore:
+    nats: float  # summed negative log-likelihood of the scored bytes
+    num_bytes: int
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / LN2 / max(self.num_bytes, 1)
+
+
+def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows over a sequence of n+1 tokens ([BOS] + n bytes): (start, end, first_scored).
+
+    Window k covers tokens [start, end) and scores the predictions of tokens first_scored..end-1.
+    Every byte is scored exactly once, with at least ``context - stride`` tokens before it in its
+    window (all of them when the document fits): no byte is scored without the context the model
+    can see, unlike chunking, which scores each chunk's first byte blind.
+    """
+    if not 0 < stride <= context - 1:
+        raise ValueError(f"stride must be in [1, context-1], got {stride} for context {context}")
+    total = n + 1
+    if total <= context:
+        return [(0, total, 1)]
+    wins = [(0, context, 1)]
+    scored_to = context
+    while scored_to < total:
+        end = min(scored_to + stride, total)
+        wins.append((end - context, end, scored_to))
+        scored_to = end
+    return wins
+
+
+@torch.no_grad()
+def score_texts(
+    model: AUNet,
+    docs: Sequence[bytes],
+    context: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> list[TextScore]:
+    """Per-document NLL of the document bytes (BOS is context, EOS is not scored).
+
+    Levels are computed once per whole document and sliced per window; the model forces each
+    window's first position to the top level, exactly as for mid-document training windows.
+    """
+    cfg = model.config
+    splitter = splitter_for(cfg)
+    stride = stride or max(context // 2, 1)
+    pieces, owners, firsts = [], [], []
+    for d, doc in enumerate(docs):
+        toks, lvls = encode_with_levels(doc, splitter, cfg.num_stages)
+        for start, end, first in sliding_windows(len(doc), context, stride):
+            pieces.append((toks[start:end], lvls[start:end]))
+            owners.append(d)
+            firsts.append(first - start)
+    lls = _token_logprobs(model, pieces, batch_size)
+    scores = [TextScore(0.0, 0) for _ in docs]
+    for ll, d, f in zip(lls, owners, firsts):
+        part = ll[f - 1 :]  # prediction of token j is ll[j-1]
+        scores[d].nats -= float(part.double().sum())
+        scores[d].num_bytes += part.numel()
+    return scores
+
+
+def aggregate(scores: Iterable[TextScore]) -> TextScore:
+    scores = list(scores)
+    return TextScore(sum(s.nats for s in scores), sum(s.num_bytes for s in scores))
+
+
+# ---------------------------------------------------------------------------------------- choices
+@dataclass(frozen=True)
+class ChoiceItem:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass
+class ChoiceResult:
+    loglik: list[list[float]]  # per item, per choice: summed log-likelihood (nats)
+    pred: list[int]  # argmax of loglik
+    pred_norm: list[int]  # argmax of loglik / len(choice) in characters (lm-eval acc_norm)
+    accuracy: float
+    accuracy_norm: float
+
+
+@torch.no_grad()
+def score_choices(
+    model: AUNet, items: Sequence[ChoiceItem], batch_size: int = 16, max_len: int | None = None
+) -> ChoiceResult:
+    """Byte-level log-likelihood of each choice given its context (choices packed into batches).
+
+    Contexts longer than ``max_len`` are cut from the left (after BOS), never the choice.
+    """
+    cfg = model.config
+    splitter = splitter_for(cfg)
+    seqs, spans = [], []
+    for it in items:
+        ctx = it.context.encode()
+        for ch in it.choices:
+            cb = ch.encode()
+            if max_len is not None and len(ctx) + len(cb) + 1 > max_len:
+                ctx_cut = ctx[len(ctx) + len(cb) + 1 - max_len :]
+            else:
+                ctx_cut = ctx
+            toks, lvls = encode_with_levels(ctx_cut + cb, splitter, cfg.num_stages)
+            seqs.append((toks, lvls))
+            spans.append((len(ctx_cut), len(cb)))
+    lls = _token_logprobs(model, seqs, batch_size)
+    loglik, pred, pred_norm, k = [], [], [], 0
+    for it in items:
+        row = []
+        for _ in it.choices:
+            c0, n = spans[k]
+            row.append(float(lls[k][c0 : c0 + n].double().sum()))  # predictions of choice bytes
+            k += 1
+        loglik.append(row)
+        pred.append(int(np.argmax(row)))
+        norm = [v / max(len(c), 1) for v, c in zip(row, it.choices)]
+        pred_norm.append(int(np.argmax(norm)))
+    n = max(len(items), 1)
+    return ChoiceResult(
+        loglik=loglik,
+        pred=pred,
+        pred_norm=pred_norm,
+        accuracy=sum(p == it.gold for p, it in zip(pred, items)) / n,
+        accuracy_norm=sum(p == it.gold for p, it in zip(pred_norm, items)) / n,
+    )
+
+
+# ------------------------------------------------------------------------------------ char tasks
+CHAR_TASKS = ("spell", "reverse", "insert", "swap", "count")
+
+
+@dataclass(frozen=True)
+class CharExample:
+    task: str
+    prompt: str
+    answer: str
+
+
+def _char_example(task: str, word: str, rng: random.Random) -> tuple[str, str]:
+    if task == "spell":
+        return f"Spell {word}: ", " ".join(word)
+    if task == "reverse":
+        return f"Reverse {word}: ", word[::-1]
+    if task == "insert":
+        i, c = rng.randrange(len(word) + 1), rng.choice("abcdefghijklmnopqrstuvwxyz")
+        return f"Insert {c} at {i} in {word}: ", word[:i] + c + word[i:]
+    if task == "swap":
+        i = rng.randrange(len(word) - 1)
+        swapped = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+        return f"Swap {i} and {i + 1} in {word}: ", swapped
+    if task == "count":
+        c = rng.choice(sorted(set(word)))
+        return f"Count {c} in {word}: ", str(word.count(c))
+    raise ValueError(f"unknown character task {task!r} (valid: {', '.join(CHAR_TASKS)})")
+
+
+def make_char_tasks(
+    words: Sequence[str], task: str, n: int, seed: int, shots: int = 3
+) -> list[CharExample]:
+    """n examples of a character task, each a few-shot prompt; reproducible from (task, seed)."""
+    pool = sorted({w for w in words if w.isalpha() and w.isascii() and 3 <= len(w) <= 10})
+    if len(pool) < shots + 1:
+        raise ValueError(
+            f"character tasks need at least {shots + 1} distinct words, got {len(pool)}"
+        )
+    rng = random.Random(f"{task}:{seed}")
+    out = []
+    for _ in range(n):
+        chosen = rng.sample(pool, shots + 1)
+        demos = [_char_example(task, w, rng) for w in chosen[:shots]]
+        q, a = _char_example(task, chosen[-1], rng)
+        prompt = "".join(f"{dq}{da}\n" for dq, da in demos) + q
+        out.append(CharExample(task=task, prompt=prompt, answer=a))
+    return out
+
+
+def score_char_tasks(
+    examples: Sequence[CharExample], generate: Callable[[list[bytes], int], list[bytes]]
+) -> float:
+    """Exact-match accuracy of greedy completions (up to the first newline)."""
+    if not examples:
+        return float("nan")
+    prompts = [e.prompt.encode() for e in examples]
+    max_new = max(len(e.answer.encode()) for e in examples) + 1
+    outs = generate(prompts, max_new)
+    hits = 0
+    for e, o in zip(examples, outs):
+        text = o.decode("utf-8", errors="replace").split("\n", 1)[0]
+        hits += text == e.answer
+    return hits / len(examples)
