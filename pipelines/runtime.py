@@ -1,0 +1,220 @@
+"""Where Ray, MLflow and storage live: the one module that decides it.
+
+Every pipeline calls ``init_ray`` and ``resolve_tracking_uri`` instead of ``ray.init()`` or
+``mlflow.set_tracking_uri`` so that the same entry point behaves alike in an embedded local Ray
+and under ``ray job submit``. Two rules drive the code (platform-notes §1, §5, §7):
+- Ray workers run in a session directory, not in our cwd, so every path and sqlite URI handed to
+  them is absolute; and on a cluster they see only the env vars passed through ``runtime_env``.
+- A bare ``ray.init()`` joins whatever cluster is running on the box (or hangs on a stale
+  cluster file), so the embedded case always asks for ``address="local"``, dashboard on loopback.
+Ray is imported inside functions: ``pipelines.spec`` imports this module and must stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+    from pipelines.spec import ResourcesConfig, TrackingConfig
+
+LOOPBACK = "127.0.0.1"
+# Env vars a worker needs to reach the same services as the driver (values never logged).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for the entrypoint
+
+
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking server did not answer; raised before any work starts."""
+
+
+# ---------------------------------------------------------------------------------- paths
+def is_uri(path: str) -> bool:
+    return bool(_URI.match(path))
+
+
+def absolute_path(path: str, cwd: str | None = None) -> str:
+    """A URI unchanged; a local path (or glob) absolute and normalised against ``cwd``."""
+    if is_uri(path):
+        return path
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join under a local directory or a pyarrow URI (``s3://bucket/x``) alike."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def absolute_tracking_uri(uri: str, cwd: str | None = None) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////<cwd>/rel.db``; a plain path -> a ``file://`` URI."""
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///") :]
+        if rest.startswith("/") or rest in ("", ":memory:"):
+            return uri
+        return "sqlite:///" + absolute_path(rest, cwd)
+    if ":" not in uri and uri not in ("databricks", "databricks-uc", "uc"):
+        return Path(absolute_path(uri, cwd)).as_uri()  # MLflow's file store
+    return uri
+
+
+def redact(uri: str) -> str:
+    """``http://user:secret@host`` -> ``http://***@host``: safe for messages and params."""
+    return _USERINFO.sub("***@", uri)
+
+
+def storage_root(resources: ResourcesConfig) -> str:
+    """Absolute local path or URI under which runs, checkpoints and datasets are written."""
+    return absolute_path(resources.storage_path)
+
+
+def open_filesystem(path_or_uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or any ``pyarrow.fs`` URI (s3://, gs://)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(absolute_path(path_or_uri))
+
+
+# ---------------------------------------------------------------------------------- MLflow
+def resolve_tracking_uri(tracking: TrackingConfig) -> str:
+    """The URI to use: env ``MLFLOW_TRACKING_URI`` wins, relative sqlite paths become absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
+    return absolute_tracking_uri(uri)
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, if an http(s) server does not answer ``GET /health``.
+
+    Without this, MLflow's client retries for minutes before a run fails. For sqlite the parent
+    directory is created so that the first write cannot fail on a missing folder.
+    """
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path not in ("", ":memory:"):
+            Path(absolute_path(path)).parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    outcome: list[BaseException | int] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                outcome.append(response.status)
+        except BaseException as e:  # reported below, in the caller's thread
+            outcome.append(e)
+
+    # A thread bounds the total time: the socket timeout does not cover name resolution.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    where = f"MLflow tracking server {redact(uri)}"
+    if not outcome:
+        raise TrackingUnreachable(f"{where}: no answer to GET /health within {timeout_s:g} s")
+    result = outcome[0]
+    if isinstance(result, urllib.error.HTTPError):
+        raise TrackingUnreachable(f"{where}: GET /health answered HTTP {result.code}")
+    if isinstance(result, BaseException):
+        reason = getattr(result, "reason", result)
+        raise TrackingUnreachable(f"{where}: not reachable ({reason})")
+    if not 200 <= result < 300:
+        raise TrackingUnreachable(f"{where}: GET /health answered HTTP {result}")
+
+
+# ---------------------------------------------------------------------------------- Ray
+def configure_ray_data() -> None:
+    """Ray Data defaults for this platform: quiet logs off a TTY, deterministic output order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()  # bars flood CI logs and files
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # same input -> same shards, byte for byte
+
+
+def worker_env(tracking_uri: str | None = None) -> dict[str, str]:
+    """Env vars every Ray worker must see, with URIs made absolute for the workers' other cwd."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if tracking_uri is not None:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return env
+
+
+def _job_runtime_env() -> dict:
+    """The runtime_env ``ray job submit`` gave this driver ({} outside a submitted job)."""
+    try:
+        return json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def init_ray(
+    resources: ResourcesConfig,
+    num_cpus: int | None = None,
+    *,
+    include_dashboard: bool | None = None,
+    tracking_uri: str | None = None,
+    env_vars: Mapping[str, str] | None = None,
+) -> None:
+    """Connect to ``resources.ray_address`` / env ``RAY_ADDRESS``, else start Ray on loopback.
+
+    A no-op when Ray is already initialised (tests share one session per module). ``tracking_uri``
+    and ``env_vars`` reach every worker through ``runtime_env``; ``include_dashboard=None`` keeps
+    Ray's default (Train wants the dashboard: without it the State API warns every few seconds).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {**worker_env(tracking_uri), **(env_vars or {})}
+    address = resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Under `ray job submit` the job's runtime_env is merged with ours, and Ray refuses a key
+        # set in both: keep the job's value (it is the one the submitter chose).
+        job_env = _job_runtime_env().get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    else:
+        ray.init(
+            address="local",  # never join a cluster that happens to run on this box
+            num_cpus=num_cpus,
+            include_dashboard=include_dashboard,
+            dashboard_host=LOOPBACK,  # core ports rely on Ray's token auth (platform-notes §6)
+            runtime_env={"env_vars": env} if env else None,
+        )
+    configure_ray_data()
+
+
+def ray_job_id() -> str | None:
+    """The ``ray job submit`` submission id of this driver or its workers, else None."""
+    try:
+        metadata = json.loads(os.environ.get(_JOB_CONFIG_ENV, "{}")).get("metadata") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    if metadata.get("job_submission_id"):
+        return str(metadata["job_submission_id"])
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:  # workers: the job config travels with the job, not the environment
+        job_config = ray._private.worker.global_worker.core_worker.get_job_config()
+        return dict(job_config.metadata).get("job_submission_id") or None
+    except Exception:  # private API; a missing id must never fail a run
+        return None
