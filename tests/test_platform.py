@@ -1,0 +1,294 @@
+"""Platform files: the cluster launcher config, the KubeRay manifests, the image definition, and
+a real start/stop of the local Ray head + MLflow server (platform/local/up, down)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL = ROOT / "platform" / "local"
+K8S = ROOT / "platform" / "k8s"
+
+
+def _load(path: Path) -> Any:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _walk(node: Any, key: str) -> list[Any]:
+    """Every value stored under `key` anywhere in a nested YAML document."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                found.append(v)
+            found.extend(_walk(v, key))
+    elif isinstance(node, list):
+        for v in node:
+            found.extend(_walk(v, key))
+    return found
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _strings(k) + _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster.yaml
+
+
+def test_cluster_yaml_matches_rays_schema() -> None:
+    config = _load(ROOT / "cluster.yaml")
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(config, schema)
+    # What `ray up` does before talking to AWS: merge provider defaults, then validate.
+    validate_config(prepare_config(copy.deepcopy(config)))
+    # The schema is strict enough to catch a misspelt key, so passing it means something.
+    bad = copy.deepcopy(config)
+    bad["available_node_types"]["gpu_worker"]["max_worker"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_cluster_yaml_gpu_workers_and_bounds() -> None:
+    config = _load(ROOT / "cluster.yaml")
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    head = config["head_node_type"]
+    workers = {k: v for k, v in types.items() if k != head}
+    assert workers, "cluster.yaml: no worker node type"
+    for name, t in workers.items():
+        assert t["node_config"]["InstanceType"] == "p5.48xlarge", name
+        assert t["resources"]["GPU"] == 8, name
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"], name
+    assert any("experiments" in src or src == "." for src in config["file_mounts"].values())
+    assert any("pip install" in c and "[gpu]" in c for c in config["setup_commands"])
+
+
+def test_cluster_yaml_opens_ssh_only() -> None:
+    config = _load(ROOT / "cluster.yaml")
+    rules = [r for perms in _walk(config, "IpPermissions") for r in perms]
+    for rule in rules:
+        assert (rule.get("FromPort"), rule.get("ToPort")) == (22, 22), rule
+    # Nothing binds or allows every address: dashboard on 127.0.0.1 (reached via `ray dashboard`).
+    assert not [s for s in _strings(config) if "0.0.0.0" in s or "::/0" in s]
+    head_cmds = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_cmds
+    assert "RAY_AUTH_MODE=token" in head_cmds
+    assert not _walk(config, "SecurityGroupIds"), "a custom security group bypasses the check"
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests and image
+
+SECRETISH = ("TOKEN", "PASSWORD", "SECRET", "KEY", "CREDENTIAL")
+
+
+def _containers(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_rayjob_manifest() -> None:
+    job = _load(K8S / "rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["entrypoint"] == "python -m pipelines.train experiments/quickstart.yaml"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"]["mode"] == "token"
+    assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    gpus = [
+        int(c["resources"]["limits"]["nvidia.com/gpu"])
+        for g in spec["workerGroupSpecs"]
+        for c in g["template"]["spec"]["containers"]
+    ]
+    assert gpus and all(n == 8 for n in gpus)
+    for c in _containers(spec):
+        refs = [r["configMapRef"]["name"] for r in c.get("envFrom", []) if "configMapRef" in r]
+        assert refs, f"container {c['name']}: MLFLOW_TRACKING_URI must come from a ConfigMap"
+        for e in c.get("env", []):
+            assert e["name"] != "MLFLOW_TRACKING_URI" or "valueFrom" in e, e
+            if any(w in e["name"].upper() for w in SECRETISH):
+                assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
+    cm = _load(K8S / "mlflow-config.yaml")
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] in refs
+    assert cm["data"]["MLFLOW_TRACKING_URI"].startswith("http")
+    assert not [k for k in cm["data"] if any(w in k.upper() for w in SECRETISH)]
+
+
+def test_raycluster_matches_rayjob_cluster() -> None:
+    cluster = _load(K8S / "raycluster.yaml")
+    job = _load(K8S / "rayjob.yaml")
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["spec"] == job["spec"]["rayClusterSpec"]
+    for doc in (cluster, job):
+        assert "LoadBalancer" not in _strings(doc) and "NodePort" not in _strings(doc)
+
+
+def test_dockerfile_installs_project_with_gpu_extras() -> None:
+    lines = [ln.strip() for ln in (ROOT / "platform/docker/Dockerfile").read_text().splitlines()]
+    args = {
+        ln.split()[1].split("=")[0]: ln.split("=", 1)[1] for ln in lines if ln.startswith("ARG ")
+    }
+    assert "cuda" in args["BASE_IMAGE"] and "torch" in args["BASE_IMAGE"]
+    assert any(ln.startswith("FROM ${BASE_IMAGE}") for ln in lines)
+    runs = " ".join(ln for ln in lines if not ln.startswith("#"))
+    assert 'pip install --no-build-isolation ".[gpu]"' in runs and "flash_attn" in runs
+    assert "COPY experiments" in runs and lines[-1] == "USER ray"
+
+
+def test_platform_has_no_python_package() -> None:
+    # A platform/__init__.py (or any module) would shadow the stdlib `platform` (torch, ray break).
+    assert not list((ROOT / "platform").rglob("*.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local head + MLflow, for real
+
+
+def _free_ports(n: int) -> list[int]:
+    """Distinct free ports outside Ray's worker range (10002-19999)."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            ports.add(port)
+    return sorted(ports)
+
+
+def _status(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _tree(roots: list[int]) -> set[int]:
+    """Live (non-zombie) processes in the sessions led by `roots`, plus their descendants."""
+    out = subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid=,sid=,stat="], capture_output=True, text=True, check=True
+    ).stdout
+    procs = [line.split() for line in out.splitlines()]
+    procs = [(int(p), int(pp), int(s)) for p, pp, s, st in procs if not st.startswith("Z")]
+    found = {p for p, _, s in procs if s in roots} | (set(roots) & {p for p, _, _ in procs})
+    grew = True
+    while grew:
+        new = {p for p, pp, _ in procs if pp in found} - found
+        found |= new
+        grew = bool(new)
+    return found
+
+
+def _non_loopback_ip() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent for UDP connect
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+@pytest.mark.e2e
+def test_local_up_idempotent_down(tmp_path: Path) -> None:
+    gcs, dash, client, agent, mlf = _free_ports(5)
+    env = {
+        **os.environ,
+        "AUNET_PLATFORM_DIR": str(tmp_path / "state"),
+        "AUNET_RAY_PORT": str(gcs),
+        "AUNET_RAY_DASHBOARD_PORT": str(dash),
+        "AUNET_RAY_CLIENT_PORT": str(client),
+        "AUNET_RAY_AGENT_PORT": str(agent),
+        "AUNET_MLFLOW_PORT": str(mlf),
+        "AUNET_RAY_NUM_CPUS": "1",
+    }
+    env.pop("AUNET_BIND_HOST", None)
+    state = tmp_path / "state"
+
+    def run(script: str) -> str:
+        p = subprocess.run(
+            [str(LOCAL / script)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+        return p.stdout
+
+    def pids() -> tuple[int, int]:
+        return tuple(
+            int((state / f).read_text().split()[0]) for f in ("ray/ray.pid", "mlflow/mlflow.pid")
+        )
+
+    t0 = time.monotonic()
+    out = run("up")
+    try:
+        assert "started: mlflow ray" in out
+        first = pids()
+        token = (state / "ray/auth_token").read_text().strip()
+        assert len(token) == 64 and (state / "ray/auth_token").stat().st_mode & 0o077 == 0
+        assert _status(f"http://127.0.0.1:{dash}/api/version", token) == 200
+        assert _status(f"http://127.0.0.1:{dash}/api/version") == 401  # token auth is on
+        assert _status(f"http://127.0.0.1:{mlf}/health") == 200
+        exports = run("env")
+        assert f"export RAY_API_SERVER_ADDRESS=http://127.0.0.1:{dash}\n" in exports
+        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mlf}\n" in exports
+        assert f"export RAY_AUTH_TOKEN_PATH={state / 'ray/auth_token'}\n" in exports
+        assert "export RAY_AUTH_MODE=token\n" in exports
+        assert exports in out.replace("\n  export", "\nexport")
+
+        # Dashboard and MLflow are reachable on loopback only.
+        if shutil.which("ss"):
+            listen = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+            locals_ = [line.split()[3] for line in listen.splitlines()]
+            for port in (dash, mlf):
+                bound = [a for a in locals_ if a.rsplit(":", 1)[1] == str(port)]
+                assert bound and all(a.startswith("127.0.0.1:") for a in bound), bound
+        ip = _non_loopback_ip()
+        if ip:
+            for port in (dash, mlf):
+                with pytest.raises(OSError), socket.create_connection((ip, port), timeout=2):
+                    pass
+
+        tree = _tree(list(first))
+        assert len(tree) > 5, tree  # gcs_server, raylet, dashboard, ... and uvicorn
+        again = run("up")
+        assert "already running (nothing started)" in again and pids() == first
+    finally:
+        down = run("down")
+    assert "ray: stopped" in down and "mlflow: stopped" in down
+    assert not (state / "ray/ray.pid").exists() and not (state / "mlflow/mlflow.pid").exists()
+    left = _tree(list(first)) | (tree & _tree(list(tree)))
+    assert not left, f"processes left after down: {left}"
+    tmp_root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    cluster_file = Path(tmp_root) / "ray" / "ray_current_cluster"
+    assert not cluster_file.exists() or not cluster_file.read_text().endswith(f":{gcs}")
+    assert time.monotonic() - t0 < 120
