@@ -148,7 +148,11 @@ def test_down_gathers_boundary_vectors(upsampling):
             v = x[b, t]
             if upsampling == "nonparam":  # feature c*2+u = w_u v[c] + (1-w_u) v[c-1]
                 exp = torch.stack(
-                    [(u + 1) / 2 * v[c] + (1 - (u + 1) / 2) * v[c - 1] for c in range(8) for u in (0, 1)]
+                    [
+                        (u + 1) / 2 * v[c] + (1 - (u + 1) / 2) * v[c - 1]
+                        for c in range(8)
+                        for u in (0, 1)
+                    ]
                 )
             else:
                 nv = v / torch.sqrt((v * v).mean() + 1e-5) * trans.down_norm.weight

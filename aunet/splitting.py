@@ -1,0 +1,348 @@
+r"""Per-byte level arrays for AU-Net's pooling stages (spec §2), byte-exact with the official code.
+
+A ``Splitter`` takes the official strategy mapping (``{"word1": "1@1", "word2": "2@1"}``): dict
+order is the stage, and a key picks its strategy by prefix, tested in the official order ``word``,
+``pretok``, ``punct`` (so ``word2`` and ``words`` are word strategies, and ``punc`` is rejected),
+then the longest name registered with ``register_strategy`` that prefixes the key. For word keys
+the value is ``N@M`` (N words per end match; ``@M`` is read only for the exact key ``word``, as
+officially); pretok, punct and custom strategies ignore the value. ``levels(data)`` gives each byte
+``1 + max(index of a stage with a boundary there)`` or 0, on the last byte of each codepoint.
+
+Why not ``regex.finditer``: the official patterns backtrack quadratically on long runs
+(``(\S+?\s){N}`` on text without whitespace, ``\s*[\r\n]`` on long runs of spaces, punct's
+thousands lookahead on long digit runs): 40 k chars take 11 s, one 1 MB line takes hours. The
+built-in strategies are re-derived as run-length arithmetic on numpy class arrays (the classes
+``\s``, ``\p{L}``, ``\p{N}`` and ``\d`` are read once from the ``regex`` module itself, so they
+cannot drift from the official matcher); tests compare them with plain ``finditer`` on random
+text. Custom strategies run
+plain ``regex.finditer`` per text run, so they are as slow (and as quadratic) as their patterns.
+
+Bad input never raises: bytes that are not UTF-8 get level 0 and split the data into runs that are
+each treated as a separate text; the output always has one level per input byte.
+
+Prefix stability (spec §2.8; generation gives a new byte the level computed on the prefix that ends
+there and never revises it):
+
+- word (any ``N@M``) is prefix-stable except on a space or tab that starts a whitespace run ending
+  in a newline: ``\s*[\r\n]`` puts a boundary there only once the newline has arrived.
+- pretok is not: ``\s+(?!\S)`` looks ahead, and `` ?\p{L}`` gives a space to the next word.
+- punct is not: digits are grouped in thousands from the right (``1234`` is ``1|234``).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+
+# Codepoint class bits. ESCAPE marks a byte that is not UTF-8 (a surrogate from surrogateescape).
+_SPACE, _LETTER, _NUMBER, _DIGIT, _NEWLINE, _BLANK, _ESCAPE = 1, 2, 4, 8, 16, 32, 64
+_BUILTIN = ("word", "pretok", "punct")  # official prefix order (spec §2.1)
+_CUSTOM: dict[str, tuple[regex.Pattern, regex.Pattern | None]] = {}
+
+
+def register_strategy(name: str, start: str | None, end: str | None = None) -> None:
+    """Make keys starting with ``name`` use these patterns: a boundary on the first codepoint of
+    every ``start`` match and on the last codepoint of every ``end`` match (plain finditer)."""
+    if not name or any(name.startswith(b) or b.startswith(name) for b in _BUILTIN):
+        raise ValueError(f"strategy name {name!r} is empty or collides with a built-in prefix")
+    if start is None and end is None:
+        raise ValueError(f"strategy {name!r}: give a start or an end pattern")
+    _CUSTOM[name] = (regex.compile(start) if start else None, regex.compile(end) if end else None)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    key: str
+    kind: str  # "word", "pretok", "punct", or a registered name
+    group: int = 1  # N: words per end match (word only)
+    moduli: tuple[int, ...] = (1,)  # end match n is kept iff n % M == 0 for some M (word only)
+    patterns: tuple | None = None  # custom: (start, end), kept here so a pickled Splitter works
+
+
+def _parse_stage(key: str, value: str) -> _Stage:
+    kind = next((b for b in _BUILTIN if key.startswith(b)), None)
+    if kind is None:
+        custom = [c for c in _CUSTOM if key.startswith(c)]
+        if not custom:
+            hint = " (did you mean 'punct'?)" if key.startswith("punc") else ""
+            raise ValueError(
+                f"strategy key {key!r}: unknown prefix{hint}; expected a key starting "
+                f"with one of {_BUILTIN + tuple(_CUSTOM)}"
+            )
+        name = max(custom, key=len)
+        return _Stage(key, name, patterns=_CUSTOM[name])
+    if kind != "word":
+        return _Stage(key, kind)  # the value is ignored, as officially
+    head, at, tail = str(value).partition("@")
+    try:
+        group = int(head)
+    except ValueError:
+        raise ValueError(f"strategy {key!r}: value {value!r} is not 'N@M' with integer N") from None
+    if group < 1:
+        raise ValueError(f"strategy {key!r}: group size N={group} must be >= 1")
+    if key != "word":
+        if at and tail.strip() != "1":  # '@1' (the shipped configs) changes nothing either way
+            warnings.warn(
+                f"strategy {key!r}: '@{tail}' is ignored (only the key 'word' reads @M,"
+                " as officially)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return _Stage(key, kind, group)
+    if not at:
+        raise ValueError(f"strategy 'word': value {value!r} needs '@M' (e.g. '1@2' or '1@2-3')")
+    try:
+        moduli = tuple(int(m) for m in tail.split("-"))
+    except ValueError:
+        raise ValueError(f"strategy 'word': moduli in {value!r} must be integers") from None
+    if min(moduli) < 1:
+        raise ValueError(f"strategy 'word': moduli in {value!r} must be >= 1")
+    return _Stage(key, kind, group, moduli)
+
+
+@functools.cache
+def _class_table() -> np.ndarray:
+    """Class bits of every codepoint, read from the regex module so they match it exactly."""
+    table = np.zeros(0x110000, np.uint8)
+    everything = "".join(map(chr, range(0x110000)))
+    for bit, pattern in {
+        _SPACE: r"\s",
+        _LETTER: r"\p{L}",
+        _NUMBER: r"\p{N}",
+        _DIGIT: r"\d",
+    }.items():
+        for m in regex.finditer(pattern + "+", everything):
+            table[m.start() : m.end()] |= bit
+    table[[10, 13]] |= _NEWLINE
+    table[32] |= _BLANK
+    table[0xDC80:0xDD00] = _ESCAPE
+    return table
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal True runs of a bool array as [starts, ends) index arrays."""
+    edges = np.flatnonzero(np.diff(mask, prepend=False, append=False))
+    return edges[0::2], edges[1::2]
+
+
+def _steps(origin: np.ndarray, length: np.ndarray, step: int) -> np.ndarray:
+    """origin + step*j for every j >= 1 with |step*j| < length, per run."""
+    count = (length - 1) // abs(step)
+    total = int(count.sum())
+    if total == 0:
+        return origin[:0]
+    before = np.cumsum(count) - count
+    j = np.arange(1, total + 1) - np.repeat(before, count)
+    return np.repeat(origin, count) + step * j
+
+
+class _Text:
+    """Class arrays of one decoded text, shared by all stages. Each rule returns the codepoint
+    indices where the official pattern's matches start (or end), duplicates allowed."""
+
+    def __init__(self, cps: np.ndarray):
+        self.n = len(cps)
+        table = _class_table()
+        self.bits = bits = (table[:256] if cps.dtype == np.uint8 else table)[cps]
+        self.space = (bits & _SPACE) != 0
+        self.newline = (bits & _NEWLINE) != 0
+        self.escape = (bits & _ESCAPE) != 0
+        self.has_escape = bool(self.escape.any())
+        self.other = (bits & (_SPACE | _LETTER | _NUMBER | _ESCAPE)) == 0  # [^\s\p{L}\p{N}]
+
+    def chunks(self, runs: tuple[np.ndarray, np.ndarray], size: int, lead: bool = True):
+        """Starts of size-long chunks counted from each run's start; lead=False drops the first
+        chunk's start where a space before the run starts that match instead (` ?` in pretok)."""
+        s, e = runs
+        first = s if lead else s[(s == 0) | (self.bits[s - 1] & _BLANK == 0)]
+        return np.concatenate([first, _steps(s, e - s, size)])
+
+    @functools.cached_property
+    def other_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        return _runs(self.other)
+
+    @functools.cached_property
+    def number_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        return _runs((self.bits & _NUMBER) != 0)
+
+    @functools.cached_property
+    def space_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        return _runs(self.space)
+
+    @functools.cached_property
+    def newline_runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r"""For whitespace runs holding a \r or \n: (run number, first free char, last newline).
+        The first free char is the run start, unless a punctuation run just before absorbed the
+        run's leading newlines (`[^\s\p{L}\p{N}]{1,3}[\r\n]*`); the last newline is -1 when
+        all of them were absorbed."""
+        s, _ = self.space_runs
+        nl_s, nl_e = _runs(self.newline)
+        run = np.searchsorted(s, nl_s, "right") - 1  # the whitespace run holding each
+        final = np.ones(len(run), bool)  # the last newline run of its whitespace run
+        final[:-1] = run[1:] != run[:-1]
+        run, last = run[final], nl_e[final] - 1
+        free = s[run]
+        absorbs = (free > 0) & self.newline[free]
+        absorbs[absorbs] = self.other[free[absorbs] - 1]
+        free[absorbs] = nl_e[np.searchsorted(nl_s, free[absorbs])]
+        return run, free, np.where(last >= free, last, -1)
+
+    def newline_starts(self) -> np.ndarray:
+        r"""`\s*[\r\n]`: one match at the first free char of a whitespace run holding a newline."""
+        _, free, last = self.newline_runs
+        return free[last >= 0]
+
+    @functools.cached_property
+    def word_start(self) -> np.ndarray:
+        r"""`\p{N}{1,3}|(?:[^\s\p{L}\p{N}]{1,3}[\r\n]*)|\s*[\r\n]`, match starts."""
+        return np.concatenate(
+            [
+                self.chunks(self.number_runs, 3),
+                self.chunks(self.other_runs, 3),
+                self.newline_starts(),
+            ]
+        )
+
+    @functools.cached_property
+    def tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        r"""`\S+?\s` tokens: (index of the whitespace char ending each, its index in its chain).
+        A token is a non-space run plus the one whitespace char after it; back-to-back tokens
+        form a chain."""
+        if self.has_escape:
+            a, b = _runs(~self.space & ~self.escape)
+            token = b < self.n
+            token[token] = self.space[b[token]]
+            a, b = a[token], b[token]
+        else:  # non-space runs are the gaps between whitespace runs
+            b, e = self.space_runs
+            a = np.concatenate([[0], e[:-1]])[: len(b)]
+            a, b = (a[1:], b[1:]) if len(b) and b[0] == 0 else (a, b)
+        chain = np.ones(len(a), bool)
+        chain[1:] = a[1:] != b[:-1] + 1
+        t = np.arange(len(a))
+        return b, t - np.maximum.accumulate(np.where(chain, t, 0))
+
+    def word_end(self, group: int, moduli: tuple[int, ...]) -> np.ndarray:
+        r"""`(\S+?\s){N}`, last char of each kept match: chains are cut into groups of N from
+        their start; a tail shorter than N matches nothing."""
+        b, k = self.tokens
+        ends = b[(k + 1) % group == 0] if group > 1 else b
+        if moduli != (1,):
+            n = np.arange(len(ends))
+            if self.has_escape:  # the match counter restarts in every text run
+                seg = np.cumsum(self.escape)[ends]
+                n = n - np.searchsorted(seg, seg)
+            ends = ends[np.any([n % m == 0 for m in moduli], axis=0)]
+        return ends
+
+    def pretok(self) -> np.ndarray:
+        r"""`( ?\p{L}{1,16})|\p{N}{1,3}| ?([^\s\p{L}\p{N}]){1,3}+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+`.
+        A space right before a letter or punctuation run starts that run's first match; a
+        whitespace run gets a match at its first free char, after its last newline, and (unless
+        it ends its text) on its last char when 2+ chars are left after the newline."""
+        s, e = self.space_runs
+        run, free, last = self.newline_runs
+        s, rest = s.copy(), s.copy()
+        s[run] = free
+        rest[run] = np.where(last >= 0, last + 1, free)
+        keep = s < e
+        s, e, rest = s[keep], e[keep], rest[keep]
+        at_end = e >= self.n
+        at_end[~at_end] = self.escape[e[~at_end]]
+        tail = (e - rest >= 2) & ~at_end
+        return np.concatenate(
+            [
+                self.chunks(_runs((self.bits & _LETTER) != 0), 16, lead=False),
+                self.chunks(self.other_runs, 3, lead=False),
+                self.chunks(self.number_runs, 3),
+                s,
+                rest[rest < e],
+                e[tail] - 1,
+            ]
+        )
+
+    def punct(self) -> np.ndarray:
+        r"""`\d{1,3}(?=(\d{3})+(?!\d))|\d{1,3}(?=\D|$)|([^\s\p{L}\p{N}]){1,3}+[\r\n]*|\s*[\r\n]`:
+        digit runs are cut in threes from the right, the first chunk taking the remainder."""
+        s, e = _runs((self.bits & _DIGIT) != 0)
+        return np.concatenate(
+            [s, _steps(e, e - s, -3), self.chunks(self.other_runs, 3), self.newline_starts()]
+        )
+
+    def custom(self, text: str, start: regex.Pattern | None, end: regex.Pattern | None):
+        """Plain finditer per text run (runs are cut at undecodable bytes)."""
+        hits = []
+        for run in regex.finditer(r"[^\udc80-\udcff]+", text):
+            piece, base = run.group(), run.start()
+            found = [m.start() for m in start.finditer(piece)] if start else []
+            found += [m.end() - 1 for m in end.finditer(piece)] if end else []
+            hits += [base + h for h in found if 0 <= h < len(piece)]  # empty end matches: none
+        return np.array(hits, np.int64)
+
+
+class Splitter:
+    """Level arrays for one strategy mapping: ``Splitter({"word1": "1@1", "word2": "2@1"})``."""
+
+    def __init__(self, strategy: dict[str, str]):
+        if not isinstance(strategy, dict) or not strategy:
+            raise ValueError(
+                f"strategy: expected a non-empty dict of key -> 'N@M', got {strategy!r}"
+            )
+        for key in strategy:
+            if not isinstance(key, str):
+                raise ValueError(f"strategy key {key!r}: keys must be strings")
+        stages = []
+        for key, value in strategy.items():  # a loop, so warnings point at the caller
+            stages.append(_parse_stage(key, value))
+        self.stages = tuple(stages)
+
+    @property
+    def num_stages(self) -> int:
+        """Pooling stages this mapping defines; levels run from 0 to this number."""
+        return len(self.stages)
+
+    @property
+    def prefix_stable(self) -> bool:
+        """True for word-only mappings: prefix-stable up to the whitespace-before-newline case."""
+        return all(s.kind == "word" for s in self.stages)
+
+    def levels(self, data: bytes) -> np.ndarray:
+        """Level of each byte of ``data`` (uint8, shape (T,)); no BOS/EOS, position 0 not forced."""
+        if isinstance(data, str):
+            raise TypeError("Splitter.levels takes bytes; encode the text as UTF-8 first")
+        data = bytes(data)
+        if not data:
+            return np.zeros(0, np.uint8)
+        ascii_only = data.isascii()
+        text = data.decode("utf-8", "surrogateescape")
+        if ascii_only:
+            cps = np.frombuffer(data, np.uint8)
+        else:  # numpy copies codepoints, escapes included (encode(surrogatepass) is ~100x slower)
+            cps = np.array(text).reshape(1).view(np.uint32)
+            if len(cps) != len(text):
+                cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        t = _Text(cps)
+        level = np.zeros(t.n, np.uint8)
+        for i, stage in enumerate(self.stages):
+            if stage.kind == "word":
+                where = np.concatenate([t.word_start, t.word_end(stage.group, stage.moduli)])
+            elif stage.kind in ("pretok", "punct"):
+                where = getattr(t, stage.kind)()
+            else:
+                where = t.custom(text, *stage.patterns)
+            level[where] = i + 1  # later stages overwrite: the level is the max stage index + 1
+        if ascii_only:
+            return level
+        if t.has_escape:  # an escape stands for one byte
+            width = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000) - 2 * t.escape
+            last = np.cumsum(width) - 1
+        else:  # valid UTF-8: a codepoint ends where no continuation byte (10xxxxxx) follows
+            raw = np.frombuffer(data, np.uint8)
+            last = np.flatnonzero(np.append((raw[1:] & 0xC0) != 0x80, True))
+        out = np.zeros(len(data), np.uint8)
+        out[last] = level
+        return out

@@ -1,0 +1,281 @@
+"""Splitter.levels: golden official masks, spec examples, and a plain-finditer oracle (spec §2)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aunet.splitting import Splitter, register_strategy
+
+FIXTURE = Path(__file__).parent / "fixtures" / "splitting" / "official_levels.json"
+
+# The official patterns (spec §2.2), quoted as data for the naive oracle.
+START_WORD = r"\p{N}{1,3}|(?:[^\s\p{L}\p{N}]{1,3}[\r\n]*)|\s*[\r\n]"
+END_WORD = r"(\S+?\s){%d}"
+START_PRETOK = (
+    r"( ?\p{L}{1,16})|\p{N}{1,3}| ?([^\s\p{L}\p{N}]){1,3}+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+START_PUNCT = r"\d{1,3}(?=(\d{3})+(?!\d))|\d{1,3}(?=\D|$)|([^\s\p{L}\p{N}]){1,3}+[\r\n]*|\s*[\r\n]"
+
+ORACLE_STRATEGIES = [
+    {"word1": "1@1"},
+    {"word1": "1@1", "word2": "2@1"},
+    {"word": "1@2-3"},
+    {"pretok": ""},
+    {"punct": ""},
+    {"word1": "1@1", "word2": "2@1", "word3": "4@1"},
+]
+WORD_STRATEGIES = [{"word1": "1@1"}, {"word1": "1@1", "word2": "2@1"}, {"word": "2@2-3"}]
+
+
+def oracle_offsets(key: str, value: str, text: str) -> list[int]:
+    """Codepoint offsets of one strategy by plain regex.finditer (spec §2.3)."""
+    if key.startswith("word"):
+        group = int(value.split("@")[0])
+        moduli = [int(m) for m in value.split("@")[1].split("-")] if key == "word" else [1]
+        out = [m.start() for m in regex.finditer(START_WORD, text)]
+        ends = regex.finditer(END_WORD % group, text)
+        out += [m.end() - 1 for n, m in enumerate(ends) if any(n % k == 0 for k in moduli)]
+        return out
+    pattern = START_PRETOK if key.startswith("pretok") else START_PUNCT
+    return [m.start() for m in regex.finditer(pattern, text)]
+
+
+def oracle_levels(strategy: dict[str, str], text: str) -> np.ndarray:
+    """Spec §2.3-2.5 on valid text: max stage index + 1, on each codepoint's last UTF-8 byte."""
+    per_char = [0] * len(text)
+    for i, (key, value) in enumerate(strategy.items()):
+        for o in oracle_offsets(key, value, text):
+            per_char[o] = max(per_char[o], i + 1)
+    out = []
+    for char, level in zip(text, per_char):
+        out += [0] * (len(char.encode()) - 1) + [level]
+    return np.array(out, np.uint8)
+
+
+def oracle_bytes(strategy: dict[str, str], data: bytes) -> np.ndarray:
+    """Bad-input rule: undecodable bytes get 0, the decodable runs between them are texts."""
+    out = []
+    for piece in regex.split(r"([\udc80-\udcff])", data.decode("utf-8", "surrogateescape")):
+        escaped = len(piece) == 1 and "\udc80" <= piece <= "\udcff"
+        out.append(np.zeros(1, np.uint8) if escaped else oracle_levels(strategy, piece))
+    return np.concatenate(out)
+
+
+def splitter(strategy: dict[str, str]) -> Splitter:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Splitter(strategy)
+
+
+def digits(levels: np.ndarray) -> str:
+    return "".join(map(str, levels.tolist()))
+
+
+# -- golden fixtures from the official loader ------------------------------------------------------
+
+GOLDEN = json.loads(FIXTURE.read_text(encoding="utf-8"))
+
+
+def test_fixture_provenance():
+    assert GOLDEN["commit"].startswith("437d680")
+    assert len(GOLDEN["cases"]) >= 25 and len(GOLDEN["strategies"]) == 7
+    crashed_texts = {GOLDEN["cases"][c["text"]]["text"] for c in GOLDEN["crashed"]}
+    assert {"hello", ""} <= crashed_texts  # the official loader's failure cases (spec §2.5)
+
+
+@pytest.mark.parametrize("s", range(len(GOLDEN["strategies"])))
+def test_golden_official_levels(s):
+    strategy = GOLDEN["strategies"][s]
+    sp = splitter(strategy)
+    for case in GOLDEN["cases"]:
+        data = case["text"].encode()
+        expected = case["levels"][s]
+        if expected is None:  # official crash: no boundary at all, so all zeros by our rule
+            expected = "0" * len(data)
+        assert digits(sp.levels(data)) == expected, (case["text"], strategy)
+
+
+# -- spec §2.9 worked examples (BOS and EOS columns removed) -------------------------------------
+
+EXAMPLES = [
+    ("Hello world, foo bar.", {"word1": "1@1"}, "000001000001100010001"),
+    ("Hello world, foo bar.", {"word1": "1@1", "word2": "2@1"}, "000001000002200010002"),
+    ("café 日本! 12345\nx", {"word1": "1@1"}, "000001000000111001010"),
+    ("one two three four five ", {"word": "1@2"}, "000100000000010000000001"),
+    ("one two three four five ", {"word1": "1@2"}, "000100010000010000100001"),
+    ("Hi, 1234567 ok!!!!", {"pretok": ""}, "101110010011001001"),
+    ("Hi, 1234567 ok!!!!", {"punct": ""}, "001011001000001001"),
+    ("a  b c d e f ", {"word": "2@1"}, "0000001000100"),  # a double space breaks a chain
+    (" \n-", {"word1": "1@1", "word2": "2@1"}, "202"),
+    ("😀", {"word1": "1@1"}, "0001"),  # the boundary sits on the last UTF-8 byte
+]
+
+
+@pytest.mark.parametrize(("text", "strategy", "expected"), EXAMPLES)
+def test_worked_examples(text, strategy, expected):
+    assert digits(splitter(strategy).levels(text.encode())) == expected
+
+
+def test_dict_order_is_the_level():
+    text = b"Hello world, foo bar."
+    assert digits(splitter({"word1": "1", "punct": ""}).levels(text)) == "000001000002100010002"
+    assert digits(splitter({"punct": "", "word1": "1"}).levels(text)) == "000002000002200020002"
+
+
+# -- differential tests against plain finditer -----------------------------------------------------
+
+PIECES = [" ", "  ", "\n", "\r", "\r\n", "\t", " \n", "\u3000", "\x85", "\xa0", "\x1c", "\x00"]
+PIECES += ["1", "123", "4567", "١٢", "²", "Ⅻ", "a", "word", "Zé", "ß", "x" * 17]
+PIECES += [".", ",", "!!!!", "-", "(", '"', "'s", "#", "日本", "中文字", "カタ", "😀", "👍🏽"]
+PIECES += ["\u0301", "नमस्ते", "\u093f", "مرحبا", "\u200d"]
+MIXED = st.lists(st.sampled_from(PIECES), max_size=25).map("".join)
+
+
+@pytest.mark.parametrize("strategy", ORACLE_STRATEGIES, ids=str)
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=40) | MIXED)
+def test_matches_finditer_oracle(strategy, text):
+    np.testing.assert_array_equal(
+        splitter(strategy).levels(text.encode()), oracle_levels(strategy, text)
+    )
+
+
+@pytest.mark.parametrize("strategy", ORACLE_STRATEGIES[1:5], ids=str)
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=40) | MIXED.map(str.encode).map(lambda b: b[::-1]))
+def test_invalid_utf8_runs_are_separate_texts(strategy, data):
+    got = splitter(strategy).levels(data)
+    assert got.dtype == np.uint8 and len(got) == len(data)
+    np.testing.assert_array_equal(got, oracle_bytes(strategy, data))
+
+
+def test_invalid_bytes_get_zero_and_cut_the_text():
+    sp = splitter({"word1": "1@1"})
+    # 0xFF ends the text "a b" (b is followed by no space there); " c d" is a text of its own.
+    assert digits(sp.levels(b"a b\xff c d")) == "01000010"
+    assert digits(sp.levels(b"\xe6\x97 x \xf0\x9f\x98")) == "00001000"  # truncated chars: 0
+    assert digits(sp.levels(b"!!\x00\x00")) == "1001"  # NUL is a symbol, like any control char
+
+
+# -- prefix stability (spec §2.8) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", WORD_STRATEGIES, ids=str)
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=30) | MIXED)
+def test_word_prefix_stable_except_blank_before_newline(strategy, text):
+    sp = splitter(strategy)
+    full = sp.levels(text.encode())
+    last_byte = np.cumsum([len(c.encode()) for c in text]) - 1
+    for n in range(len(text) + 1):
+        head = sp.levels(text[:n].encode())
+        for j in np.flatnonzero(head != full[: len(head)]):
+            i = int(np.searchsorted(last_byte, j))
+            assert last_byte[i] == j, "only a codepoint's last byte carries a level"
+            assert text[i] not in "\r\n" and regex.match(r"\s", text[i]), (text, n, i)
+            assert regex.match(r"\s*[\r\n]", text, pos=i), (text, n, i)
+            assert head[j] < full[j]
+
+
+def test_prefix_stability_flags_and_counterexamples():
+    assert splitter({"word1": "1@1", "word2": "2@1"}).prefix_stable
+    pretok, punct = splitter({"pretok": ""}), splitter({"punct": ""})
+    assert not pretok.prefix_stable and not punct.prefix_stable
+    assert digits(pretok.levels(b"a  ")) == "110" and digits(pretok.levels(b"a  b"))[:3] == "111"
+    assert digits(punct.levels(b"123")) == "100" and digits(punct.levels(b"1234"))[:3] == "110"
+    word = splitter({"word1": "1@1"})
+    assert digits(word.levels(b" ")) == "0" and digits(word.levels(b" \n-")) == "101"
+
+
+# -- long and pathological input: linear time, exact results ---------------------------------------
+
+BIG = 5_000_000
+
+
+def test_five_megabyte_single_lines():
+    idx = np.arange(BIG)
+    for strategy in ({"word1": "1@1", "word2": "2@1"}, {"pretok": ""}, {"punct": ""}):
+        sp = splitter(strategy)
+        blanks = sp.levels(b" " * (BIG - 1) + b"\n")  # one \s*[\r\n] match at the start
+        assert blanks[0] == len(strategy) and not blanks[1:].any()
+        assert sp.levels(bytes(range(256)) * (BIG // 256)).shape == (BIG // 256 * 256,)
+        assert sp.levels(b"\xff" * BIG).sum() == 0
+    assert not splitter({"word1": "1@1"}).levels(b"a" * BIG).any()
+    word = splitter({"word1": "1@1", "word2": "2@1"}).levels(b"1" * BIG)
+    np.testing.assert_array_equal(word, np.where(idx % 3 == 0, 2, 0))
+    punct = splitter({"punct": ""}).levels(b"1" * BIG)
+    np.testing.assert_array_equal(punct, ((BIG - idx) % 3 == 0) | (idx == 0))
+    pretok = splitter({"pretok": ""}).levels(b"a" * BIG)
+    np.testing.assert_array_equal(pretok, idx % 16 == 0)
+    chain = splitter({"word": "3@2"}).levels(b"ab " * (BIG // 3))
+    np.testing.assert_array_equal(chain, idx[: len(chain)] % 18 == 8)  # every other 3-word group
+
+
+def test_input_types():
+    sp = splitter({"word1": "1@1"})
+    assert sp.levels(b"").shape == (0,)
+    assert digits(sp.levels(bytearray(b"a b"))) == digits(sp.levels(memoryview(b"a b"))) == "010"
+    with pytest.raises(TypeError, match="bytes"):
+        sp.levels("a b")
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ({"punc": ""}, "'punc'.*did you mean 'punct'"),
+        ({"word1": "1@1", "chars": "1"}, "'chars'.*unknown prefix"),
+        ({"word1": "0@1"}, "'word1'.*N=0"),
+        ({"word2": "two"}, "'word2'.*integer"),
+        ({"word": "2"}, "'word'.*needs '@M'"),
+        ({"word": "1@0"}, "'word'.*>= 1"),
+        ({"word": "1@x"}, "'word'.*integers"),
+        ({}, "non-empty"),
+        ({1: "1@1"}, "keys must be strings"),
+    ],
+)
+def test_validation_names_the_key(strategy, message):
+    with pytest.raises(ValueError, match=message):
+        Splitter(strategy)
+
+
+def test_official_prefixes_and_ignored_moduli():
+    assert Splitter({"words": "1", "pretokenize": "x", "punctuation": ""}).num_stages == 3
+    with pytest.warns(UserWarning, match="'word1'.*@2.*ignored"):
+        sp = Splitter({"word1": "1@2"})
+    assert digits(sp.levels(b"a b c ")) == "010101"  # @2 ignored, as officially
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Splitter({"word1": "1@1", "word2": "2@1"})  # the shipped configs: @1 changes nothing
+
+
+def test_custom_strategy():
+    register_strategy("capital", start=r"\p{Lu}", end=r"[.!?]\s")
+    sp = Splitter({"word1": "1@1", "capital2": ""})
+    text = "Hi there. Bye! ok"
+    caps = {0, 10}  # H, B
+    ends = {9, 14}  # the spaces after '.' and '!' (last char of each end match)
+    words = {2, 9, 14}
+    punct = {8, 13}
+    expected = [2 if i in caps | ends else 1 if i in words | punct else 0 for i in range(17)]
+    assert sp.levels(text.encode()).tolist() == expected
+    assert not sp.prefix_stable and sp.num_stages == 2
+    assert digits(Splitter({"capital": ""}).levels(b"A\xffB")) == "101"
+    copy = pickle.loads(pickle.dumps(sp))  # workers get the patterns, not a registry lookup
+    assert copy.levels(text.encode()).tolist() == expected
+    for bad in ("word", "wordy", "pun", ""):
+        with pytest.raises(ValueError, match="collides|empty"):
+            register_strategy(bad, start="x")
+    with pytest.raises(ValueError, match="start or an end"):
+        register_strategy("nothing", start=None)
