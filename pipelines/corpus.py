@@ -1,0 +1,222 @@
+"""Reading corpora into documents: the functions that run inside the preprocessing Ray tasks.
+
+Every function here is a pure function of its input file and settings, so the document stream it
+produces does not depend on how Ray schedules it (``pipelines.preprocess`` relies on that).
+
+- Formats: ``.txt`` (one document per file, raw bytes: invalid UTF-8 is kept and gets level 0),
+  ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` (one JSON object per line; text, id and lang fields
+  configurable) and ``.parquet`` (a text column; string or binary).
+- Rejected documents, with their reason: ``missing_field`` (no text field, or null),
+  ``invalid_unicode`` (a JSON string with a lone surrogate: it has no UTF-8 encoding), ``not_text``
+  (a number, list, ...), ``empty``. A file that cannot be read, a line that is not JSON or a
+  missing parquet column is an error naming the file (and line).
+- Source weights are the expected number of passes over a source: 2.5 reads it 3 times, keeping
+  every document in passes 0 and 1 and, in pass 2, those whose hash (seed, source, pass, key)
+  falls below 0.5 (reason ``sampled_out``, counted apart from rejections); 0 excludes the source.
+  Passes follow one another (two copies of a document are never packed side by side).
+- The train/val split is a hash of (seed, key), key = the id field's value when configured and
+  present, else the document bytes, so every copy of a document lands in the same split.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import struct
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aunet.packing import encode_document
+
+MISSING = object()
+DOCS_SCHEMA = pa.schema(
+    [
+        ("data", pa.large_binary()),
+        ("split", pa.int8()),
+        ("reject", pa.string()),
+        ("ident", pa.string()),
+        ("lang", pa.string()),
+    ]
+)
+
+
+def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
+    """Expand each source's path or glob (sorted), checksum every file; errors name the source."""
+    out = []
+    for i, src in enumerate(sources):
+        if glob.has_magic(src.path):
+            matches = sorted(glob.glob(src.path, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"data.sources[{i}].path: glob matches no file: {src.path}")
+        elif os.path.isfile(src.path):
+            matches = [src.path]
+        else:
+            raise FileNotFoundError(f"data.sources[{i}].path: no such file: {src.path}")
+        for path in matches:
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+            except OSError as e:
+                raise OSError(f"{path}: cannot read input: {e}") from e
+            fields = {k: getattr(src, k) for k in ("text_field", "id_field", "lang_field")}
+            out.append(
+                {
+                    "path": os.path.abspath(path),
+                    "source": i,
+                    "format": src.resolved_format,
+                    "bytes": os.path.getsize(path),
+                    "sha256": h.hexdigest(),
+                    "weight": float(src.weight),
+                    **fields,
+                }
+            )
+    return out
+
+
+def hash01(*parts: bytes) -> float:
+    """Deterministic uniform [0, 1) (blake2b; Python's hash() is salted per process)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(struct.pack("<Q", len(p)) + p)
+    return int.from_bytes(h.digest(), "little") / 2.0**64
+
+
+def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_field: str | None):
+    """Yield (record number, text value or MISSING, id, lang) of one file; errors name the file."""
+    try:
+        if fmt == "txt":
+            with open(path, "rb") as f:
+                yield 0, f.read(), None, None
+        elif fmt == "jsonl":
+            with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
+                for n, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        raise ValueError(f"{path}: line {n + 1}: invalid JSON: {e}") from None
+                    if not isinstance(rec, dict):
+                        raise ValueError(f"{path}: line {n + 1}: expected a JSON object")
+                    ident = rec.get(id_field) if id_field else None
+                    lang = rec.get(lang_field) if lang_field else None
+                    yield n, rec.get(text_field, MISSING), ident, lang
+        elif fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            cols = [c for c in (text_field, id_field, lang_field) if c]
+            for col in cols:
+                if col not in pf.schema_arrow.names:
+                    raise ValueError(f"{path}: no column {col!r} (has {pf.schema_arrow.names})")
+            n = 0
+            for batch in pf.iter_batches(columns=cols, batch_size=1024):
+                d = batch.to_pydict()
+                for j, text in enumerate(d[text_field]):
+                    ident = d[id_field][j] if id_field else None
+                    yield n, text, ident, d[lang_field][j] if lang_field else None
+                    n += 1
+        else:
+            raise ValueError(f"{path}: unknown format {fmt!r} (txt, jsonl, parquet)")
+    except (OSError, pa.ArrowException, EOFError) as e:
+        raise OSError(f"{path}: cannot read input: {e}") from e
+
+
+def to_bytes(value: Any) -> tuple[bytes | None, str | None]:
+    """A record's text -> (bytes, None) or (None, reject reason). bytes stay raw (txt, binary)."""
+    if value is MISSING or value is None:
+        return None, "missing_field"
+    if isinstance(value, str):
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, from a JSON "\ud800" escape
+            return None, "invalid_unicode"
+    elif isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        return None, "not_text"
+    return (data, None) if data else (None, "empty")
+
+
+def read_unit(batch: dict[str, np.ndarray]):
+    """One (file, pass) unit -> blocks of document rows in record order (split -1 = not kept)."""
+    (u,) = [json.loads(s) for s in batch["unit"]]
+    seed, w, p = str(u["seed"]).encode(), u["weight"], u["pass"]
+    keep = min(1.0, w - p)  # keep-probability of a document in this pass
+    rows: dict[str, list] = {k: [] for k in DOCS_SCHEMA.names}
+    size = 0
+    recs = records(u["path"], u["format"], u["text_field"], u["id_field"], u["lang_field"])
+    for n, value, ident, lang in recs:
+        data, reason = to_bytes(value)
+        split = -1
+        if data is not None:
+            key = b"id:" + str(ident).encode("utf-8", "replace") if ident is not None else data
+            pass_key = f"{u['source']}/{p}".encode()
+            if keep < 1.0 and hash01(seed, b"pass", pass_key, key) >= keep:
+                data, reason = None, "sampled_out"
+            else:
+                split = int(hash01(seed, b"split", key) < u["val_fraction"])
+        rows["data"].append(data)
+        rows["split"].append(split)
+        rows["reject"].append(reason)
+        rows["ident"].append(str(ident) if ident is not None else f"{u['path']}:{n}")
+        rows["lang"].append(None if lang is None else str(lang))
+        size += len(data) if data else 0
+        if size >= u["block_bytes"]:
+            yield pa.Table.from_pydict(rows, schema=DOCS_SCHEMA)
+            rows, size = {k: [] for k in DOCS_SCHEMA.names}, 0
+    if rows["split"]:
+        yield pa.Table.from_pydict(rows, schema=DOCS_SCHEMA)
+
+
+@lru_cache(maxsize=4)
+def _splitter(strategy_json: str):
+    from aunet.splitting import Splitter
+
+    strategy = json.loads(strategy_json)
+    return Splitter(strategy) if strategy else None
+
+
+def encode(data: bytes, splitter, top_level: int) -> tuple[bytes, bytes]:
+    """Document bytes -> (uint16-LE tokens, uint8 levels) with BOS (level K) and EOS (level 0)."""
+    levels = splitter.levels(data) if splitter is not None else np.zeros(len(data), np.uint8)
+    tok, lev = encode_document(data, levels, top_level)
+    return tok.astype("<u2", copy=False).tobytes(), lev.tobytes()
+
+
+def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
+    """Splitter levels per whole document (spec §2.5 with BOS forced to K, §11)."""
+    splitter, K = _splitter(strategy_json), len(json.loads(strategy_json))
+    toks, levs = [], []
+    for data in table.column("data").to_pylist():
+        t, lv = encode(data, splitter, K) if data is not None else (None, None)
+        toks.append(t)
+        levs.append(lv)
+    table = table.drop_columns(["data"])
+    lengths = [0 if t is None else len(t) // 2 for t in toks]
+    table = table.append_column("tokens_len", pa.array(lengths, pa.int64()))
+    table = table.append_column("tokens", pa.array(toks, pa.large_binary()))
+    return table.append_column("levels", pa.array(levs, pa.large_binary()))
+
+
+def work_units(inputs: list[dict[str, Any]], data_cfg: Any, block_bytes: int) -> list[str]:
+    """(file, pass) work units, pass-major so that repeated passes never sit side by side."""
+    passes = max((int(np.ceil(i["weight"])) for i in inputs), default=0)
+    common = {
+        "seed": data_cfg.seed,
+        "val_fraction": data_cfg.val_fraction,
+        "block_bytes": block_bytes,
+    }
+    return [
+        json.dumps({**i, **common, "pass": p})
+        for p in range(passes)
+        for i in inputs
+        if p < np.ceil(i["weight"])
+    ]

@@ -1,0 +1,191 @@
+"""Preprocessing throughput: the Ray pipeline on 1 and 2 CPUs vs a single-process Python loop.
+
+    python tests/benchmarks/preprocess.py [--mb 50] [--seq-len 8192]
+
+The corpus is experiments/data/*.jsonl.gz (or /usr/share/common-licenses text files when absent),
+copied into enough .jsonl.gz files to reach --mb MB of text. Each Ray run is a fresh process
+(``ray.init(num_cpus=k)``), warmed by one tiny pipeline so that the timing is the steady-state
+pipeline, not Ray's start-up; the cold time (first pipeline included) is printed too. The loop does
+the same work in one process: read -> Splitter -> BOS/EOS -> pack -> write parquet.
+Targets: 2 CPUs >= 1.6x one CPU; the pipeline on one CPU >= 0.8x the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(1, str(REPO))  # after the stdlib: never shadow it with a repo package
+
+STRATEGY = {"word1": "1@1", "word2": "2@1"}
+
+
+def make_corpus(out: Path, mb: float) -> tuple[list[Path], int, str]:
+    src = sorted(glob.glob(str(REPO / "experiments/data/*.jsonl.gz")))
+    if src:
+        texts = []
+        for f in src:
+            with gzip.open(f, "rt") as g:
+                texts += [json.loads(line)["text"] for line in g]
+        origin = "experiments/data/*.jsonl.gz"
+    else:
+        files = sorted(glob.glob("/usr/share/common-licenses/*"))
+        texts = [Path(f).read_text(errors="replace") for f in files if os.path.isfile(f)]
+        origin = "/usr/share/common-licenses (experiments/data absent)"
+    one = sum(len(t.encode()) for t in texts)
+    copies = max(2, -(-int(mb * 1e6) // one))
+    paths = []
+    for c in range(copies):  # distinct ids per copy: a realistic corpus has no duplicate ids
+        p = out / f"part-{c:03d}.jsonl.gz"
+        with gzip.open(p, "wt", compresslevel=1) as f:
+            for i, t in enumerate(texts):
+                f.write(json.dumps({"id": f"{c}-{i}", "text": t}) + "\n")
+        paths.append(p)
+    return paths, one * copies, origin
+
+
+def spec_for(corpus: Path, out: Path, seq_len: int):
+    from pipelines.spec import ExperimentSpec
+
+    raw = {
+        "name": "bench",
+        "data": {
+            "sources": [{"path": str(corpus / "*.jsonl.gz"), "id_field": "id"}],
+            "seq_len": seq_len,
+            "val_fraction": 0.01,
+            "dataset_dir": str(out),
+        },
+        "model": {
+            "dimensions": [8, 16, 32],
+            "layers": [1, 1, 1],
+            "head_dims": [8, 8, 8],
+            "strategy": STRATEGY,
+        },
+        "train": {"steps": 1},
+        "tracking": {},
+        "resources": {"storage_path": str(out.parent)},
+    }
+    return ExperimentSpec.from_dict(raw, source="benchmark")
+
+
+def child(cpus: int, corpus: Path, out: Path, seq_len: int) -> None:
+    """In a fresh process: ray.init(num_cpus), a one-document warm-up pipeline, the timed run."""
+    import ray
+
+    from pipelines.preprocess import preprocess
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    warm_src = Path(f"{out}-warm-src")
+    warm_src.mkdir()
+    first = sorted(corpus.glob("*.jsonl.gz"))[0]
+    with gzip.open(first, "rt") as f, gzip.open(warm_src / "w.jsonl.gz", "wt") as g:
+        g.write(f.readline())
+    t = time.perf_counter()
+    preprocess(spec_for(warm_src, Path(f"{out}-warm"), seq_len), force=True)
+    warm = time.perf_counter() - t
+    c, t = time.process_time(), time.perf_counter()
+    info = preprocess(spec_for(corpus, out, seq_len), force=True)
+    dt, cpu = time.perf_counter() - t, time.process_time() - c
+    res = {
+        "seconds": dt,
+        "warmup_seconds": warm,
+        "driver_cpu": cpu,
+        "bytes": info.manifest["bytes"],
+    }
+    print("RESULT", json.dumps(res))
+
+
+def run_ray(cpus: int, corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", str(cpus), str(corpus), str(out), str(seq_len)]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    if res.returncode or not line:
+        raise RuntimeError(f"ray run with {cpus} CPUs failed:\n{res.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
+    """The same work in one Python process, no Ray."""
+    import numpy as np
+
+    from aunet.packing import Packer, windows
+    from aunet.splitting import Splitter
+    from pipelines.corpus import encode, hash01, records, to_bytes
+    from pipelines.data import write_shard
+
+    t = time.perf_counter()
+    out.mkdir(parents=True)
+    splitter, K = Splitter(STRATEGY), len(STRATEGY)
+    packers = [Packer(seq_len, chunk=1024), Packer(seq_len, chunk=1024)]
+    nbytes = shards = 0
+
+    def write(chunk) -> None:
+        nonlocal shards
+        write_shard(out / f"shard-{shards:05d}.parquet", *windows(*chunk, seq_len), 0)
+        shards += 1
+
+    for f in sorted(corpus.glob("*.jsonl.gz")):
+        for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
+            data, reason = to_bytes(value)
+            if data is None:
+                continue
+            nbytes += len(data)
+            split = int(hash01(b"0", b"split", b"id:" + str(ident).encode()) < 0.01)
+            tok, lev = encode(data, splitter, K)
+            for chunk in packers[split].add(np.frombuffer(tok, "<u2"), np.frombuffer(lev, "u1")):
+                write(chunk)
+    for p in packers:
+        last, _ = p.finish()
+        if last is not None:
+            write(last)
+    return {"seconds": time.perf_counter() - t, "bytes": nbytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        cpus, corpus, out, seq_len = args.child
+        return child(int(cpus), Path(corpus), Path(out), int(seq_len))
+    with tempfile.TemporaryDirectory(prefix="aunet-bench-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        paths, nbytes, origin = make_corpus(corpus, args.mb)
+        print(f"corpus: {origin}, {len(paths)} files, {nbytes / 1e6:.1f} MB of text")
+        loop = run_loop(corpus, tmp / "loop", args.seq_len)
+        r1 = run_ray(1, corpus, tmp / "ray1", args.seq_len)
+        r2 = run_ray(2, corpus, tmp / "ray2", args.seq_len)
+    mbps = {
+        k: v["bytes"] / 1e6 / v["seconds"]
+        for k, v in {"loop": loop, "ray-1cpu": r1, "ray-2cpu": r2}.items()
+    }
+    for k, v in mbps.items():
+        print(f"{k:9s} {v:7.2f} MB/s")
+    print(
+        f"ray first-pipeline warm-up: {r1['warmup_seconds']:.1f} s (1 CPU), "
+        f"{r2['warmup_seconds']:.1f} s (2 CPUs), not included above"
+    )
+    print(
+        f"driver CPU time: {r1['driver_cpu']:.1f} s (1 CPU), {r2['driver_cpu']:.1f} s (2 CPUs); "
+        f"wall: {r1['seconds']:.1f} s, {r2['seconds']:.1f} s; loop {loop['seconds']:.1f} s"
+    )
+    print(f"2 CPUs / 1 CPU: {mbps['ray-2cpu'] / mbps['ray-1cpu']:.2f}x (target >= 1.6)")
+    print(f"1 CPU / loop:   {mbps['ray-1cpu'] / mbps['loop']:.2f}x (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""aunet.packing against naive references: BOS/EOS framing, the overlapping-window packer, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aunet.config import BOS_ID, EOS_ID
+from aunet.packing import (
+    Packer,
+    contraction_ratios,
+    encode_document,
+    split_point_counts,
+    windows,
+)
+
+
+def _naive_windows(docs, T):
+    """The official packer by definition: one flat stream, window k = stream[k*T : k*T + T + 1]."""
+    stream = [t for d in docs for t in d]
+    out, k = [], 0
+    while k * T + T + 1 <= len(stream):
+        out.append(stream[k * T : k * T + T + 1])
+        k += 1
+    return out, len(stream)
+
+
+def _random_docs(rng, n, max_len):
+    docs = []
+    for _ in range(n):
+        data = rng.integers(0, 256, rng.integers(1, max_len)).astype(np.uint8).tobytes()
+        lev = rng.integers(0, 3, len(data)).astype(np.uint8)
+        docs.append(encode_document(data, lev, top_level=2))
+    return docs
+
+
+def test_encode_document_frames_with_bos_top_and_eos_zero():
+    tok, lev = encode_document(b"ab\xff", np.array([0, 1, 0], np.uint8), top_level=3)
+    assert tok.dtype == np.uint16 and lev.dtype == np.uint8
+    assert tok.tolist() == [BOS_ID, 97, 98, 255, EOS_ID]
+    assert lev.tolist() == [3, 0, 1, 0, 0]
+    with pytest.raises(ValueError, match="levels has 2 entries for 3 bytes"):
+        encode_document(b"abc", np.zeros(2, np.uint8), 1)
+
+
+@pytest.mark.parametrize("T,chunk,max_len", [(1, 1, 5), (7, 1, 30), (16, 3, 100), (64, 4, 20)])
+def test_packer_matches_naive_stream_cut(T, chunk, max_len):
+    rng = np.random.default_rng(T * 100 + chunk)
+    docs = _random_docs(rng, 40, max_len)
+    packer = Packer(T, chunk=chunk)
+    got_tok, got_lev = [], []
+    for tok, lev in docs:
+        for ct, cl in packer.add(tok, lev):
+            assert len(ct) == chunk * T + 1  # full chunks only, before finish
+            tw, lw = windows(ct, cl, T)
+            got_tok += tw.tolist()
+            got_lev += lw.tolist()
+    last, dropped = packer.finish()
+    if last is not None:
+        tw, lw = windows(*last, T)
+        got_tok += tw.tolist()
+        got_lev += lw.tolist()
+    want_tok, n_stream = _naive_windows([d[0].tolist() for d in docs], T)
+    want_lev, _ = _naive_windows([d[1].tolist() for d in docs], T)
+    assert got_tok == want_tok and got_lev == want_lev
+    assert packer.windows_out == len(want_tok)
+    # no byte lost between windows: window k+1's first input is window k's last target
+    for a, b in zip(got_tok, got_tok[1:]):
+        assert b[0] == a[-1]
+    assert n_stream == len(want_tok) * T + 1 + dropped
+    assert 0 <= dropped <= T
+
+
+def test_packer_short_stream_drops_everything_and_validates():
+    p = Packer(10)
+    assert p.add(np.array([BOS_ID, 1, EOS_ID]), np.array([1, 0, 0])) == []
+    assert p.finish() == (None, 3)
+    with pytest.raises(ValueError):
+        Packer(0)
+    with pytest.raises(ValueError, match="3 tokens but 2 levels"):
+        Packer(4).add(np.zeros(3), np.zeros(2))
+    with pytest.raises(ValueError, match="not n\\*4 \\+ 1"):
+        windows(np.zeros(6, np.uint16), np.zeros(6, np.uint8), 4)
+
+
+def test_one_huge_document_packs_into_many_windows():
+    data = bytes(range(256)) * 100  # 25.6 kB, one document
+    tok, lev = encode_document(data, np.zeros(len(data), np.uint8), 1)
+    p = Packer(1000, chunk=8)
+    chunks = p.add(tok, lev)
+    last, dropped = p.finish()
+    n = sum((len(c[0]) - 1) // 1000 for c in [*chunks, last])
+    assert n == (len(tok) - 1) // 1000 == p.windows_out
+    assert dropped == len(tok) - 1 - n * 1000
+
+
+def test_split_point_counts_and_contraction_naive():
+    rng = np.random.default_rng(0)
+    lev = rng.integers(0, 4, 1000).astype(np.uint8)
+    got = split_point_counts(lev, 3)
+    assert got.tolist() == [int((lev >= s).sum()) for s in (1, 2, 3)]
+    assert split_point_counts(lev, 0).tolist() == []
+    assert contraction_ratios(1000, got) == [1000 / c for c in got.tolist()]
+    assert contraction_ratios(10, np.array([0])) == [None]

@@ -1,0 +1,280 @@
+"""pipelines.preprocess on a real local Ray: formats, determinism, bad input, atomicity, reuse."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from aunet.config import BOS_ID, EOS_ID
+from aunet.splitting import Splitter
+from pipelines import preprocess as pp
+from pipelines.data import MANIFEST, is_complete, load_split
+from pipelines.spec import ExperimentSpec
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGY = {"word1": "1@1", "word2": "2@1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_spec(tmp: Path, sources: list[dict], **data) -> ExperimentSpec:
+    raw = {
+        "name": "t",
+        "data": {
+            "sources": sources,
+            "seq_len": 16,
+            "val_fraction": 0.0,
+            "dataset_dir": str(tmp / "ds"),
+            **data,
+        },
+        "model": {
+            "dimensions": [8, 16, 32],
+            "layers": [1, 1, 1],
+            "head_dims": [8, 8, 8],
+            "strategy": STRATEGY,
+        },
+        "train": {"steps": 1},
+        "tracking": {},
+        "resources": {"storage_path": str(tmp)},
+    }
+    return ExperimentSpec.from_dict(raw, source="test")
+
+
+def write_jsonl(path: Path, records: list, compression: str | None = None) -> Path:
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
+    if compression:
+        with pa.CompressedOutputStream(str(path), compression) as f:
+            f.write(text)
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def expected_stream(docs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Naive reference: the concatenation of [BOS] + bytes + [EOS] with Splitter levels."""
+    sp, tok, lev = Splitter(STRATEGY), [], []
+    for d in docs:
+        tok += [BOS_ID, *d, EOS_ID]
+        lev += [len(STRATEGY), *sp.levels(d).tolist(), 0]
+    return np.array(tok), np.array(lev)
+
+
+def stored_stream(path: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Undo the one-token overlap of consecutive windows: window k+1 starts at window k's end."""
+    tok, lev = load_split(path, split)
+    for a, b in zip(tok, tok[1:]):
+        assert a[-1] == b[0]
+    join = lambda x: np.concatenate([x[0], x[1:, 1:].ravel()]) if len(x) else x.ravel()  # noqa: E731
+    return join(tok), join(lev)
+
+
+def assert_stream(path: Path, docs: list[bytes], seq_len: int = 16, split: str = "train"):
+    want_tok, want_lev = expected_stream(docs)
+    tok, lev = stored_stream(path, split)
+    n = (len(want_tok) - 1) // seq_len * seq_len + 1 if len(want_tok) > seq_len else 0
+    assert len(tok) == n
+    np.testing.assert_array_equal(tok, want_tok[:n])
+    np.testing.assert_array_equal(lev, want_lev[:n])  # levels == Splitter.levels recomputed
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*.parquet"))
+    }
+
+
+def test_all_formats_in_order_with_levels(tmp_path):
+    docs = [f"document {i}: some words, and more words.\n".encode() * (i + 1) for i in range(8)]
+    (tmp_path / "a.txt").write_bytes(docs[0])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": docs[1].decode()}, {"text": docs[2].decode()}])
+    write_jsonl(tmp_path / "c.jsonl.gz", [{"text": docs[3].decode()}], "gzip")
+    write_jsonl(tmp_path / "d.jsonl.zst", [{"text": docs[4].decode()}], "zstd")
+    pq.write_table(pa.table({"body": [d.decode() for d in docs[5:8]]}), tmp_path / "e.parquet")
+    sources = [
+        {"path": str(tmp_path / n)} for n in ("a.txt", "b.jsonl", "c.jsonl.gz", "d.jsonl.zst")
+    ]
+    sources.append({"path": str(tmp_path / "e.parquet"), "text_field": "body"})
+    info = pp.preprocess(make_spec(tmp_path, sources))
+    m = info.manifest
+    assert m["documents"] == {"read": 8, "written": 8, "rejected": 0, "sampled_out": 0}
+    assert m["bytes"] == sum(map(len, docs))
+    assert [i["format"] for i in m["inputs"]] == ["txt", "jsonl", "jsonl", "jsonl", "parquet"]
+    assert m["inputs"][0]["sha256"] == hashlib.sha256(docs[0]).hexdigest()
+    assert is_complete(info.path) and info.path.is_symlink()
+    assert_stream(info.path, docs)
+    tok, lev = load_split(info.path)
+    counts = [int((lev[:, :-1] >= s).sum()) for s in (1, 2)]
+    assert m["split_points"] == counts
+    assert m["contraction"] == [len(tok) * 16 / c for c in counts]
+
+
+def test_deterministic_whatever_parallelism(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "ε", "日本", "12345", "!!", "\n"]
+    for f in range(3):
+        recs = [
+            {"id": f"{f}-{i}", "text": " ".join(rng.choice(words, rng.integers(1, 60)))}
+            for i in range(60)
+        ]
+        write_jsonl(tmp_path / f"p{f}.jsonl", recs)
+    src = [{"path": str(tmp_path / "p*.jsonl"), "id_field": "id"}]
+    spec = make_spec(tmp_path, src, val_fraction=0.3, shard_sequences=7)
+    a = pp.preprocess(spec, batch_size=16)
+    first = digest(a.path)
+    # many tiny blocks, batch size 1, one CPU for Ray Data
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(
+        ctx.execution_options, "resource_limits", ctx.execution_options.resource_limits.copy(cpu=1)
+    )
+    b = pp.preprocess(spec, force=True, batch_size=1, block_bytes=64)
+    assert not b.reused and first == digest(b.path) and len(first) > 4
+    assert b.manifest["splits"]["val"]["sequences"] > 0
+    assert pp.preprocess(spec).reused
+
+
+def test_bad_input_counts_and_levels(tmp_path):
+    txt_bad = b"caf\xc3\xa9 \xff\xfe broken \xc3 utf-8\x00 with NUL\x00 bytes\n"
+    (tmp_path / "bad.txt").write_bytes(txt_bad)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    big = ("x" * 1000 + " ") * 5000  # a 5 MB one-line document
+    good = ["中文文本，測試。 又一句话。", "مرحبا بالعالم، هذا نص عربي.", big, "ok\x00nul"]
+    recs = [
+        {"id": 0, "text": good[0], "lang": "zh"},
+        {"id": 1, "text": "", "lang": "en"},
+        {"id": 2, "lang": "en"},
+        '{"id": 3, "text": "lone \\ud800 surrogate"}',
+        {"id": 4, "text": good[1], "lang": "ar"},
+        {"id": 5, "text": 17},
+        {"id": 6, "text": None},
+        {"id": 7, "text": good[2], "lang": "en"},
+        {"id": 8, "text": good[3]},
+    ]
+    write_jsonl(tmp_path / "r.jsonl", recs)
+    sources = [
+        {"path": str(tmp_path / "*.txt")},
+        {"path": str(tmp_path / "r.jsonl"), "id_field": "id", "lang_field": "lang"},
+    ]
+    m = pp.preprocess(make_spec(tmp_path, sources, seq_len=4096)).manifest
+    d = m["documents"]
+    assert d["read"] == 11 == d["written"] + d["rejected"] + d["sampled_out"]
+    assert d["written"] == 5
+    assert m["rejected"]["counts"] == {
+        "empty": 2,
+        "missing_field": 2,
+        "invalid_unicode": 1,
+        "not_text": 1,
+    }
+    sample = {(s["id"], s["reason"]) for s in m["rejected"]["sample"]}
+    assert ("3", "invalid_unicode") in sample and ("2", "missing_field") in sample
+    assert m["langs"]["zh"] == {"documents": 1, "bytes": len(good[0].encode()), "rejected": 0}
+    assert m["langs"]["en"] == {"documents": 1, "bytes": len(big), "rejected": 2}
+    docs = [txt_bad] + [g.encode() for g in good]
+    assert_stream(Path(m["inputs"][0]["path"]).parent / "ds", docs, seq_len=4096)
+    lev = Splitter(STRATEGY).levels(txt_bad)
+    assert lev[txt_bad.index(b"\xff")] == 0 and lev[txt_bad.index(b"\xfe")] == 0
+
+
+def test_input_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "nope.jsonl")}]))
+    with pytest.raises(FileNotFoundError, match="glob matches no file"):
+        pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "*.jsonl")}]))
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n')[:-6] + b"garbage")
+    with pytest.raises(Exception, match="bad.jsonl.gz: cannot read input"):
+        pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "bad.jsonl.gz")}]))
+    write_jsonl(tmp_path / "j.jsonl", [{"text": "fine"}, "{not json"])
+    with pytest.raises(Exception, match="j.jsonl: line 2: invalid JSON"):
+        pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "j.jsonl")}]))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(Exception, match="p.parquet: no column 'text'"):
+        pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "p.parquet")}]))
+    assert not (tmp_path / "ds").exists()
+    assert [p.name for p in tmp_path.glob(".ds.*")] == []  # failed runs clean their temp dir
+
+
+def test_weights_passes_and_max_documents(tmp_path):
+    docs = [f"doc number {i} here." for i in range(40)]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs[:20]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in docs[20:]])
+    src = [
+        {"path": str(tmp_path / "a.jsonl"), "weight": 2.5},
+        {"path": str(tmp_path / "b.jsonl"), "weight": 1.0},
+    ]
+    m = pp.preprocess(make_spec(tmp_path, src, seq_len=8)).manifest
+    d = m["documents"]
+    assert d["read"] == 20 * 3 + 20 and d["read"] == d["written"] + d["sampled_out"]
+    assert 0 < d["sampled_out"] < 20 and d["written"] == 40 + 20 + 20 - d["sampled_out"]
+    tok, _ = stored_stream(tmp_path / "ds")
+    # pass-major order: pass 0 of a, then b, then pass 1 of a: copies are never adjacent
+    first_b = bytes(tok[tok < 256].astype(np.uint8)).find(docs[20].encode())
+    assert 0 < first_b < bytes(tok[tok < 256].astype(np.uint8)).find(docs[0].encode(), 1)
+    m = pp.preprocess(make_spec(tmp_path, src, seq_len=8, max_documents=7)).manifest
+    assert m["documents"]["written"] == 7 and m["documents"]["read"] == 7
+
+
+def test_killed_run_leaves_nothing_complete(tmp_path):
+    docs = [{"text": "words and more words. " * 400} for _ in range(1000)]
+    write_jsonl(tmp_path / "big.jsonl", docs)
+    spec_file = tmp_path / "exp.yaml"
+    raw = make_spec(tmp_path, [{"path": str(tmp_path / "big.jsonl")}]).to_dict()
+    spec_file.write_text(json.dumps(raw))  # JSON is YAML
+    address = ray.get_runtime_context().gcs_address  # join this module's cluster: fast start
+    cmd = [sys.executable, "-m", "pipelines.preprocess", str(spec_file)]
+    proc = subprocess.Popen(
+        [*cmd, f"resources.ray_address={address}"],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".ds.tmp-*/train")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".ds.tmp-*")), "the run never started writing"
+        time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver: Ray then ends the job's tasks
+        proc.wait()
+    final = tmp_path / "ds"
+    assert not is_complete(final)
+    leftovers = list(tmp_path.glob(".ds.tmp-*"))
+    assert leftovers and not (leftovers[0] / MANIFEST).exists()
+    info = pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "big.jsonl")}]))
+    assert is_complete(final) and not info.reused
+    assert not list(tmp_path.glob(".ds.tmp-*"))  # the dead run's temp dir was cleaned
+
+
+def test_is_complete_rejects_partial_datasets(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world " * 30}])
+    info = pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "a.jsonl")}]))
+    assert is_complete(info.path)
+    shard = next((info.path / "train").glob("*.parquet"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])  # truncated shard
+    assert not is_complete(info.path)
+    shard.write_bytes(data)
+    (info.path / MANIFEST).write_text('{"complete": true')  # half-written manifest
+    assert not is_complete(info.path)
+    assert not is_complete(tmp_path / "missing")
+    again = pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "a.jsonl")}]))
+    assert not again.reused and is_complete(again.path)
