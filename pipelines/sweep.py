@@ -1,0 +1,679 @@
+"""Ablation sweeps: one Ray Tune trial per variant, each trained by ``pipelines.train``'s code.
+
+``python -m pipelines.sweep <sweep.yaml> [a.b=v | --set a.b=v ...]``  (``sweep.x=v`` too)
+``python -m pipelines.sweep --summary <sweep dir | MLflow parent run id> [--tracking-uri URI]``
+
+A sweep file is an experiment spec plus a ``sweep:`` section (see experiments/ablations/*.yaml).
+Why it is built this way:
+- A trial is a Tune function that fits ``pipelines.train.build_trainer``'s ``TorchTrainer`` named
+  after the trial (platform-notes §4): the training code is the same as a single run's, and a
+  restored or retried trial resumes its own Train checkpoint instead of starting over.
+- Compute matching: with ``train.flop_budget`` every variant gets ``round(budget / FLOPs per
+  step)`` steps (aunet.flops accounting, the dataset's measured bytes per token), so trials differ
+  by at most half a step of FLOPs; the driver refuses a sweep where that exceeds the tolerance.
+- The split strategy changes the level masks, so every distinct dataset is preprocessed once on
+  the driver before any trial starts: concurrent trials never race on a dataset directory.
+- Everything of a sweep lives in ``<storage_path>/sweeps/<name>`` (Tune state, Train runs, one
+  JSON per trial, the parent MLflow run id), so the same command resumes a killed sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.spec import ExperimentSpec, SpecError, flatten, parse_cli
+
+SEARCHES = ("grid", "optuna")
+RANGES = ("loguniform", "uniform", "int")
+SWEEP_KEYS = ("name", "search", "num_samples", "seed", "metric", "mode", "max_concurrent_trials",
+              "max_failures", "flop_tolerance", "scheduler", "space", "fault")  # fmt: skip
+COLUMNS = ("rank", "variant", "trial", "num_params", "steps", "batch_size", "flops",
+           "flops_vs_budget", "val_bits_per_byte", "status", "attempts", "wall_s",
+           "mlflow_run_id")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class Dim:
+    """One search dimension: categorical (label -> overrides) or a numeric range on one key."""
+
+    key: str
+    choices: dict[str, dict[str, Any]] | None = None
+    kind: str | None = None  # a RANGES entry
+    bounds: tuple[float, float] | None = None
+
+    def tune_domain(self, search: str) -> Any:
+        from ray import tune
+
+        if self.choices is not None:
+            labels = list(self.choices)
+            return tune.grid_search(labels) if search == "grid" else tune.choice(labels)
+        lo, hi = self.bounds  # type: ignore[misc]
+        if self.kind == "loguniform":
+            return tune.loguniform(lo, hi)
+        if self.kind == "uniform":
+            return tune.uniform(lo, hi)
+        return tune.randint(int(lo), int(hi) + 1)  # inclusive bounds in the YAML
+
+    def overrides(self, value: Any) -> dict[str, Any]:
+        if self.choices is not None:
+            return dict(self.choices[str(value)])
+        return {self.key: int(value) if self.kind == "int" else float(value)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    dims: tuple[Dim, ...]
+    search: str = "grid"
+    num_samples: int = 1
+    seed: int = 0
+    metric: str = "val_bits_per_byte"
+    mode: str = "min"
+    max_concurrent_trials: int = 1
+    max_failures: int = 1
+    flop_tolerance: float = 0.02
+    scheduler: dict[str, Any] | None = None
+    fault: dict[str, Any] | None = None  # tests: {step: n, match: {dim: label}} fails a trial once
+
+    def overrides(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in self.dims:
+            out.update(d.overrides(config[d.key]))
+        return out
+
+    def label(self, config: Mapping[str, Any]) -> str:
+        """Variant name: the categorical choices (ranges are in the params columns)."""
+        parts = [f"{d.key}={config[d.key]}" for d in self.dims if d.choices is not None]
+        return ",".join(parts) or "trial"
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
+    where = f"sweep.space.{key}"
+    if not isinstance(raw, Mapping) or len(raw) != 1:
+        raise SpecError(f"{where}: expected one of choices/{'/'.join(RANGES)}, got {raw!r}")
+    (kind, value), = raw.items()  # fmt: skip
+    if kind == "choices":
+        if value == "variants":
+            value = dict(spec.variants or {})
+        if isinstance(value, Mapping) and value:
+            bad = [k for k, v in value.items() if not isinstance(v, Mapping)]
+            if bad:
+                raise SpecError(f"{where}.choices.{bad[0]}: expected a mapping of dotted overrides")
+            return Dim(key, choices={str(k): dict(v) for k, v in value.items()})
+        if isinstance(value, list) and value:
+            return Dim(key, choices={_label(v): {key: v} for v in value})
+        raise SpecError(f"{where}.choices: expected a non-empty list or mapping, got {value!r}")
+    if kind in RANGES:
+        ok = isinstance(value, list) and len(value) == 2
+        if ok:
+            try:
+                lo, hi = float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                ok = False
+        if not ok or not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise SpecError(f"{where}.{kind}: expected [low, high] with low < high, got {value!r}")
+        if key.startswith(("data.", "model.strategy")):
+            raise SpecError(f"{where}: a range cannot change the dataset; use choices")
+        return Dim(key, kind=kind, bounds=(lo, hi))
+    raise SpecError(f"{where}: unknown kind {kind!r} (valid: choices, {', '.join(RANGES)})")
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Sweep]:
+    """Read ``<sweep.yaml>``: the base spec (validated) and its ``sweep:`` section."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{source}: cannot read: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sweep"), dict):
+        raise SpecError(f"{source}: sweep: required mapping missing")
+    sw = raw.pop("sweep")
+    spec_overrides = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.startswith("sweep."):
+            _set(sw, key[len("sweep.") :], yaml.safe_load(text))
+        else:
+            spec_overrides.append(item)
+    spec = ExperimentSpec.from_dict(raw, source=source)
+    try:
+        spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
+        return spec, _build_sweep(sw, spec)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def _build_sweep(sw: dict[str, Any], spec: ExperimentSpec) -> Sweep:
+    unknown = [k for k in sw if k not in SWEEP_KEYS]
+    if unknown:
+        raise SpecError(f"sweep.{unknown[0]}: unknown key (valid: {', '.join(SWEEP_KEYS)})")
+    space = sw.get("space")
+    if not isinstance(space, Mapping) or not space:
+        raise SpecError("sweep.space: expected a non-empty mapping of dimensions")
+    dims = tuple(_parse_dim(str(k), v, spec) for k, v in space.items())
+    kw = {k: sw[k] for k in SWEEP_KEYS if k in sw and k not in ("space", "name")}
+    checks = {"search": lambda v: v in SEARCHES, "mode": lambda v: v in ("min", "max"),
+              "num_samples": lambda v: isinstance(v, int) and v >= 1,
+              "max_concurrent_trials": lambda v: isinstance(v, int) and v >= 1,
+              "max_failures": lambda v: isinstance(v, int) and v >= -1,
+              "seed": lambda v: isinstance(v, int), "metric": lambda v: isinstance(v, str),
+              "flop_tolerance": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
+              "scheduler": lambda v: isinstance(v, dict) and v.get("type") == "asha",
+              "fault": lambda v: isinstance(v, dict) and isinstance(v.get("step"), int),
+              }  # fmt: skip
+    for k, v in kw.items():
+        if not checks[k](v):
+            raise SpecError(f"sweep.{k}: invalid value {v!r}")
+    tr = spec.train
+    if kw.get("scheduler") and tr.checkpoint_every % tr.eval_every:
+        raise SpecError("train.checkpoint_every: must be a multiple of train.eval_every under "
+                        "ASHA (every report must carry validation bits/byte)")  # fmt: skip
+    return Sweep(name=str(sw.get("name") or spec.name), dims=dims, **kw)
+
+
+def categorical_grid(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every combination of the categorical choices, ranges at their low bound."""
+    axes = [list(d.choices) if d.choices is not None else [d.bounds[0]] for d in sweep.dims]  # type: ignore[index]
+    combos = list(itertools.product(*axes))
+    if len(combos) > 1000:
+        raise SpecError(f"sweep.space: {len(combos)} categorical combinations (at most 1000)")
+    return [{d.key: v for d, v in zip(sweep.dims, c)} for c in combos]
+
+
+# ---------------------------------------------------------------------------------- planning
+def matched_plan(spec: ExperimentSpec, manifest: Mapping[str, Any] | None):
+    """``plan_training``, with steps rounded to the nearest whole step under a FLOP budget."""
+    from aunet.flops import learning_rate
+    from aunet.optim import warmup_steps
+    from pipelines.train import plan_training
+
+    plan = plan_training(spec, dict(manifest or {}))
+    budget, tr = spec.train.flop_budget, spec.train
+    if budget is None:
+        return plan
+    steps = max(1, round(budget / plan.flops_per_step))
+    lr = tr.lr if tr.lr is not None else learning_rate(plan.flops_per_step * steps)
+    return dataclasses.replace(plan, steps=steps, lr=lr,
+                               warmup_steps=warmup_steps(tr.warmup, steps))  # fmt: skip
+
+
+def _read_manifest(spec: ExperimentSpec) -> dict[str, Any]:
+    from pipelines.data import MANIFEST, is_complete
+
+    d = Path(spec.dataset_dir())
+    if not is_complete(d):
+        raise RuntimeError(f"dataset {d} is missing or incomplete (the sweep driver builds it)")
+    return json.loads((d / MANIFEST).read_text())
+
+
+def prepare(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
+    """Preprocess each distinct dataset once; plan every categorical variant; check the FLOPs."""
+    from pipelines.preprocess import preprocess
+
+    rows, built = [], set()
+    for config in categorical_grid(sweep):
+        label = sweep.label(config)
+        try:
+            v = spec.with_overrides(sweep.overrides(config))
+        except SpecError as e:
+            raise SpecError(f"sweep variant {label}: {e}") from None
+        if v.dataset_dir() not in built:
+            preprocess(v)
+            built.add(v.dataset_dir())
+        manifest = _read_manifest(v)
+        if not manifest["splits"]["val"]["sequences"]:
+            raise SpecError(f"data.val_fraction: the validation split of {v.dataset_dir()} is "
+                            "empty; a sweep ranks trials by validation bits/byte")  # fmt: skip
+        plan = matched_plan(v, manifest)
+        dev = plan.total_flops / v.train.flop_budget - 1 if v.train.flop_budget else None
+        if dev is not None and abs(dev) > sweep.flop_tolerance:
+            raise SpecError(f"sweep variant {label}: {plan.steps} steps spend "
+                            f"{plan.total_flops:.3g} FLOPs, {dev:+.1%} off train.flop_budget "
+                            f"(tolerance {sweep.flop_tolerance:.0%}); raise the budget or lower "
+                            "train.batch_size")  # fmt: skip
+        rows.append({"variant": label, "num_params": plan.num_params, "steps": plan.steps,
+                     "batch_size": plan.batch_size, "flops": plan.total_flops})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------- trials
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every trial needs, fixed per sweep (pickled into the trainable)."""
+
+    spec: dict[str, Any]
+    sweep: Sweep
+    sweep_dir: str
+    parent_run_id: str
+    tracking_uri: str
+    spec_file: str
+
+
+def _trial_file(sweep_dir: str, trial_id: str, suffix: str) -> Path:
+    return Path(sweep_dir) / "trials" / f"{trial_id}{suffix}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)  # a reader never sees half a record
+
+
+def run_trial(config: dict[str, Any], ctx: Context) -> None:
+    """One Tune trial: train the variant ``config`` names; record it; report the final metrics."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import build_trainer
+
+    t0 = time.time()
+    tune_ctx = tune.get_context()
+    trial_id, name = tune_ctx.get_trial_id(), tune_ctx.get_trial_name()
+    sweep = ctx.sweep
+    record_file = _trial_file(ctx.sweep_dir, trial_id, ".json")
+    if record_file.is_file():  # Tune's saved state can lag a SIGKILL: never train a trial twice
+        done = json.loads(record_file.read_text())
+        if done["status"] == "finished":
+            bpb = done["val_bits_per_byte"]
+            tune.report({sweep.metric: math.nan if bpb is None else bpb, "flops": done["flops"],
+                         "step": done["final_step"], "finished": 1})  # fmt: skip
+            return
+    attempts_file = _trial_file(ctx.sweep_dir, trial_id, ".attempts")
+    attempts_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(attempts_file, "a") as f:  # one line per start: restores and retries are visible
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    attempts = len(attempts_file.read_text().splitlines())
+    label = sweep.label(config)
+    spec = ExperimentSpec.from_dict(ctx.spec, source="sweep base spec")
+    spec = spec.with_overrides(sweep.overrides(config))
+    manifest = _read_manifest(spec)
+    plan = matched_plan(spec, manifest)
+    record = {"trial_id": trial_id, "trial": name, "variant": label, "config": config,
+              "overrides": sweep.overrides(config), "status": "running", "attempts": attempts,
+              "num_params": plan.num_params, "steps": plan.steps, "batch_size": plan.batch_size,
+              "flops": plan.total_flops, "flop_budget": spec.train.flop_budget}  # fmt: skip
+    _write_json(record_file, record)
+    fault = None
+    if sweep.fault and all(str(config.get(k)) == str(v)
+                           for k, v in (sweep.fault.get("match") or {}).items()):  # fmt: skip
+        marker = str(_trial_file(ctx.sweep_dir, trial_id, ".fault"))
+        fault = {"step": sweep.fault["step"], "rank": 0, "marker": marker}
+    trainer = build_trainer(
+        spec, name, str(Path(ctx.sweep_dir) / "runs"), dataset_path=spec.dataset_dir(),
+        plan=plan, manifest=manifest, callbacks=[TuneReportCallback()],
+        parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri,
+        spec_file=ctx.spec_file, variant=label, fault=fault,
+    )  # fmt: skip
+    out = trainer.fit().return_value or {}
+    record.update(status="finished", val_bits_per_byte=out.get("val_bits_per_byte"),
+                  final_step=out.get("step"), mlflow_run_id=out.get("mlflow_run_id"),
+                  wall_s=round(time.time() - t0, 1))  # fmt: skip
+    if record["mlflow_run_id"]:
+        _tag_child(ctx, record)
+    _write_json(record_file, record)
+    bpb = record["val_bits_per_byte"]
+    tune.report({sweep.metric: math.nan if bpb is None else bpb, "flops": plan.total_flops,
+                 "step": record["final_step"] or plan.steps, "finished": 1})  # fmt: skip
+
+
+def _tag_child(ctx: Context, record: dict[str, Any]) -> None:
+    """The sweep's own params on the trial's MLflow run (train.py logs the spec and plan)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    have = client.get_run(record["mlflow_run_id"]).data.params
+    params = {f"sweep.{k}": _label(v) for k, v in record["config"].items()}
+    params["sweep.variant"] = record["variant"]
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    tags = [RunTag("aunet.sweep", ctx.sweep.name), RunTag("aunet.sweep_trial", record["trial"])]
+    client.log_batch(record["mlflow_run_id"], params=new, tags=tags)
+
+
+# ---------------------------------------------------------------------------------- driver
+def sweep_dir_for(spec: ExperimentSpec, sweep: Sweep) -> str:
+    if "://" in spec.resources.storage_path:
+        raise SpecError("resources.storage_path: sweeps need a local (or mounted) path")
+    return os.path.join(spec.resources.storage_path, "sweeps", sweep.name)
+
+
+def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) -> str:
+    """The sweep's MLflow parent run: created once, its id kept in the sweep dir for resumes."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    id_file = Path(sweep_dir) / "parent_run.json"
+    if id_file.is_file():
+        run_id = json.loads(id_file.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = client.get_experiment_by_name(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        spec.tracking.experiment, artifact_location=spec.tracking.artifact_location)  # fmt: skip
+    run = client.create_run(
+        exp_id,
+        run_name=f"sweep-{sweep.name}",
+        tags={"aunet.sweep": sweep.name, "aunet.sweep_dir": sweep_dir},
+    )
+    space = {
+        f"sweep.space.{d.key}": json.dumps(d.choices or [d.kind, d.bounds]) for d in sweep.dims
+    }
+    settings = {f"sweep.{k}": json.dumps(getattr(sweep, k)) for k in SWEEP_KEYS
+                if k not in ("space", "name")}  # fmt: skip
+    params = {**{f"base.{k}": v for k, v in flatten(spec).items()}, **space, **settings}
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
+    return run.info.run_id
+
+
+def _tuner(ctx: Context):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    sweep = ctx.sweep
+
+    def trainable(config: dict[str, Any]) -> None:
+        run_trial(config, ctx)
+
+    fn = tune.with_resources(trainable, {"cpu": 0.01})  # the Train workers hold the real CPUs
+    path = os.path.join(ctx.sweep_dir, "tune")
+    if tune.Tuner.can_restore(path):
+        print(f"sweep: resuming {path}", file=sys.stderr)
+        return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True)
+    scheduler = None
+    if sweep.scheduler:
+        s, budget = sweep.scheduler, ctx.spec["train"].get("flop_budget")
+        time_attr = s.get("time_attr", "flops" if budget else "step")
+        max_t = s.get("max_t", budget if time_attr == "flops" else ctx.spec["train"]["steps"])
+        scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t,
+                                  grace_period=s.get("grace_period", max_t / 8),
+                                  reduction_factor=s.get("reduction_factor", 2))  # fmt: skip
+    search_alg = OptunaSearch(seed=sweep.seed) if sweep.search == "optuna" else None
+    return tune.Tuner(
+        fn,
+        param_space={d.key: d.tune_domain(sweep.search) for d in sweep.dims},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+            search_alg=search_alg,
+            scheduler=scheduler,
+        ),  # fmt: skip
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=ctx.sweep_dir,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        ),
+    )
+
+
+def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """Run (or resume) a sweep to the end; returns its results table and whether it completed."""
+    from pipelines.runtime import check_tracking_reachable, init_ray, resolve_tracking_uri
+
+    spec, sweep = load_sweep(path, overrides)
+    sweep_dir = sweep_dir_for(spec, sweep)
+    Path(sweep_dir, "trials").mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(spec.tracking)
+    check_tracking_reachable(uri)
+    init_ray(spec.resources, tracking_uri=uri)
+    planned = prepare(spec, sweep)
+    print("sweep: planned variants\n" + format_table(planned), file=sys.stderr)
+    ctx = Context(spec.to_dict(), sweep, sweep_dir, _parent_run(sweep_dir, uri, spec, sweep),
+                  uri, str(Path(path).absolute()))  # fmt: skip
+    grid = _tuner(ctx).fit()
+    trials = grid._experiment_analysis.trials  # statuses are not on ``Result``
+    rows = collect(sweep_dir, trials, sweep)
+    complete = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+    finalize(ctx, spec, rows, complete)
+    return rows, complete
+
+
+# ---------------------------------------------------------------------------------- results
+def collect(sweep_dir: str, trials: Sequence[Any] | None, sweep: Sweep | None) -> list[dict]:
+    """One row per trial from the per-trial records, Tune's statuses when given; ranked."""
+    records = {p.stem: json.loads(p.read_text())
+               for p in sorted(Path(sweep_dir, "trials").glob("*.json"))}  # fmt: skip
+    items = (
+        [(t.trial_id, t) for t in trials] if trials is not None else [(k, None) for k in records]
+    )
+    rows = []
+    for trial_id, t in items:
+        rec = records.get(trial_id, {})
+        last = (t.last_result or {}) if t is not None else {}
+        config = dict(t.config) if t is not None else rec.get("config", {})
+        status = rec.get("status", "pending")
+        if t is not None and t.status == "ERROR":
+            status = "error"
+        elif t is not None and t.status == "TERMINATED" and status != "finished":
+            status = "stopped early"  # ASHA
+        attempts = _trial_file(sweep_dir, trial_id, ".attempts")
+        budget = rec.get("flop_budget")
+        flops = rec.get("flops") if status == "finished" else last.get("flops", rec.get("flops"))
+        rows.append({
+            "variant": sweep.label(config) if sweep else rec.get("variant"),
+            "trial": rec.get("trial", trial_id), "num_params": rec.get("num_params"),
+            "steps": rec.get("final_step") or last.get("step") or rec.get("steps"),
+            "batch_size": rec.get("batch_size"), "flops": flops,
+            "flops_vs_budget": flops / budget - 1 if flops and budget else None,
+            "val_bits_per_byte": rec.get("val_bits_per_byte", last.get("val_bits_per_byte")),
+            "status": status, "wall_s": rec.get("wall_s"),
+            "mlflow_run_id": rec.get("mlflow_run_id"),
+            "attempts": len(attempts.read_text().splitlines()) if attempts.is_file() else 0,
+            "params": json.dumps({k: v for k, v in sorted(config.items())}),
+        })  # fmt: skip
+    return rank(rows, (sweep.mode if sweep else "min"))
+
+
+def rank(rows: list[dict[str, Any]], mode: str = "min") -> list[dict[str, Any]]:
+    """Finished trials ranked by final validation bits/byte (1 = best); the rest unranked."""
+    done = [r for r in rows if r["status"] == "finished" and r["val_bits_per_byte"] is not None]
+    done.sort(key=lambda r: float(r["val_bits_per_byte"]) * (1 if mode == "min" else -1))
+    for i, r in enumerate(done, 1):
+        r["rank"] = i
+    rest = [r for r in rows if r not in done]
+    for r in rest:
+        r["rank"] = None
+    return done + rest
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if key == "flops":
+        return f"{float(v):.4g}"
+    if key == "flops_vs_budget":
+        return f"{float(v):+.2%}"
+    if key == "val_bits_per_byte":
+        return f"{float(v):.4f}"
+    if key == "num_params":
+        return f"{int(float(v)):,}"
+    return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    keys = [k for k in (*COLUMNS, "params") if any(k in r for r in rows)]
+    keys = [k for k in keys if k != "mlflow_run_id"]
+    cells = [[_fmt(k, r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "params"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Bar chart of final validation bits/byte per variant (finished trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["rank"] is not None]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(done) + 2), 3.5))
+    names = [f"{r['variant']}\n{r['trial'][-5:]}" for r in done]
+    vals = [float(r["val_bits_per_byte"]) for r in done]
+    bars = ax.bar(range(len(done)), vals, color="tab:blue")
+    for b, r in zip(bars, done):
+        ax.annotate(f"{float(r['val_bits_per_byte']):.3f}\n{float(r['flops']):.2g} FLOPs",
+                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                    va="bottom", fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(done)), names, fontsize=7)
+    ax.set_ylabel("final validation bits/byte")
+    ax.set_title(title, fontsize=9)
+    if vals:
+        lo, hi = min(vals), max(vals)
+        ax.set_ylim(max(0.0, lo - 0.2 * (hi - lo + 0.05)), hi + 0.3 * (hi - lo + 0.05))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def finalize(ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: bool) -> None:
+    """Results CSV/JSON, plot and best config into the sweep dir and onto the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    out = Path(ctx.sweep_dir)
+    write_csv(rows, out / "results.csv")
+    _write_json(out / "results.json", rows)
+    plot(rows, out / "results.png", f"sweep {ctx.sweep.name}: final validation bits/byte")
+    files = [out / "results.csv", out / "results.json", out / "results.png"]
+    best = next((r for r in rows if r["rank"] == 1), None)
+    if best is not None:
+        config = json.loads(best["params"])
+        best_spec = spec.with_overrides(ctx.sweep.overrides(config))
+        text = (f"# best of sweep {ctx.sweep.name}: {best['variant']} ({best['trial']}), "
+                f"final validation bits/byte {best['val_bits_per_byte']:.4f}\n")  # fmt: skip
+        (out / "best.yaml").write_text(text + yaml.safe_dump(best_spec.to_dict(), sort_keys=False))
+        files.append(out / "best.yaml")
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    for f in files:
+        client.log_artifact(ctx.parent_run_id, str(f))
+    devs = [abs(r["flops_vs_budget"]) for r in rows
+            if r["status"] == "finished" and r["flops_vs_budget"] is not None]  # fmt: skip
+    metrics = {"trials_finished": sum(r["status"] == "finished" for r in rows),
+               "trials_error": sum(r["status"] == "error" for r in rows)}  # fmt: skip
+    if best is not None:
+        metrics["best_val_bits_per_byte"] = best["val_bits_per_byte"]
+    if devs:
+        metrics["flops_max_deviation"] = max(devs)
+    for k, v in metrics.items():
+        client.log_metric(ctx.parent_run_id, k, float(v))
+    client.set_terminated(ctx.parent_run_id, "FINISHED" if complete else "KILLED")
+
+
+# ---------------------------------------------------------------------------------- summary
+def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """The table of a sweep dir (its results.csv, else its trial records) or a parent run id."""
+    d = Path(target)
+    if d.is_dir():
+        if (d / "results.csv").is_file():
+            return read_csv(d / "results.csv")
+        if (d / "trials").is_dir():
+            return collect(str(d), None, None)
+        raise FileNotFoundError(f"{d}: not a sweep directory (no results.csv, no trials/)")
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runtime import absolute_tracking_uri
+
+    uri = absolute_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                or "sqlite:///mlruns.db")  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(target)
+    names = [a.path for a in client.list_artifacts(target)]
+    if "results.csv" in names:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_csv(Path(client.download_artifacts(target, "results.csv", tmp)))
+    rows = []  # the sweep has not finished: build the table from its child runs
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{target}'")  # fmt: skip
+    for c in children:
+        p, m = c.data.params, c.data.metrics
+        config = {k[len("sweep."):]: v for k, v in p.items()
+                  if k.startswith("sweep.") and k != "sweep.variant"}  # fmt: skip
+        bpb = m.get("final/val_bits_per_byte")
+        flops = float(p["plan.total_flops"]) if "plan.total_flops" in p else None
+        rows.append({"variant": p.get("sweep.variant") or c.info.run_name,
+                     "trial": c.info.run_name, "num_params": p.get("plan.num_params"),
+                     "steps": p.get("plan.steps"), "flops": flops, "val_bits_per_byte": bpb,
+                     "status": "finished" if bpb is not None else c.info.status.lower(),
+                     "params": json.dumps(config)})  # fmt: skip
+    return rank(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--summary"]:
+        if len(argv) < 2:
+            print("usage: --summary <sweep dir | MLflow parent run id> [--tracking-uri URI]",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        uri = argv[argv.index("--tracking-uri") + 1] if "--tracking-uri" in argv else None
+        try:
+            rows = summary_rows(argv[1], uri)
+        except Exception as e:  # a wrong path or run id: say which, no traceback
+            print(f"error: {argv[1]}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        print(format_table(rows))
+        return 0
+    t0 = time.perf_counter()
+    try:
+        path, overrides = parse_cli(argv)
+        rows, complete = run_sweep(path, overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    devs = [abs(r["flops_vs_budget"]) for r in rows if r["flops_vs_budget"] is not None]
+    print(format_table(rows))
+    if devs:
+        print(f"compute matching: every trial within {max(devs):.2%} of train.flop_budget")
+    state = "done" if complete else "interrupted (run the same command to resume)"
+    print(f"sweep {state}: {len(rows)} trials, {time.perf_counter() - t0:.0f} s")
+    return 0 if complete else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
