@@ -59,7 +59,9 @@ def _write_chunk(path: str, tok: np.ndarray, lev: np.ndarray, seq_len: int, star
     tw, lw = windows(tok, lev, seq_len)
     entry = write_shard(Path(path), tw, lw, start)
     inputs = lw[:, :-1]  # split points of what the model reads: each window's T inputs
-    per_seq = np.stack([(inputs >= s).sum(1) for s in range(1, K + 1)], 1).reshape(len(lw), K)
+    per_seq = np.zeros((len(lw), K), dtype=np.int64)  # K = 0 for a byte-level baseline
+    for s in range(1, K + 1):
+        per_seq[:, s - 1] = (inputs >= s).sum(1)
     return entry, per_seq.sum(0).astype(np.int64), per_seq.max(0, initial=0).astype(np.int64)
 
 

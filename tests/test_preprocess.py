@@ -278,3 +278,17 @@ def test_is_complete_rejects_partial_datasets(tmp_path):
     assert not is_complete(tmp_path / "missing")
     again = pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "a.jsonl")}]))
     assert not again.reused and is_complete(again.path)
+
+
+def test_byte_level_baseline_without_pooling_stages(tmp_path):
+    """K = 0 (a plain byte Transformer): no split points, BOS level 0, bytes unchanged."""
+    docs = ["one two three.", "vier fünf sechs"]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs])
+    spec = make_spec(tmp_path, [{"path": str(tmp_path / "a.jsonl")}], seq_len=8)
+    model = {"dimensions": [8], "layers": [1], "head_dims": [8], "strategy": {}}
+    spec = ExperimentSpec.from_dict({**spec.to_dict(), "model": model}, source="test")
+    m = pp.preprocess(spec).manifest
+    assert m["split_points"] == [] and m["documents"]["written"] == 2
+    tok, lev = stored_stream(tmp_path / "ds")
+    expected = [256, *docs[0].encode(), 257, 256, *docs[1].encode(), 257]
+    assert len(tok) >= 8 and tok.tolist() == expected[: len(tok)] and not lev.any()
