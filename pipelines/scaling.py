@@ -1,0 +1,418 @@
+"""Scaling-law studies: variants x compute budgets, trained through the sweep, fitted from MLflow.
+
+``python -m pipelines.scaling plan <study.yaml> [a.b=v ...]``    the cells, nothing trained
+``python -m pipelines.scaling run <study.yaml> [a.b=v ...]``     train every cell (resumable)
+``python -m pipelines.scaling report <study.yaml | experiment> [--study NAME] [--out DIR]
+                                     [--tracking-uri URI] [--r2-threshold X] [--bootstrap N]``
+
+A study file is an experiment spec (the shared data, training and tracking settings) plus a
+``study:`` section (see experiments/scaling/small.yaml). Why it is built this way:
+- Each cell (variant, budget[, size factor, lr factor]) becomes one categorical choice of a sweep
+  file written to ``<storage_path>/scaling/<study>/sweep.yaml``, so ``pipelines.sweep`` trains it
+  (compute-matched steps, nested MLflow runs, Tune resume). The file is a pure function of the
+  study, so running ``run`` again resumes the same sweep.
+- Model size follows a data-to-model rule: D = bytes_per_param x N with C = flops_per_byte(N) x D
+  (``aunet.flops.compute_optimal``, width scaling of the variant's template). The default, 214
+  bytes per parameter, is what we take as the paper's rule: the official 2B_1level config, which
+  lands exactly on 1e21 FLOPs (spec §5), trains 1.324e9 params on 283e9 bytes. The paper does not
+  state the ratio in the mirror; ``study.bytes_per_param`` changes it (2B_2level sits at 259).
+  ``size_factors`` multiply N (via bytes_per_param / f^2) to make iso-FLOP profiles.
+- Batch size and learning rate default to the paper's formulas (``aunet.flops``; units unverified).
+- The report reads runs from MLflow only, found by the tags ``run`` sets on them
+  (``aunet.study``, ``aunet.variant``, ``aunet.budget``, ``aunet.role=cell``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.spec import ExperimentSpec, SpecError, parse_cli
+
+PAPER_BYTES_PER_PARAM = 214.0  # 283e9 bytes / 1.324e9 params of the official 2B_1level run
+STUDY_KEYS = (
+    "name",
+    "budgets",
+    "variants",
+    "bytes_per_param",
+    "scale",
+    "size_factors",
+    "lr",
+    "lr_factors",
+    "batch_size",
+    "evals_per_run",
+    "fit",
+    "sweep",
+)
+FIT_KEYS = ("r2_threshold", "min_budgets", "bootstrap", "seed")
+SWEEP_KEYS = ("max_concurrent_trials", "max_failures", "flop_tolerance")
+TAG_PREFIX = "aunet."
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    budgets: tuple[float, ...]
+    variants: dict[str, dict[str, Any]]
+    bytes_per_param: float = PAPER_BYTES_PER_PARAM
+    scale: str = "width"
+    size_factors: tuple[float, ...] = (1.0,)
+    lr: str | float = "law"
+    lr_factors: tuple[float, ...] = (1.0,)
+    batch_size: str | int = "law"
+    evals_per_run: int = 5
+    fit: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def fit_settings(self) -> dict[str, Any]:
+        return {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 1000, "seed": 0, **self.fit}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    label: str
+    variant: str
+    budget: float
+    size_factor: float
+    lr_factor: float
+    overrides: dict[str, Any]
+    params: int
+    steps: int
+    batch_size: int
+    lr: float
+
+
+def _positive_list(value: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"study.{key}: expected a non-empty list of numbers, got {value!r}")
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SpecError(f"study.{key}: expected numbers, got {value!r}") from None
+    if any(not math.isfinite(v) or v <= 0 for v in out) or len(set(out)) != len(out):
+        raise SpecError(f"study.{key}: expected distinct positive numbers, got {value!r}")
+    return out
+
+
+def _build_study(raw: Mapping[str, Any]) -> Study:
+    unknown = [k for k in raw if k not in STUDY_KEYS]
+    if unknown:
+        raise SpecError(f"study.{unknown[0]}: unknown key (valid: {', '.join(STUDY_KEYS)})")
+    for key in ("name", "budgets", "variants"):
+        if key not in raw:
+            raise SpecError(f"study.{key}: required key missing")
+    variants = raw["variants"]
+    if not isinstance(variants, Mapping) or not variants:
+        raise SpecError("study.variants: expected a non-empty mapping name -> overrides")
+    for k, v in variants.items():
+        if not isinstance(v, Mapping):
+            raise SpecError(f"study.variants.{k}: expected a mapping of dotted overrides")
+    kw: dict[str, Any] = {
+        "name": str(raw["name"]),
+        "budgets": _positive_list(raw["budgets"], "budgets"),
+        "variants": {str(k): dict(v or {}) for k, v in variants.items()},
+    }
+    for key in ("size_factors", "lr_factors"):
+        if key in raw:
+            kw[key] = _positive_list(raw[key], key)
+    if "bytes_per_param" in raw:
+        kw["bytes_per_param"] = _positive_list([raw["bytes_per_param"]], "bytes_per_param")[0]
+    if raw.get("scale", "width") not in ("width", "depth"):
+        raise SpecError(f"study.scale: expected width or depth, got {raw['scale']!r}")
+    kw["scale"] = raw.get("scale", "width")
+    for key, kind in (("lr", float), ("batch_size", int)):
+        v = raw.get(key, "law")
+        if v != "law" and (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or v <= 0
+            or (kind is int and v != int(v))
+        ):
+            raise SpecError(f"study.{key}: expected 'law' or a positive {kind.__name__}, got {v!r}")
+        kw[key] = v if v == "law" else kind(v)
+    ev = raw.get("evals_per_run", 5)
+    if not isinstance(ev, int) or ev < 1:
+        raise SpecError(f"study.evals_per_run: expected an integer >= 1, got {ev!r}")
+    kw["evals_per_run"] = ev
+    for key, valid in (("fit", FIT_KEYS), ("sweep", SWEEP_KEYS)):
+        sect = raw.get(key) or {}
+        bad = [k for k in sect if k not in valid] if isinstance(sect, Mapping) else ["<not a map>"]
+        if bad:
+            raise SpecError(f"study.{key}.{bad[0]}: unknown key (valid: {', '.join(valid)})")
+        kw[key] = dict(sect)
+    return Study(**kw)
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Study]:
+    """The base spec (``train.flop_budget`` defaults to the first budget) and its study."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{source}: cannot read: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
+        raise SpecError(f"{source}: study: required mapping missing")
+    st = raw.pop("study")
+    spec_overrides = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.startswith("study."):
+            st[key[len("study.") :]] = yaml.safe_load(text)
+        else:
+            spec_overrides.append(item)
+    try:
+        study = _build_study(st)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+    train = raw.setdefault("train", {}) or {}
+    raw["train"] = train
+    if train.get("steps") is None and train.get("flop_budget") is None:
+        train["flop_budget"] = study.budgets[0]
+    spec = ExperimentSpec.from_dict(raw, source=source)
+    try:
+        spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
+        for ov in study.variants.values():
+            spec.with_overrides(ov)
+    except SpecError as e:
+        raise SpecError(f"{source}: study.variants: {e}") from None
+    return spec, study
+
+
+# ---------------------------------------------------------------------------------- cells
+def _fmt_budget(b: float) -> str:
+    return f"{b:.3g}"
+
+
+def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
+    """Size, batch and lr of every cell: the rule, the formulas, and steps from the budget."""
+    from aunet.flops import compute_optimal, learning_rate
+    from pipelines.train import plan_training
+
+    cells = []
+    T = spec.data.seq_len
+    for variant, vo in study.variants.items():
+        base = spec.with_overrides(vo)
+        for budget in study.budgets:
+            for sf in study.size_factors:
+                sized = compute_optimal(
+                    base.model,
+                    budget,
+                    T,
+                    scale=study.scale,
+                    bytes_per_param=study.bytes_per_param / sf**2,
+                )["config"]
+                key = "model.layers" if study.scale == "depth" else "model.dimensions"
+                value = list(sized.layers if study.scale == "depth" else sized.dimensions)
+                for lf in study.lr_factors:
+                    ov: dict[str, Any] = {
+                        **vo,
+                        key: value,
+                        "train.flop_budget": budget,
+                        "train.steps": None,
+                    }
+                    if study.batch_size != "law":
+                        ov["train.batch_size"] = study.batch_size
+                    if study.lr != "law" or len(study.lr_factors) > 1:
+                        lr0 = learning_rate(budget) if study.lr == "law" else float(study.lr)
+                        ov["train.lr"] = lr0 * lf
+                    plan = plan_training(base.with_overrides(ov))
+                    # a multiple of log_every: train logs evaluations only on logging steps
+                    log = spec.train.log_every
+                    every = max(log, plan.steps // study.evals_per_run // log * log)
+                    ov["train.eval_every"] = every
+                    ov["train.checkpoint_every"] = every * max(1, study.evals_per_run // 2)
+                    label = f"{variant}@{_fmt_budget(budget)}"
+                    label += f",Nx{sf:g}" if len(study.size_factors) > 1 else ""
+                    label += f",lrx{lf:g}" if len(study.lr_factors) > 1 else ""
+                    cells.append(
+                        Cell(
+                            label,
+                            variant,
+                            budget,
+                            sf,
+                            lf,
+                            ov,
+                            plan.num_params,
+                            plan.steps,
+                            plan.batch_size,
+                            plan.lr,
+                        )
+                    )
+    return cells
+
+
+def format_cells(cells: Sequence[Cell], seq_len: int) -> str:
+    head = f"{'cell':28s} {'params':>14s} {'steps':>6s} {'batch':>6s} {'lr':>9s}  model"
+    lines = [head, "-" * len(head)]
+    for c in cells:
+        model = {
+            k: v
+            for k, v in c.overrides.items()
+            if k.startswith("model.dimensions") or k.startswith("model.layers")
+        }
+        lines.append(
+            f"{c.label:28s} {c.params:14,d} {c.steps:6d} {c.batch_size * seq_len:6d} "
+            f"{c.lr:9.3g}  {json.dumps(model)}"
+        )
+    return "\n".join(lines)
+
+
+def study_dir(spec: ExperimentSpec, study: Study) -> Path:
+    if "://" in spec.resources.storage_path:
+        raise SpecError("resources.storage_path: studies need a local (or mounted) path")
+    return Path(spec.resources.storage_path) / "scaling" / study.name
+
+
+def write_sweep_file(spec: ExperimentSpec, study: Study, cells: Sequence[Cell], path: Path) -> None:
+    """The sweep file of the study: one categorical dimension ``cell`` (deterministic text)."""
+    raw = spec.to_dict()
+    raw.pop("variants", None)
+    sw = {"max_concurrent_trials": 1, "max_failures": 1, "flop_tolerance": 0.05, **study.sweep}
+    raw["sweep"] = {
+        "name": f"scaling-{study.name}",
+        "search": "grid",
+        "metric": "val_bits_per_byte",
+        "mode": "min",
+        **sw,
+        "space": {"cell": {"choices": {c.label: c.overrides for c in cells}}},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def tag_runs(uri: str, study: Study, cells: Sequence[Cell], rows: Sequence[Mapping]) -> int:
+    """Tag every finished trial's MLflow run with its study, variant and budget (idempotent)."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    by_label = {c.label: c for c in cells}
+    n = 0
+    for r in rows:
+        c = by_label.get(json.loads(r.get("params") or "{}").get("cell"))  # the trial's config
+        if c is None or not r.get("mlflow_run_id") or r.get("status") != "finished":
+            continue
+        tags = {
+            "study": study.name,
+            "variant": c.variant,
+            "budget": repr(c.budget),
+            "size_factor": f"{c.size_factor:g}",
+            "lr_factor": f"{c.lr_factor:g}",
+            "cell": c.label,
+            "role": "cell",
+        }
+        client.log_batch(
+            r["mlflow_run_id"], tags=[RunTag(TAG_PREFIX + k, v) for k, v in tags.items()]
+        )
+        n += 1
+    return n
+
+
+def run_study(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """Write the study's sweep file, run (or resume) the sweep, tag the finished runs."""
+    from pipelines.runtime import resolve_tracking_uri
+    from pipelines.sweep import run_sweep
+
+    spec, study = load_study(path, overrides)
+    cells = plan_cells(spec, study)
+    print(
+        f"scaling: study {study.name}: {len(cells)} cells\n"
+        + format_cells(cells, spec.data.seq_len),
+        file=sys.stderr,
+    )
+    d = study_dir(spec, study)
+    sweep_file = d / "sweep.yaml"
+    write_sweep_file(spec, study, cells, sweep_file)
+    rows, complete = run_sweep(str(sweep_file))
+    uri = resolve_tracking_uri(spec.tracking)
+    n = tag_runs(uri, study, cells, rows)
+    parent = Path(spec.resources.storage_path, "sweeps", f"scaling-{study.name}", "parent_run.json")
+    if parent.is_file():
+        from mlflow.tracking import MlflowClient
+
+        run_id = json.loads(parent.read_text())["run_id"]
+        MlflowClient(tracking_uri=uri).set_tag(run_id, "aunet.study", study.name)
+    print(f"scaling: tagged {n} finished runs with aunet.study={study.name}", file=sys.stderr)
+    return rows, complete
+
+
+def report_main(argv: list[str]) -> int:
+    import argparse
+
+    from pipelines.report import build_report, find_studies
+    from pipelines.runtime import absolute_tracking_uri, resolve_tracking_uri
+
+    ap = argparse.ArgumentParser(prog="python -m pipelines.scaling report")
+    ap.add_argument("target", help="study YAML, or the MLflow experiment holding the study")
+    ap.add_argument("--study", help="study name (when the experiment holds several)")
+    ap.add_argument("--out", help="report directory (default <storage>/scaling/<study>/report)")
+    ap.add_argument("--tracking-uri", help="else the study's, MLFLOW_TRACKING_URI, mlruns.db")
+    ap.add_argument("--r2-threshold", type=float)
+    ap.add_argument("--min-budgets", type=int)
+    ap.add_argument("--bootstrap", type=int)
+    args = ap.parse_args(argv)
+    fit = {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 1000, "seed": 0}
+    if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():
+        spec, study = load_study(args.target)
+        uri, experiment = resolve_tracking_uri(spec.tracking), spec.tracking.experiment
+        name, fit, out = study.name, study.fit_settings(), study_dir(spec, study) / "report"
+    else:
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        uri = absolute_tracking_uri(args.tracking_uri or env or "sqlite:///mlruns.db")
+        experiment, name = args.target, args.study
+        found = [] if name else find_studies(uri, experiment)
+        if not name and len(found) != 1:
+            raise LookupError(f"experiment {experiment!r} holds studies {found}: pick with --study")
+        name = name or found[0]
+        out = Path("outputs", "scaling", name, "report")
+    uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else uri
+    for key in ("r2_threshold", "min_budgets", "bootstrap"):
+        fit[key] = getattr(args, key) if getattr(args, key) is not None else fit[key]
+    out = Path(args.out) if args.out else out
+    result = build_report(uri, experiment, name, out, fit)
+    print(result["table"])
+    for c in result["crossovers"]:
+        where = ", extrapolated" if c["extrapolated"] else ""
+        print(f"crossover {' vs '.join(c['variants'])}: C = {c['C']:.3g} FLOPs "
+              f"({c['better_above']} better above{where})")  # fmt: skip
+    print(f"report: {out / 'report.html'} (MLflow run {result['report_run_id']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+    t0 = time.perf_counter()
+    try:
+        if cmd == "report":
+            return report_main(rest)
+        if cmd in ("plan", "run"):
+            path, overrides = parse_cli(rest)
+            if cmd == "plan":
+                spec, study = load_study(path, overrides)
+                print(format_cells(plan_cells(spec, study), spec.data.seq_len))
+                return 0
+            rows, complete = run_study(path, overrides)
+            state = "done" if complete else "interrupted (run the same command to resume)"
+            print(f"scaling: study {state}: {len(rows)} cells, {time.perf_counter() - t0:.0f} s")
+            return 0 if complete else 130
+    except (SpecError, LookupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("usage: python -m pipelines.scaling {plan|run|report} ...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
