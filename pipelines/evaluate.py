@@ -48,7 +48,12 @@ from pipelines.eval_tasks import (
     read_texts,
     read_words,
 )
-from pipelines.runtime import absolute_path, absolute_tracking_uri, check_tracking_reachable
+from pipelines.runtime import (
+    absolute_tracking_uri,
+    artifact_location_for,
+    check_tracking_reachable,
+    ray_job_id,
+)
 from pipelines.spec import SpecError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -253,11 +258,15 @@ def log_to_mlflow(
     if new:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
-            cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location
-            or Path(absolute_path("mlartifacts")).as_uri())  # fmt: skip
+            cfg.tracking.experiment,
+            artifact_location=artifact_location_for(uri, cfg.tracking.artifact_location),
+        )  # fmt: skip
+        job = ray_job_id()
         name = cfg.tracking.run_name or f"{cfg.name}-{Path(source.rstrip('/')).name}"
         run_id = client.create_run(
-            exp_id, run_name=name, tags={"aunet.checkpoint": source}
+            exp_id,
+            run_name=name,
+            tags={"aunet.checkpoint": source, **({"ray_job_id": job} if job else {})},
         ).info.run_id
         client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     else:  # params of a training run cannot change: record the eval settings as tags

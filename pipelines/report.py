@@ -376,11 +376,17 @@ def build_report(
 def _log_report(uri: str, experiment: str, study: str, out: Path, rows: Sequence[Mapping]) -> str:
     from mlflow.tracking import MlflowClient
 
+    from pipelines.runtime import ray_job_id
+
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(
         _experiment_id(client, experiment),
         run_name=f"report-{study}",
-        tags={f"{TAG_PREFIX}study": study, f"{TAG_PREFIX}role": "report"},
+        tags={
+            f"{TAG_PREFIX}study": study,
+            f"{TAG_PREFIX}role": "report",
+            **({"ray_job_id": job} if (job := ray_job_id()) else {}),
+        },
     )
     for r in rows:
         for k in ("E", "A", "alpha", "r2"):

@@ -34,6 +34,7 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for the entrypoint
+_GCS_ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d+$")  # host:port (not auto, ray://, http://)
 
 
 class TrackingUnreachable(ConnectionError):
@@ -93,6 +94,22 @@ def resolve_tracking_uri(tracking: TrackingConfig) -> str:
     """The URI to use: env ``MLFLOW_TRACKING_URI`` wins, relative sqlite paths become absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
     return absolute_tracking_uri(uri)
+
+
+def artifact_location_for(tracking_uri: str, configured: str | None) -> str | None:
+    """Artifact root for a new experiment: ``configured``, else the store's own choice.
+
+    A tracking server (http) picks it (its ``--default-artifact-root`` or proxied
+    ``mlflow-artifacts:``), so runs from a ``ray job submit`` land in the server's store and not
+    in the job's ephemeral working_dir. A sqlite store has no server: next to the database file.
+    """
+    if configured:
+        return configured
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///") :]
+        if path not in ("", ":memory:"):
+            return Path(os.path.dirname(absolute_path(path)), "mlartifacts").as_uri()
+    return None
 
 
 def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -185,6 +202,11 @@ def init_ray(
     env = {**worker_env(tracking_uri), **(env_vars or {})}
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        if _GCS_ADDRESS.match(address):
+            # Ray internals in workers (Train's PlacementGroupCleaner uses the State API) look the
+            # cluster up by RAY_ADDRESS, else by /tmp/ray/ray_current_cluster: with several heads
+            # on one machine that file may name another cluster.
+            env.setdefault("RAY_ADDRESS", address)
         # Under `ray job submit` the job's runtime_env is merged with ours, and Ray refuses a key
         # set in both: keep the job's value (it is the one the submitter chose).
         job_env = _job_runtime_env().get("env_vars") or {}

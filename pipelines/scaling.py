@@ -379,7 +379,7 @@ def report_main(argv: list[str]) -> int:
     uri = absolute_tracking_uri(args.tracking_uri) if args.tracking_uri else uri
     for key in ("r2_threshold", "min_budgets", "bootstrap"):
         fit[key] = getattr(args, key) if getattr(args, key) is not None else fit[key]
-    out = Path(args.out) if args.out else out
+    out = Path(args.out if args.out else out).absolute()
     result = build_report(uri, experiment, name, out, fit)
     print(result["table"])
     for c in result["crossovers"]:

@@ -350,9 +350,9 @@ def _plain(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- paths
-def _artifact_uri(location: str | None, cwd: str) -> str:
-    if location is None:
-        location = "mlartifacts"
+def _artifact_uri(location: str | None, cwd: str) -> str | None:
+    if location is None:  # the store decides when the experiment is created (artifact_location_for)
+        return None
     return location if is_uri(location) else Path(absolute_path(location, cwd)).as_uri()
 
 

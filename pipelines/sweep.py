@@ -367,6 +367,8 @@ def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) ->
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
+    from pipelines.runtime import artifact_location_for, ray_job_id
+
     client = MlflowClient(tracking_uri=uri)
     id_file = Path(sweep_dir) / "parent_run.json"
     if id_file.is_file():
@@ -374,12 +376,18 @@ def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) ->
         client.update_run(run_id, status="RUNNING")
         return run_id
     exp = client.get_experiment_by_name(spec.tracking.experiment)
+    location = artifact_location_for(uri, spec.tracking.artifact_location)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        spec.tracking.experiment, artifact_location=spec.tracking.artifact_location)  # fmt: skip
+        spec.tracking.experiment, artifact_location=location)  # fmt: skip
+    job = ray_job_id()
     run = client.create_run(
         exp_id,
         run_name=f"sweep-{sweep.name}",
-        tags={"aunet.sweep": sweep.name, "aunet.sweep_dir": sweep_dir},
+        tags={
+            "aunet.sweep": sweep.name,
+            "aunet.sweep_dir": sweep_dir,
+            **({"ray_job_id": job} if job else {}),
+        },
     )
     space = {
         f"sweep.space.{d.key}": json.dumps(d.choices or [d.kind, d.bounds]) for d in sweep.dims
