@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from aunet.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from aunet.config import UPSAMPLING_TO_LINGUA, VOCAB_SIZE, AUNetConfig, ConfigError
@@ -48,6 +47,8 @@ class InteropError(CheckpointError):
 def _read_mapping(src: str | os.PathLike | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(src, dict):
         return src, "config"
+    import yaml  # official lingua configs are YAML; the one place aunet reads YAML (lazily)
+
     path = Path(src)
     try:
         data = yaml.safe_load(path.read_text())  # params.json is YAML too

@@ -207,8 +207,8 @@ def _find_run_by_key(uri: str, ckpt: Path) -> str | None:
 
 def resolve_source(source: str, uri: str | None) -> Source:
     """A checkpoint directory, MLflow run id (its ``final`` artifact) or MLflow URI, made local."""
-    from aunet.api import download_mlflow, is_mlflow_uri
     from aunet.checkpoint import CONFIG_FILE, CheckpointError, read_config
+    from pipelines.serve import download_mlflow, is_mlflow_uri
 
     run_id = None
     if is_mlflow_uri(source) or (_RUN_ID.match(source) and not Path(source).exists()):

@@ -1,0 +1,105 @@
+"""``AUModel``: load a trained AU-Net from wherever it lives and generate bytes.
+
+    model = AUModel.from_pretrained("path/to/checkpoint")   # or runs:/..., models:/...
+    out = model.generate("The quick brown fox".encode(), max_new_bytes=64)
+
+Sources, tried in this order:
+- our consolidated directory (``config.json`` + ``model.safetensors``; never unpickled);
+- an official lingua directory (``consolidated.pth`` + ``params.json``, or its ``consolidated/``);
+- anything a registered resolver plugin turns into one of those: with the platform installed, an
+  MLflow URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``) or an MLflow pyfunc model
+  directory (``pipelines.serve.resolve_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from aunet.checkpoint import CONFIG_FILE, CheckpointError, load_pretrained
+from aunet.config import AUNetConfig
+from aunet.generate import generate
+from aunet.model import AUNet
+
+# Sources this package cannot open by itself (MLflow URIs, MLflow model directories) are resolved
+# by plugins registered under this entry-point group; the platform's ``pipelines.serve`` provides
+# the MLflow one. That keeps ``aunet`` free of MLflow imports while ``from_pretrained`` still
+# accepts ``runs:/...`` and ``models:/...`` wherever the platform is installed.
+RESOLVER_GROUP = "aunet.checkpoint_sources"
+
+
+def _resolvers() -> list[Callable[[str], os.PathLike | None]]:
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in entry_points(group=RESOLVER_GROUP)]
+
+
+def _lingua_dir(p: Path) -> bool:
+    return any(
+        (c / "consolidated.pth").is_file() and (c / "params.json").is_file()
+        for c in (p, p / "consolidated")
+    )
+
+
+def load_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> AUNet:
+    """An ``AUNet`` (eval mode) from any supported source; CheckpointError names what is wrong."""
+    path = Path(source)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        return load_pretrained(path, map_location)
+    if path.is_dir() and _lingua_dir(path):
+        from aunet import interop
+
+        return interop.load_lingua_checkpoint(path, map_location=map_location)
+    for resolve in _resolvers():
+        local = resolve(str(source))
+        if local is not None:
+            return load_model(local, map_location)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
+    raise CheckpointError(
+        f"{path}: not a checkpoint (expected {CONFIG_FILE} + model.safetensors, an official "
+        "consolidated.pth + params.json, or an MLflow model with a checkpoint artifact)"
+    )
+
+
+class AUModel:
+    """A loaded AU-Net ready to generate; wraps ``aunet.generate.generate``."""
+
+    def __init__(self, model: AUNet) -> None:
+        self.model = model.eval()
+
+    @property
+    def config(self) -> AUNetConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike, device: str | torch.device = "cpu"
+    ) -> AUModel:
+        """Load a checkpoint directory or MLflow URI (see the module docstring)."""
+        return cls(load_model(source, map_location=device))
+
+    def generate(
+        self,
+        prompts: bytes | Sequence[bytes],
+        max_new_bytes: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: bytes | None = None,
+        seed: int | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> bytes | list[bytes]:
+        """Continuation bytes for one prompt (bytes) or a list of prompts (list of bytes)."""
+        return generate(
+            self.model, prompts, max_new_bytes, temperature, top_k, top_p, stop, seed, on_step
+        )

@@ -1,0 +1,184 @@
+"""Per-row key/value caches for one transformer stack (an encoder, the trunk or a decoder).
+
+Every row of a batch advances at its own pace: a stage-s position is appended only when the new
+byte reaches stage s, so rows hold different numbers of positions per stage. Each row therefore
+keeps its own ring of slots and its own position per slot:
+
+    slot_pos[b] = [ 8  9 10 11  4  5  6  7]   ring of S = 8 slots; row b wrote positions 0..11
+                                ^ next write: position 12 -> slot 12 % 8 = 4 (evicts 4)
+
+- Sliding-window stack (window w): S = w. A query at position p reads keys p-w+1..p (``w`` keys
+  including itself, the training semantics), which are exactly the ring's contents once p is
+  written, so eviction never drops a key that is still visible.
+- Full causal stack: S is at least the number of positions ever written, so slot = position; the
+  ring grows (doubling) if a caller writes past the size it announced.
+Keys are stored after RoPE, so their slot order does not matter to attention.
+
+The step functions below run one stack, or one transition's upsampling, on one new position per
+row, from the model's public pieces (``Attention.qkv``, norms, feed-forward, transition weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aunet.layers import Attention, CausalTransformer
+from aunet.transitions import Transition, mean_up
+
+
+class StackCache:
+    """K/V of every block of one stack for B rows.
+
+    k, v (n_layers, B, S, KV, Dh); slot_pos (B, S) int64: stage-local position held by each slot,
+    -1 = empty.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        positions: int,
+        window: int | None,
+        n_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.window = window
+        size = max(1, positions if window is None else min(window, positions))
+        shape = (n_layers, batch, size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slot_pos = torch.full((batch, size), -1, dtype=torch.long, device=device)
+
+    @property
+    def size(self) -> int:
+        return self.slot_pos.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        """Full-causal stacks only: enlarge so that slot == position keeps holding."""
+        size = self.size
+        while size < needed:
+            size *= 2
+        pad = size - self.size
+        pad_kv = (*self.k.shape[:2], pad, *self.k.shape[3:])
+        self.k = torch.cat([self.k, self.k.new_zeros(pad_kv)], 2)
+        self.v = torch.cat([self.v, self.v.new_zeros(pad_kv)], 2)
+        empty = self.slot_pos.new_full((len(self.slot_pos), pad), -1)
+        self.slot_pos = torch.cat([self.slot_pos, empty], 1)
+
+    def load(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill one row: k, v (n, KV, Dh) for positions 0..n-1; only the last S are kept."""
+        n = k.shape[0]
+        if self.window is None and n > self.size:
+            self._grow(n)
+        first = max(0, n - self.size)
+        pos = torch.arange(first, n, device=self.slot_pos.device)
+        slots = pos % self.size
+        self.k[layer, row, slots] = k[first:]
+        self.v[layer, row, slots] = v[first:]
+        self.slot_pos[row, slots] = pos
+
+    def claim(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Reserve the slot of position pos (R,) for each row in rows (R,); returns slots (R,)."""
+        if self.window is None and int(pos.max()) >= self.size:
+            self._grow(int(pos.max()) + 1)
+        slots = pos % self.size
+        self.slot_pos[rows, slots] = pos
+        return slots
+
+    def visible(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(R, S) bool: slots a query at position pos (R,) may attend (causal, in the window)."""
+        sp = self.slot_pos[rows]
+        ok = (sp >= 0) & (sp <= pos[:, None])
+        if self.window is not None:
+            ok &= sp > pos[:, None] - self.window
+        return ok
+
+    def put(
+        self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k, v (R, KV, Dh) of the new positions into their claimed slots."""
+        self.k[layer, rows, slots] = k
+        self.v[layer, rows, slots] = v
+
+    def get(self, layer: int, rows: torch.Tensor, all_rows: bool) -> tuple[torch.Tensor, ...]:
+        """k, v (R, S, KV, Dh) of the given rows (no copy when every row is asked for in order)."""
+        if all_rows:
+            return self.k[layer], self.v[layer]
+        return self.k[layer, rows], self.v[layer, rows]
+
+
+def prefill_stack(
+    stack: CausalTransformer, x: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """x (B, T_s, D_s) at positions 0..T_s-1 -> output (B, T_s, D_s) and every block's rotated
+    k, v (B, T_s, KV, Dh): the computation of ``CausalTransformer.forward``, keeping K/V."""
+    kvs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if len(stack.layers) == 0:
+        return x, kvs
+    cos, sin = stack.rope(torch.arange(x.shape[1], device=x.device))
+    for layer in stack.layers:
+        att = layer.attention
+        q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+        kvs.append((k, v))
+        h = x + att.attend(q, k, v, stack.window, backend)
+        x = h + layer.feed_forward(layer.ffn_norm(h))
+    return x, kvs
+
+
+def attend_cached(
+    att: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """q (R, 1, H, Dh), cached k/v (R, S, KV, Dh), visible (R, 1, 1, S) bool -> (R, 1, D)."""
+    rep = att.n_heads // att.n_kv_heads
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible
+    )
+    return att.wo(out.transpose(1, 2).flatten(2))
+
+
+def step_stack(
+    stack: CausalTransformer,
+    cache: StackCache,
+    rows: torch.Tensor,
+    all_rows: bool,
+    x: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """One new position per row: x (R, 1, D_s) at stage-local positions pos (R,) -> (R, 1, D_s)."""
+    if len(stack.layers) == 0:
+        return x
+    cos, sin = stack.rope(pos[:, None])  # (R, 1, Dh/2)
+    slots = cache.claim(rows, pos)
+    visible = cache.visible(rows, pos)[:, None, None, :]
+    for i, layer in enumerate(stack.layers):
+        att = layer.attention
+        q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+        cache.put(i, rows, slots, k[:, 0], v[:, 0])
+        kc, vc = cache.get(i, rows, all_rows)
+        h = x + attend_cached(att, q, kc, vc, visible)
+        x = h + layer.feed_forward(layer.ffn_norm(h))
+    return x
+
+
+def up_step(
+    trans: Transition, z: torch.Tensor, offset: torch.Tensor, boundary: torch.Tensor
+) -> torch.Tensor:
+    """``Transition.up`` at one position: deep z (R, D_{s+1}), offset (R,) in [0, P), boundary (R,)
+    bool (stage s+1 advanced here) -> (R, 1, D_s)."""
+    z = z[:, None]
+    zn = z if trans.nonparametric else trans.up_norm(z)
+
+    def project(u: torch.Tensor) -> torch.Tensor:
+        return mean_up(u, trans.ratio) if trans.nonparametric else trans.trans_up(u)
+
+    if trans.kind == "scatter":
+        return torch.where(boundary[:, None, None], project(zn), 0.0)
+    if trans.kind == "repeat":
+        return project(zn + trans.pos_encoding(offset[:, None]))
+    m_in = trans.indexed_norm(zn) if trans.nonparametric else zn
+    return project(zn) + trans.indexed_linear(m_in, offset[:, None])

@@ -1,0 +1,65 @@
+"""Generate a continuation from a trained AU-Net.
+
+    python -m pipelines.generate <checkpoint dir | runs:/... | models:/...> --prompt "Once upon"
+        [--max-new-bytes N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
+
+Prints the continuation (UTF-8, invalid bytes replaced) on stdout. A progress bar goes to stderr,
+only when stderr is a terminal and the generation is long enough to be worth one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aunet.api import AUModel
+
+PROGRESS_MIN_BYTES = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipelines.generate", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("source", help="checkpoint directory, official lingua dir, or MLflow URI")
+    ap.add_argument("--prompt", required=True, help="prompt text (encoded as UTF-8)")
+    ap.add_argument("--max-new-bytes", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", default=None, help="stop after this string (not printed)")
+    ap.add_argument("--device", default="cpu")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the CLI; returns the printed continuation."""
+    args = build_parser().parse_args(argv)
+    model = AUModel.from_pretrained(args.source, device=args.device)
+    bar = None
+    if sys.stderr.isatty() and args.max_new_bytes >= PROGRESS_MIN_BYTES:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.max_new_bytes, unit="B", file=sys.stderr, leave=False)
+    try:
+        out = model.generate(
+            args.prompt.encode("utf-8"),
+            max_new_bytes=args.max_new_bytes,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop=args.stop.encode("utf-8") if args.stop else None,
+            seed=args.seed,
+            on_step=(lambda k: bar.update(k - bar.n)) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    text = out.decode("utf-8", errors="replace")
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()
