@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from aunet.evaluation import CHAR_TASKS
 from pipelines.eval_tasks import FORMATS
 from pipelines.runtime import absolute_path, absolute_tracking_uri
@@ -23,9 +21,9 @@ from pipelines.spec import (
     TrackingConfig,
     _build,
     _choice,
-    _parse_overrides,
     _rule,
-    _set_dotted,
+    apply_overrides,
+    read_yaml_mapping,
 )
 
 KINDS = ("bpb", "choice", "cloze", "char")
@@ -94,17 +92,9 @@ class EvalConfig:
 def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
     """Read an eval YAML, apply ``a.b=v`` overrides, validate, make paths absolute (cwd)."""
     source = str(path)
+    raw = read_yaml_mapping(path)
+    apply_overrides(raw, overrides, source)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{source}: cannot read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{source}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source}: expected a mapping at the top level")
-    try:
-        for key, value in _parse_overrides(overrides):
-            _set_dotted(raw, key, value, source)
         cfg = _build(EvalConfig, raw, "")
     except SpecError as e:
         msg = str(e)

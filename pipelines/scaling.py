@@ -36,7 +36,13 @@ from typing import Any
 
 import yaml
 
-from pipelines.spec import ExperimentSpec, SpecError, parse_cli
+from pipelines.spec import (
+    ExperimentSpec,
+    SpecError,
+    parse_cli,
+    read_yaml_mapping,
+    split_overrides,
+)
 
 PAPER_BYTES_PER_PARAM = 214.0  # 283e9 bytes / 1.324e9 params of the official 2B_1level run
 STUDY_KEYS = (
@@ -155,20 +161,13 @@ def _build_study(raw: Mapping[str, Any]) -> Study:
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Study]:
     """The base spec (``train.flop_budget`` defaults to the first budget) and its study."""
     source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{source}: cannot read: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
+    raw = read_yaml_mapping(path)
+    if not isinstance(raw.get("study"), dict):
         raise SpecError(f"{source}: study: required mapping missing")
     st = raw.pop("study")
-    spec_overrides = []
-    for item in overrides:
-        key, _, text = item.partition("=")
-        if key.startswith("study."):
-            st[key[len("study.") :]] = yaml.safe_load(text)
-        else:
-            spec_overrides.append(item)
+    own, spec_overrides = split_overrides(overrides, "study")
+    for key, value in own:
+        st[key] = value
     try:
         study = _build_study(st)
     except SpecError as e:

@@ -208,9 +208,9 @@ class ExperimentSpec:
         """A new validated spec: ``{"train.lr": 1e-3}`` (values as is) or ``["train.lr=1e-3"]``."""
         where = f"spec {self.name!r}"
         raw = self.to_dict()
-        pairs = overrides.items() if isinstance(overrides, Mapping) else _parse_overrides(overrides)
+        pairs = overrides.items() if isinstance(overrides, Mapping) else parse_overrides(overrides)
         for key, value in pairs:
-            _set_dotted(raw, key, value, where)
+            set_dotted(raw, key, value, where)
         return ExperimentSpec.from_dict(raw, source=where)
 
     def with_variant(self, name: str) -> ExperimentSpec:
@@ -373,7 +373,7 @@ def _resolve_paths(spec: ExperimentSpec, cwd: str) -> ExperimentSpec:
 
 
 # ---------------------------------------------------------------------------------- overrides
-def _parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         key, sep, text = item.partition("=")
@@ -386,7 +386,7 @@ def _parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
     """Set ``a.b.c`` in a YAML-shaped dict; numeric parts index lists: ``data.sources.0.weight``."""
     parts = key.split(".")
     if isinstance(raw.get("data"), Mapping):  # so data.sources.N works for every sources form
@@ -437,12 +437,12 @@ def parse_cli(argv: Sequence[str]) -> tuple[str, list[str]]:
     if spec_path is None:
         raise SpecError(f"command line: no spec file ({USAGE})")
     for item in overrides:
-        _parse_overrides([item])  # fail here, before any work, on a malformed override
+        parse_overrides([item])  # fail here, before any work, on a malformed override
     return spec_path, overrides
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSpec:
-    """Read a YAML spec (safe_load only), apply ``a.b=v`` overrides, validate, resolve paths."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (safe_load only); errors name the file."""
     source = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -453,13 +453,39 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSpec
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else type(raw).__name__
         raise SpecError(f"{source}: expected a mapping at the top level, got {got}")
+    return raw
+
+
+def split_overrides(
+    overrides: Sequence[str], section: str
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Overrides of an extra top-level ``section`` (key without the prefix, parsed value) and
+    the rest, left as ``a.b=v`` strings for ``load_spec``/``with_overrides``."""
+    own, rest = [], []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.startswith(section + "."):
+            own.append((key[len(section) + 1 :], yaml.safe_load(text)))
+        else:
+            rest.append(item)
+    return own, rest
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> None:
+    """Set ``a.b=v`` overrides into a raw mapping; errors are prefixed with ``source``."""
     try:
-        for key, value in _parse_overrides(overrides):
-            _set_dotted(raw, key, value, source)
+        for key, value in parse_overrides(overrides):
+            set_dotted(raw, key, value, source)
     except SpecError as e:
         msg = str(e)
         raise SpecError(msg if msg.startswith(f"{source}: ") else f"{source}: {msg}") from None
-    return ExperimentSpec.from_dict(raw, source=source)
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentSpec:
+    """Read a YAML spec (safe_load only), apply ``a.b=v`` overrides, validate, resolve paths."""
+    raw = read_yaml_mapping(path)
+    apply_overrides(raw, overrides, str(path))
+    return ExperimentSpec.from_dict(raw, source=str(path))
 
 
 # ---------------------------------------------------------------------------------- export

@@ -33,7 +33,14 @@ from typing import Any
 
 import yaml
 
-from pipelines.spec import ExperimentSpec, SpecError, flatten, parse_cli
+from pipelines.spec import (
+    ExperimentSpec,
+    SpecError,
+    flatten,
+    parse_cli,
+    read_yaml_mapping,
+    split_overrides,
+)
 
 SEARCHES = ("grid", "optuna")
 RANGES = ("loguniform", "uniform", "int")
@@ -146,20 +153,13 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Sweep]:
     """Read ``<sweep.yaml>``: the base spec (validated) and its ``sweep:`` section."""
     source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{source}: cannot read: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("sweep"), dict):
+    raw = read_yaml_mapping(path)
+    if not isinstance(raw.get("sweep"), dict):
         raise SpecError(f"{source}: sweep: required mapping missing")
     sw = raw.pop("sweep")
-    spec_overrides = []
-    for item in overrides:
-        key, _, text = item.partition("=")
-        if key.startswith("sweep."):
-            _set(sw, key[len("sweep.") :], yaml.safe_load(text))
-        else:
-            spec_overrides.append(item)
+    own, spec_overrides = split_overrides(overrides, "sweep")
+    for key, value in own:
+        _set(sw, key, value)
     spec = ExperimentSpec.from_dict(raw, source=source)
     try:
         spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
