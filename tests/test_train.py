@@ -1,0 +1,244 @@
+"""Training: plan and schedule against their formulas, then real Ray Train runs (2 CPU workers).
+
+The Ray runs share one module-scoped session and one killed-and-resumed run (a real ``os._exit``
+in rank 1 after a checkpoint), which the tests inspect from several sides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aunet.checkpoint import load_pretrained
+from aunet.flops import flops_per_byte
+from aunet.model import AUNet
+from aunet.optim import build_optimizer, build_scheduler, clip_gradients, warmup_steps
+from pipelines.spec import ExperimentSpec, SpecError
+from pipelines.train import plan_training
+
+CORPUS = Path(__file__).resolve().parent.parent / "experiments" / "data" / "quickstart.jsonl.gz"
+SEED = 7
+
+
+def _spec(root: Path, **train) -> ExperimentSpec:
+    raw = {
+        "name": "t",
+        "data": {"sources": str(CORPUS), "seq_len": 64, "val_fraction": 0.25, "max_documents": 24,
+                 "dataset_dir": str(root / "dataset")},
+        "model": {"dimensions": [32, 64], "layers": [1, 1], "head_dims": [16, 16],
+                  "max_seqlens": [64, 16], "strategy": {"word1": "1@1"}},
+        "train": {"steps": 8, "batch_size": 4, "lr": 3e-3, "warmup": 1, "eval_every": 4,
+                  "eval_batches": 2, "checkpoint_every": 3, "seed": SEED, **train},
+        "tracking": {"tracking_uri": f"sqlite:///{root}/mlruns.db", "experiment": "t",
+                     "artifact_location": str(root / "artifacts")},
+        "resources": {"num_workers": 2, "storage_path": str(root / "runs"), "max_failures": 1},
+    }  # fmt: skip
+    return ExperimentSpec.from_dict(raw, cwd=str(root))
+
+
+# ------------------------------------------------------------------ no Ray
+def test_schedule_matches_formula():
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1.0)
+    N, W, m = 10, 3, 0.1
+    sched = build_scheduler(opt, W, N, m)
+    used = []
+    for _ in range(N + 2):
+        used.append(sched.get_last_lr()[0])  # the lr of the next update
+        opt.step()
+        sched.step()
+    expected = [1 / 3, 2 / 3, 1.0]
+    expected += [m + (1 - m) * (1 + math.cos(math.pi * (n - W) / (N - W))) / 2 for n in range(4, N)]
+    expected += [m, m, m]
+    assert used == pytest.approx(expected)
+    assert warmup_steps(0.1, 1000) == 100 and warmup_steps(10, 1000) == 10
+    assert warmup_steps(0.0, 50) == 0 and warmup_steps(0.001, 50) == 1
+
+
+def test_weight_decay_groups_and_clipping():
+    model = AUNet(_spec(Path("/x")).model)
+    (g,) = build_optimizer(model, 1e-3).param_groups  # official: one group, all decayed
+    assert len(g["params"]) == len(list(model.parameters())) and g["weight_decay"] == 0.1
+    decay, keep = build_optimizer(model, 1e-3, decay_norms_and_embeddings=False).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = sorted(names[id(p)] for p in keep["params"])
+    assert keep["weight_decay"] == 0.0 and "tok_embeddings.weight" in kept
+    assert all(n.endswith("norm.weight") or n == "tok_embeddings.weight" for n in kept)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    naive = math.sqrt(sum(0.01**2 * p.numel() for p in model.parameters()))
+    assert clip_gradients(model.parameters(), 0.2) == pytest.approx(naive, rel=1e-5)
+    clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    assert clipped == pytest.approx(0.2, rel=1e-4)
+
+
+def test_plan_from_budget_follows_the_scaling_laws():
+    spec = _spec(Path("/x"), steps=None, flop_budget=3e11, batch_size=None, lr=None, warmup=0.1)
+    plan = plan_training(spec, world_size=2)
+    fpb = flops_per_byte(spec.model, 64)
+    batch = max(2, round(0.66 * 3e11**0.321 / 64))
+    batch += batch % 2  # up to a multiple of the 2 workers
+    assert plan.batch_size == batch and plan.flops_per_byte == fpb
+    assert plan.steps == int(3e11 // (fpb * 64 * batch)) and plan.total_flops <= 3e11
+    assert plan.lr == pytest.approx(6.6 * (fpb * 64 * batch * plan.steps) ** -0.176)
+    assert plan.warmup_steps == max(1, round(0.1 * plan.steps))  # warmup 0.1: a fraction
+    fixed = plan_training(_spec(Path("/x"), steps=500, batch_size=None), world_size=1)
+    C = fpb * 64 * fixed.batch_size * 500  # the batch is consistent with the run's own FLOPs
+    assert abs(fixed.batch_size - 0.66 * C**0.321 / 64) <= 1
+    with pytest.raises(SpecError, match="train.batch_size: 5 is not a multiple of 2"):
+        plan_training(_spec(Path("/x"), batch_size=5), world_size=2)
+    with pytest.raises(SpecError, match="train.flop_budget"):
+        plan_training(_spec(Path("/x"), steps=None, flop_budget=1e3), world_size=2)
+
+
+# ------------------------------------------------------------------ real Ray Train
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module. With the dashboard: Ray 2.60's PlacementGroupCleaner asks the
+    State API (served by the dashboard) whether the Train controller lives, and on a loaded box
+    without it has taken a failed query for a dead controller and killed the workers."""
+    import ray
+
+    from pipelines.runtime import init_ray
+    from pipelines.spec import ResourcesConfig
+
+    init_ray(ResourcesConfig(), num_cpus=2, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, tmp_path_factory):
+    """8 steps on 2 workers, checkpoints after steps 3 and 6; rank 1 dies after step 4."""
+    from pipelines.train import train
+
+    root = tmp_path_factory.mktemp("train")
+    spec = _spec(root)
+    marker = root / "killed"
+    fault = {"step": 4, "rank": 1, "marker": str(marker)}
+    result = train(spec, run_name="killed", fault=fault)
+    assert marker.read_text() == "4"  # the fault did fire
+    records = [json.loads(x) for x in (root / "runs/killed/steps.jsonl").read_text().splitlines()]
+    return spec, root, result, records
+
+
+def _chain(records: list[dict]) -> dict[int, dict]:
+    """The record each step ends with (a later attempt overrides an earlier one)."""
+    return {r["step"]: r for r in records}
+
+
+def test_killed_worker_resumes_without_repeat_or_skip(killed_run):
+    spec, root, result, records = killed_run
+    attempts = list(dict.fromkeys(r["attempt"] for r in records))
+    assert len(attempts) == 2 and result.steps == 8
+    first = [r for r in records if r["attempt"] == attempts[0]]
+    second = [r for r in records if r["attempt"] == attempts[1]]
+    assert [r["step"] for r in second] == [4, 5, 6, 7, 8]  # resumed from the step-3 checkpoint
+    assert [r["step"] for r in first][:4] == [1, 2, 3, 4]
+    chain = _chain(records)
+    assert sorted(chain) == list(range(1, 9))
+    # the data order is the naive seeded permutation, batch after batch, nothing repeated
+    from pipelines.data import load_split
+
+    n = len(load_split(root / "dataset", "train")[0])
+    perm = np.random.default_rng([SEED, 0]).permutation(n)
+    for step, r in chain.items():
+        assert r["position"] == {"epoch": 0, "batch": step - 1}
+        assert r["ids"] == perm[(step - 1) * 4 : step * 4].tolist()
+    ids = [i for r in chain.values() for i in r["ids"]]
+    assert len(ids) == len(set(ids)) == 32
+    # the resumed step 4 is the same computation as before the crash
+    before, after = first[3], second[0]
+    assert before["ids"] == after["ids"]
+    assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
+    assert after["lr"] == before["lr"] and after["flops"] == before["flops"]
+    # and it trains: the loss falls
+    losses = [chain[s]["loss"] for s in range(1, 9)]
+    assert np.mean(losses[-3:]) < losses[0] - 0.5
+
+
+def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
+    from mlflow.tracking import MlflowClient
+
+    spec, root, result, _ = killed_run
+    client = MlflowClient(f"sqlite:///{root}/mlruns.db")
+    exp = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`aunet.run_dir` LIKE '%/killed'")
+    assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.dimensions"] == "[32, 64]" and p["derived.split_strategy"] == '{"word1": "1@1"}'
+    assert p["plan.batch_size"] == "4" and p["plan.lr"] == "0.003" and p["train.steps"] == "8"
+    assert int(p["plan.num_params"]) == sum(x.numel() for x in AUNet(spec.model).parameters())
+    assert float(p["plan.flops_per_byte"]) > 0
+    for key in ("loss", "bits_per_byte", "lr", "grad_norm", "bytes_per_s", "flops_per_s", "flops",
+                "tokens/stage0", "tokens/stage1", "val/bits_per_byte"):  # fmt: skip
+        assert key in run.data.metrics, key
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert steps == list(range(1, 9))
+    flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
+    assert flops[8] == pytest.approx(8 * flops[1])
+    assert run.data.metrics["tokens/stage0"] == 4 * 64  # summed over both ranks
+    assert "git_commit" in run.data.tags
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "dataset", "final"} <= top
+    final = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+    assert final == {"final/config.json", "final/model.safetensors"}
+
+
+def test_final_checkpoint_loads_without_ray(killed_run):
+    from pipelines.data import val_batches
+
+    spec, root, result, _ = killed_run
+    model = load_pretrained(result.final_checkpoint)  # no Ray, no process group
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for b in val_batches(root / "dataset", 4, max_batches=2):
+            nats += float(model(b.tokens, b.levels, b.targets).ce) * b.tokens.numel()
+            count += b.tokens.numel()
+    assert nats / count / math.log(2) == pytest.approx(result.val_bits_per_byte, abs=1e-4)
+
+
+def test_two_ray_workers_match_one_plain_process(killed_run):
+    """The whole Ray/FSDP loop against a naive single-process loop on the same batches."""
+    from pipelines.data import TrainBatches
+
+    spec, root, _, records = killed_run
+    tr = spec.train
+    torch.manual_seed(spec.model.seed)
+    model = AUNet(spec.model)
+    opt = build_optimizer(model, tr.lr, weight_decay=tr.weight_decay, betas=tr.betas)
+    sched = build_scheduler(opt, 1, tr.steps, tr.lr_min_ratio)
+    chain = _chain(records)
+    for step, batch in zip(range(1, 9), TrainBatches(root / "dataset", 4, seed=SEED)):
+        out = model(*batch)
+        out.loss.backward()
+        clip_gradients(model.parameters(), tr.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        assert batch.ids.tolist() == chain[step]["ids"]
+        assert float(out.loss.detach()) == pytest.approx(chain[step]["loss"], abs=1e-4), step
+
+
+def test_user_restart_resumes_the_same_run(killed_run):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import train
+
+    spec, root, first, _ = killed_run
+    longer = spec.with_overrides({"train.steps": 10})
+    result = train(longer, run_name="killed")
+    assert result.steps == 10 and result.mlflow_run_id == first.mlflow_run_id
+    records = [json.loads(x) for x in (root / "runs/killed/steps.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["attempt"] == records[-1]["attempt"]]
+    assert [r["step"] for r in last] == [9, 10]
+    assert last[0]["position"] == {"epoch": 0, "batch": 8}
+    client = MlflowClient(f"sqlite:///{root}/mlruns.db")
+    exp = client.get_experiment_by_name("t")
+    assert len(client.search_runs([exp.experiment_id], "tags.`aunet.run_dir` LIKE '%/killed'")) == 1
