@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from pipelines.runtime import check_tracking_reachable, redact
+from pipelines.runtime import artifact_location_for, check_tracking_reachable, redact
 
 RUN_KEY_TAG = "aunet.run_key"
 T = TypeVar("T")
@@ -106,7 +106,9 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location_for(self.uri, artifact_location)
+            )
         except Exception:  # created concurrently by another process
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -279,7 +279,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     meta = {"run_name": cfg["run_name"], "step": step, "val_bits_per_byte": val_bpb,
-            "plan": cfg["plan"], "variant": cfg["variant"]}  # fmt: skip
+            "plan": cfg["plan"], "variant": cfg["variant"],
+            "mlflow_run_id": tracker.run_id if tracker is not None else None}  # fmt: skip
     _save_final(full, final_dir, spec, meta)
     run_id = None
     if tracker is not None:
