@@ -327,7 +327,7 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
         spec, name, str(Path(ctx.sweep_dir) / "runs"), dataset_path=spec.dataset_dir(),
         plan=plan, manifest=manifest, callbacks=[TuneReportCallback()],
         parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri,
-        spec_file=ctx.spec_file, variant=label, fault=fault,
+        spec_file=ctx.spec_file, variant=label, fault=fault, launch_id=f"trial-{trial_id}",
     )  # fmt: skip
     out = trainer.fit().return_value or {}
     record.update(status="finished", val_bits_per_byte=out.get("val_bits_per_byte"),

@@ -176,13 +176,16 @@ def build_trainer(
     spec_file: str | None = None,
     variant: str | None = None,
     fault: dict[str, Any] | None = None,
+    launch_id: str | None = None,
 ):
     """The ``TorchTrainer`` of one run (Ray must be initialised); ``fit()`` it to train.
 
     Reusable from a Tune trial: pass ``callbacks=[TuneReportCallback()]`` and a ``run_name`` that
-    is stable per trial so a restored sweep resumes each trial's Train run. ``fault`` is for tests
-    only: ``{"step": n, "rank": r, "marker": path}`` makes rank r exit its process after step n,
-    once.
+    is stable per trial so a restored sweep resumes each trial's Train run, and a ``launch_id``
+    stable per trial so a retried trial reopens its MLflow run even when it failed before its
+    first checkpoint (default: a new id per fit; worker restarts within a fit share it).
+    ``fault`` is for tests only: ``{"step": n, "rank": r, "marker": path}`` makes rank r exit its
+    process after step n, once.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -200,7 +203,7 @@ def build_trainer(
         "manifest": manifest,
         "run_name": run_name,
         "run_dir": join_path(storage, run_name),
-        "launch_id": uuid.uuid4().hex,  # one per fit: worker restarts share it (tracking key)
+        "launch_id": launch_id or uuid.uuid4().hex,  # part of the MLflow run key
         "variant": variant,
         "spec_file": spec_file,
         "tracking": {
