@@ -55,8 +55,8 @@ def upsample_ref(
     """Per-position upsampling for every variant, in float64.
 
     z (B, L_deep, d_out) deep outputs (real tokens first); stage_pos[b] = byte positions of the
-    stage-s tokens of row b, deep_pos[b] = those of the stage-(s+1) tokens. Returns (B, length, d_in)
-    for the stage-s positions; positions beyond a row's real tokens are left at zero.
+    stage-s tokens of row b, deep_pos[b] = those of the stage-(s+1) tokens. Returns
+    (B, length, d_in) for the stage-s positions; positions beyond a row's real tokens stay zero.
     """
     B = z.shape[0]
     z = z.double()

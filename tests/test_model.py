@@ -104,16 +104,19 @@ def test_pooling_plan_matches_naive(caps):
 
 
 # ---------------------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("window", [None, 1, 5, 64])
-def test_attention_matches_naive(window):
+@pytest.mark.parametrize(
+    "length, window", [(23, None), (23, 1), (23, 5), (23, 64), (1030, 256), (1024, 200)]
+)
+def test_attention_matches_naive(length, window):
+    """Short sequences take the dense masked kernel, long ones the blocked local path."""
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 23, 3, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, length, 3, 8, generator=g) for _ in range(3))
     out = attention(q, k, v, window, backend="sdpa")
     ref = attention_ref(q, k, v, window)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------- upsampling
+# ------------------------------------------------------------------------------------ upsampling
 @pytest.mark.parametrize("upsampling", UPSAMPLINGS)
 @pytest.mark.parametrize("cap", [-1, 6])
 def test_upsampling_matches_naive(upsampling, cap):
