@@ -266,6 +266,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             and not Path(fault["marker"]).exists()
         ):
             Path(fault["marker"]).write_text(str(step))
+            _wait_registered(cfg["run_dir"], step - step % tr.checkpoint_every)
             os._exit(1)  # a real process death (test-only fault injection)
         other_s = time.perf_counter() - t_comp - metrics.get("time/eval_s", 0.0)
         if "time/eval_s" in metrics or step % tr.checkpoint_every == 0:
@@ -290,6 +291,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         run_id = tracker.run_id
     return {"step": step, "val_bits_per_byte": val_bpb, "final_checkpoint": final_dir,
             "mlflow_run_id": run_id}  # fmt: skip
+
+
+def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> None:
+    """Test-only fault injection: die only once the controller has recorded the last checkpoint.
+
+    ``ray.train.report`` returns before the controller persists the checkpoint in its snapshot;
+    dying in between would make the restart begin from an older checkpoint (a race, not a bug).
+    """
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    if ckpt_step <= 0 or "://" in run_dir:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and f"step_{ckpt_step:07d}" in snapshot.read_text():
+            return
+        time.sleep(0.1)
 
 
 def _save_final(full: dict[str, torch.Tensor], final_dir: str, spec, meta: dict) -> None:

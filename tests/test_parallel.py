@@ -54,6 +54,7 @@ def _worker(rank: int, world: int, init_file: str, out: dict) -> None:
         losses = _train(model, rank, world)
         if rank == 0:
             out[world] = losses
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
 
