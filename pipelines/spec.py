@@ -143,6 +143,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     dtype: str = field(default="auto", metadata=_choice(DTYPES))
+    eval_suite: str | None = field(default=None, metadata=_NONEMPTY)  # eval YAML, run at the end
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.flop_budget is None):
@@ -357,7 +358,7 @@ def _artifact_uri(location: str | None, cwd: str) -> str | None:
 
 
 def _resolve_paths(spec: ExperimentSpec, cwd: str) -> ExperimentSpec:
-    data, tracking, res = spec.data, spec.tracking, spec.resources
+    data, tracking, res, train = spec.data, spec.tracking, spec.resources, spec.train
     sources = [dataclasses.replace(s, path=absolute_path(s.path, cwd)) for s in data.sources]
     ds_dir = None if data.dataset_dir is None else absolute_path(data.dataset_dir, cwd)
     return dataclasses.replace(
@@ -369,6 +370,9 @@ def _resolve_paths(spec: ExperimentSpec, cwd: str) -> ExperimentSpec:
             artifact_location=_artifact_uri(tracking.artifact_location, cwd),
         ),
         resources=dataclasses.replace(res, storage_path=absolute_path(res.storage_path, cwd)),
+        train=train
+        if train.eval_suite is None
+        else dataclasses.replace(train, eval_suite=absolute_path(train.eval_suite, cwd)),
     )
 
 

@@ -287,10 +287,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if tracker is not None:
         tracker.log_metrics({"final/val_bits_per_byte": val_bpb}, step)
         tracker.log_artifact(final_dir, "final")
+    if spec.train.eval_suite:
+        metrics = _final_eval(spec, full, cfg["plan"]["seq_len"])
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+    if tracker is not None:
         tracker.close("FINISHED")
         run_id = tracker.run_id
     return {"step": step, "val_bits_per_byte": val_bpb, "final_checkpoint": final_dir,
             "mlflow_run_id": run_id}  # fmt: skip
+
+
+def _final_eval(spec, full: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
+    """``train.eval_suite`` on the final weights (rank 0, plain model): eval/<task>/<metric>."""
+    from aunet.model import AUNet
+    from pipelines.evaluate import evaluate
+
+    model = AUNet(spec.model)
+    model.load_state_dict(full)
+    return evaluate(model.eval(), spec.train.eval_suite, context=seq_len)
 
 
 def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> None:

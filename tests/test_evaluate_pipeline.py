@@ -316,3 +316,27 @@ def test_evaluate_function_keeps_mode_and_needs_a_context(setup):
     with pytest.raises(SpecError, match="no task 'nope'"):
         ev.evaluate(model, cfg, context=64, tasks=["nope"])
     assert ev.main([str(tmp / "missing"), "eval.yaml", "--no-mlflow"]) == 2
+
+
+def test_end_of_training_suite_runs_on_the_final_weights(setup):
+    """train.eval_suite: made absolute at spec load; the worker's hook scores the final weights."""
+    from pipelines.spec import ExperimentSpec
+    from pipelines.train_worker import _final_eval
+
+    tmp_path, model = setup
+    raw = {
+        "name": "t",
+        "data": {"sources": "val.jsonl.gz", "seq_len": 64},
+        "model": model.config.to_dict(),
+        "train": {"steps": 1, "eval_suite": "eval.yaml"},
+        "tracking": {"tracking_uri": "sqlite:///ml.db"},
+    }
+    spec = ExperimentSpec.from_dict(raw, source="test")
+    assert spec.train.eval_suite == str(tmp_path / "eval.yaml")
+    got = _final_eval(spec, model.state_dict(), seq_len=64)
+    expected = ev.evaluate(model, str(tmp_path / "eval.yaml"), context=64)
+
+    def scores(m: dict) -> dict:
+        return {k: v for k, v in m.items() if not k.endswith("time_s")}
+
+    assert scores(got) == scores(expected) and "eval/val/bits_per_byte" in got
