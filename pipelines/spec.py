@@ -159,6 +159,7 @@ class TrackingConfig:
     experiment: str = field(default="aunet", metadata=_NONEMPTY)
     run_name: str | None = field(default=None, metadata=_NONEMPTY)
     artifact_location: str | None = field(default=None, metadata=_NONEMPTY)
+    log_model: bool = True  # also log the final checkpoint as a servable pyfunc model
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -287,6 +287,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if tracker is not None:
         tracker.log_metrics({"final/val_bits_per_byte": val_bpb}, step)
         tracker.log_artifact(final_dir, "final")
+        if spec.tracking.log_model and "://" not in final_dir:
+            _log_model(final_dir, tracker)
     if spec.train.eval_suite:
         metrics = _final_eval(spec, full, cfg["plan"]["seq_len"])
         if tracker is not None:
@@ -296,6 +298,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         run_id = tracker.run_id
     return {"step": step, "val_bits_per_byte": val_bpb, "final_checkpoint": final_dir,
             "mlflow_run_id": run_id}  # fmt: skip
+
+
+def _log_model(final_dir: str, tracker) -> None:
+    """The final checkpoint as an MLflow pyfunc model (``mlflow models serve``); never fatal."""
+    try:
+        import mlflow
+
+        from pipelines.serve import log_generation_model
+
+        mlflow.set_tracking_uri(tracker.uri)
+        uri = log_generation_model(final_dir, run_id=tracker.run_id)
+        tracker.set_tags({"aunet.model_uri": uri})
+    except Exception as e:  # the run's metrics and checkpoint artifact are already safe
+        print(f"train: pyfunc model not logged ({type(e).__name__}: {e})", flush=True)
 
 
 def _final_eval(spec, full: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:

@@ -149,8 +149,12 @@ def test_quickstart_via_ray_job_submit(tmp_path: Path) -> None:
         final = {a.path for a in mlflow.list_artifacts(r.info.run_id, "final")}
         assert {"final/model.safetensors", "final/config.json"} <= final
         stored = list((state / "mlflow" / "artifacts").rglob("final/model.safetensors"))
-        assert len(stored) == 1, r.info.artifact_uri
-        assert stored[0].read_bytes() == (run_dir / "final" / "model.safetensors").read_bytes()
+        run_copy = [p for p in stored if f"/{r.info.run_id}/artifacts/final/" in p.as_posix()]
+        assert len(run_copy) == 1, (r.info.artifact_uri, stored)
+        assert run_copy[0].read_bytes() == (run_dir / "final" / "model.safetensors").read_bytes()
+        # ... and the servable pyfunc model logged with it carries the same weights.
+        assert r.data.tags["aunet.model_uri"].startswith("models:/")
+        assert all(p.read_bytes() == run_copy[0].read_bytes() for p in stored)
 
         # Generation as a second job; greedy, so the continuation is known in advance.
         from aunet.api import AUModel

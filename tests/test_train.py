@@ -171,6 +171,7 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
     exp = client.get_experiment_by_name("t")
     (run,) = client.search_runs([exp.experiment_id], "tags.`aunet.run_dir` LIKE '%/killed'")
     assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.tags["aunet.model_uri"].startswith("models:/")  # servable pyfunc model
     p = run.data.params
     assert p["model.dimensions"] == "[32, 64]" and p["derived.split_strategy"] == '{"word1": "1@1"}'
     assert p["plan.batch_size"] == "4" and p["plan.lr"] == "0.003" and p["train.steps"] == "8"
