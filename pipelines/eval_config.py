@@ -89,8 +89,11 @@ class EvalConfig:
                 raise SpecError(f"tasks.{name}: task names must be of [A-Za-z0-9._-]")
 
 
-def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
-    """Read an eval YAML, apply ``a.b=v`` overrides, validate, make paths absolute (cwd)."""
+def load_eval_config(
+    path: str | Path, overrides: Sequence[str] = (), *, cwd: str | None = None
+) -> EvalConfig:
+    """Read an eval YAML, apply ``a.b=v`` overrides, validate, make paths absolute against
+    ``cwd`` (default: the current directory, as for experiment specs)."""
     source = str(path)
     raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides, source)
@@ -100,10 +103,10 @@ def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalCon
         msg = str(e)
         raise SpecError(msg if msg.startswith(f"{source}: ") else f"{source}: {msg}") from None
     tasks = {
-        k: dataclasses.replace(t, path=None if t.path is None else absolute_path(t.path))
+        k: dataclasses.replace(t, path=None if t.path is None else absolute_path(t.path, cwd))
         for k, t in cfg.tasks.items()
     }
     tracking = dataclasses.replace(
-        cfg.tracking, tracking_uri=absolute_tracking_uri(cfg.tracking.tracking_uri)
+        cfg.tracking, tracking_uri=absolute_tracking_uri(cfg.tracking.tracking_uri, cwd)
     )
     return dataclasses.replace(cfg, tasks=tasks, tracking=tracking)

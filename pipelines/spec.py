@@ -144,6 +144,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     dtype: str = field(default="auto", metadata=_choice(DTYPES))
     eval_suite: str | None = field(default=None, metadata=_NONEMPTY)  # eval YAML, run at the end
+    eval_suite_every: int | None = field(default=None, metadata=_AT_LEAST_1)  # and every N steps
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.flop_budget is None):
@@ -151,6 +152,8 @@ class TrainConfig:
             raise _err("steps", f"set exactly one of train.steps and train.flop_budget, got {got}")
         if self.warmup >= 1 and self.warmup != int(self.warmup):
             raise _err("warmup", f"a value >= 1 counts steps and must be whole, got {self.warmup}")
+        if self.eval_suite_every is not None and self.eval_suite is None:
+            raise _err("eval_suite_every", "set train.eval_suite too (the suite to run)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -272,6 +272,7 @@ class Context:
     parent_run_id: str
     tracking_uri: str
     spec_file: str
+    cwd: str  # the driver's: relative paths inside train.eval_suite's YAML are the user's
 
 
 def _trial_file(sweep_dir: str, trial_id: str, suffix: str) -> Path:
@@ -289,7 +290,7 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import build_trainer
+    from pipelines.train import build_trainer, eval_suite_for
 
     t0 = time.time()
     tune_ctx = tune.get_context()
@@ -328,6 +329,7 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
         plan=plan, manifest=manifest, callbacks=[TuneReportCallback()],
         parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri,
         spec_file=ctx.spec_file, variant=label, fault=fault, launch_id=f"trial-{trial_id}",
+        eval_suite=eval_suite_for(spec, ctx.cwd),
     )  # fmt: skip
     out = trainer.fit().return_value or {}
     record.update(status="finished", val_bits_per_byte=out.get("val_bits_per_byte"),
@@ -459,7 +461,7 @@ def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
     planned = prepare(spec, sweep)
     print("sweep: planned variants\n" + format_table(planned), file=sys.stderr)
     ctx = Context(spec.to_dict(), sweep, sweep_dir, _parent_run(sweep_dir, uri, spec, sweep),
-                  uri, str(Path(path).absolute()))  # fmt: skip
+                  uri, str(Path(path).absolute()), os.getcwd())  # fmt: skip
     grid = _tuner(ctx).fit()
     trials = grid._experiment_analysis.trials  # statuses are not on ``Result``
     rows = collect(sweep_dir, trials, sweep)

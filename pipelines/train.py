@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aunet.flops import (
     batch_size_bytes,
@@ -43,6 +43,9 @@ from pipelines.runtime import (
     resolve_tracking_uri,
 )
 from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
+
+if TYPE_CHECKING:
+    from pipelines.eval_config import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,15 @@ def run_name_for(spec: ExperimentSpec, variant: str | None = None) -> str:
     return f"{base}-{variant}" if variant else base
 
 
+def eval_suite_for(spec: ExperimentSpec, cwd: str | None = None) -> EvalConfig | None:
+    """``train.eval_suite`` validated and with its task paths made absolute against ``cwd``."""
+    if not spec.train.eval_suite:
+        return None
+    from pipelines.eval_config import load_eval_config
+
+    return load_eval_config(spec.train.eval_suite, cwd=cwd)
+
+
 def build_trainer(
     spec: ExperimentSpec,
     run_name: str,
@@ -177,6 +189,7 @@ def build_trainer(
     variant: str | None = None,
     fault: dict[str, Any] | None = None,
     launch_id: str | None = None,
+    eval_suite: EvalConfig | None = None,
 ):
     """The ``TorchTrainer`` of one run (Ray must be initialised); ``fit()`` it to train.
 
@@ -184,8 +197,10 @@ def build_trainer(
     is stable per trial so a restored sweep resumes each trial's Train run, and a ``launch_id``
     stable per trial so a retried trial reopens its MLflow run even when it failed before its
     first checkpoint (default: a new id per fit; worker restarts within a fit share it).
-    ``fault`` is for tests only: ``{"step": n, "rank": r, "marker": path}`` makes rank r exit its
-    process after step n, once.
+    ``eval_suite``: ``train.eval_suite`` loaded by the caller (``eval_suite_for``), whose relative
+    paths are the user's, not the worker's (Ray runs workers in a session directory); loaded here
+    against this process's directory when not given. ``fault`` is for tests only:
+    ``{"step": n, "rank": r, "marker": path}`` makes rank r exit its process after step n, once.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -213,6 +228,7 @@ def build_trainer(
             "parent_run_id": parent_run_id,
         },
         "fault": fault,
+        "eval_suite": eval_suite if eval_suite is not None else eval_suite_for(spec),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -254,6 +270,7 @@ def train(
         spec = spec.with_variant(variant)
     uri = resolve_tracking_uri(spec.tracking)
     check_tracking_reachable(uri)  # fail in seconds, before any compute
+    suite = eval_suite_for(spec)  # likewise a bad eval YAML
     init_ray(spec.resources, tracking_uri=uri)
     info = preprocess(spec)
     train_rows = info.sequences["train"]
@@ -268,7 +285,7 @@ def train(
     trainer = build_trainer(
         spec, name, dataset_path=str(info.path), plan=plan, manifest=info.manifest,
         callbacks=callbacks, parent_run_id=parent_run_id, tracking_uri=uri,
-        spec_file=spec_file, variant=variant, fault=fault,
+        spec_file=spec_file, variant=variant, fault=fault, eval_suite=suite,
     )  # fmt: skip
     result = trainer.fit()
     out = result.return_value or {}

@@ -240,7 +240,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             val_bpb = evaluate(model, cfg["dataset"], plan.batch_size, rank, world, tr.eval_batches)
             metrics["val/bits_per_byte"] = val_bpb
             metrics["time/eval_s"] = time.perf_counter() - t_eval
-        if tracker is not None and (step % tr.log_every == 0 or last):
+        if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
+            t_suite = time.perf_counter()  # (the last step's suite runs on the saved final weights)
+            suite = _suite_eval(
+                cfg["eval_suite"], spec, _full_state(model), plan.seq_len, device, rank
+            )
+            metrics.update(suite)
+            metrics["time/eval_suite_s"] = time.perf_counter() - t_suite
+        if tracker is not None and (
+            step % tr.log_every == 0 or last or "time/eval_suite_s" in metrics
+        ):
             tracker.log_metrics(metrics, step)
         log.write({"step": step, "attempt": attempt, "time": time.time(),
                    "position": position.to_dict(), "ids": data.global_ids(position).tolist(),
@@ -269,13 +278,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             _wait_registered(cfg["run_dir"], step - step % tr.checkpoint_every)
             os._exit(1)  # a real process death (test-only fault injection)
         other_s = time.perf_counter() - t_comp - metrics.get("time/eval_s", 0.0)
+        other_s -= metrics.get("time/eval_suite_s", 0.0)
         if "time/eval_s" in metrics or step % tr.checkpoint_every == 0:
             other_s = 0.0  # periodic work is reported on its own, not as per-step overhead
 
-    # Consolidated weights: a collective gather, written by rank 0 alone.
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = _full_state(model)  # a collective gather, written by rank 0 alone
     final_dir = f"{cfg['run_dir']}/final"
     if rank != 0:
         return None
@@ -289,8 +296,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         tracker.log_artifact(final_dir, "final")
         if spec.tracking.log_model and "://" not in final_dir:
             _log_model(final_dir, tracker)
-    if spec.train.eval_suite:
-        metrics = _final_eval(spec, full, cfg["plan"]["seq_len"])
+    if cfg["eval_suite"] is not None:
+        metrics = _suite_eval(cfg["eval_suite"], spec, full, plan.seq_len, device, rank)
         if tracker is not None:
             tracker.log_metrics(metrics, step)
     if tracker is not None:
@@ -314,14 +321,30 @@ def _log_model(final_dir: str, tracker) -> None:
         print(f"train: pyfunc model not logged ({type(e).__name__}: {e})", flush=True)
 
 
-def _final_eval(spec, full: dict[str, torch.Tensor], seq_len: int) -> dict[str, float]:
-    """``train.eval_suite`` on the final weights (rank 0, plain model): eval/<task>/<metric>."""
-    from aunet.model import AUNet
+def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on the CPU: a collective every rank must enter (rank 0 gets them)."""
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def _suite_eval(
+    suite, spec, full: dict[str, torch.Tensor], seq_len: int, device: torch.device, rank: int
+) -> dict[str, float]:
+    """The ``suite`` (an ``EvalConfig``) on ``full`` weights -> eval/<task>/<metric> (rank 0;
+    the other ranks get {}).
+
+    Rank 0 scores a plain (unsharded) copy, so the suite's variable-length batches and greedy
+    generation need no collective; the other ranks go on and wait in the next step's all-gather.
+    The copy is in float32 on the training device and freed on return.
+    """
     from pipelines.evaluate import evaluate
 
+    if rank != 0:
+        return {}
     model = AUNet(spec.model)
     model.load_state_dict(full)
-    return evaluate(model.eval(), spec.train.eval_suite, context=seq_len)
+    return evaluate(model.to(device).eval(), suite, context=seq_len)
 
 
 def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> None:

@@ -321,7 +321,8 @@ def test_evaluate_function_keeps_mode_and_needs_a_context(setup):
 def test_end_of_training_suite_runs_on_the_final_weights(setup):
     """train.eval_suite: made absolute at spec load; the worker's hook scores the final weights."""
     from pipelines.spec import ExperimentSpec
-    from pipelines.train_worker import _final_eval
+    from pipelines.train import eval_suite_for
+    from pipelines.train_worker import _suite_eval
 
     tmp_path, model = setup
     raw = {
@@ -333,10 +334,15 @@ def test_end_of_training_suite_runs_on_the_final_weights(setup):
     }
     spec = ExperimentSpec.from_dict(raw, source="test")
     assert spec.train.eval_suite == str(tmp_path / "eval.yaml")
-    got = _final_eval(spec, model.state_dict(), seq_len=64)
+    suite = eval_suite_for(spec)
+    got = _suite_eval(suite, spec, model.state_dict(), 64, torch.device("cpu"), rank=0)
+    assert _suite_eval(suite, spec, model.state_dict(), 64, torch.device("cpu"), rank=1) == {}
     expected = ev.evaluate(model, str(tmp_path / "eval.yaml"), context=64)
 
     def scores(m: dict) -> dict:
         return {k: v for k, v in m.items() if not k.endswith("time_s")}
 
     assert scores(got) == scores(expected) and "eval/val/bits_per_byte" in got
+    raw["train"] = {"steps": 1, "eval_suite_every": 5}
+    with pytest.raises(SpecError, match=r"train\.eval_suite_every: set train\.eval_suite"):
+        ExperimentSpec.from_dict(raw, source="test")

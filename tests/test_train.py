@@ -6,8 +6,11 @@ in rank 1 after a checkpoint), which the tests inspect from several sides.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,23 @@ from pipelines.train import plan_training
 
 CORPUS = Path(__file__).resolve().parent.parent / "experiments" / "data" / "quickstart.jsonl.gz"
 SEED = 7
+EVAL = CORPUS.parent.parent / "eval" / "data"
+EVAL_YAML = """
+name: t-suite
+tasks:  # relative paths: the driver's directory, not the Ray worker's
+  val: {kind: bpb, path: evdata/val.jsonl.gz, limit: 4}
+  piqa: {kind: choice, format: piqa, path: evdata/piqa.jsonl}
+"""
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):  # contextlib.chdir is Python >= 3.11; the project supports 3.10
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _spec(root: Path, **train) -> ExperimentSpec:
@@ -119,10 +139,15 @@ def killed_run(ray_session, tmp_path_factory):
     from pipelines.train import train
 
     root = tmp_path_factory.mktemp("train")
-    spec = _spec(root)
+    (root / "eval.yaml").write_text(EVAL_YAML)
+    (root / "evdata").mkdir()
+    shutil.copy(CORPUS.parent / "quickstart_val.jsonl.gz", root / "evdata/val.jsonl.gz")
+    shutil.copy(EVAL / "piqa_sample.jsonl", root / "evdata/piqa.jsonl")
+    spec = _spec(root, eval_suite="eval.yaml", eval_suite_every=3)
     marker = root / "killed"
     fault = {"step": 4, "rank": 1, "marker": str(marker)}
-    result = train(spec, run_name="killed", fault=fault)
+    with _chdir(root):  # the eval YAML's relative paths are the driver's
+        result = train(spec, run_name="killed", fault=fault)
     assert marker.read_text() == "4"  # the fault did fire
     records = [json.loads(x) for x in (root / "runs/killed/steps.jsonl").read_text().splitlines()]
     return spec, root, result, records
@@ -227,6 +252,36 @@ def test_two_ray_workers_match_one_plain_process(killed_run):
         assert float(out.loss.detach()) == pytest.approx(chain[step]["loss"], abs=1e-4), step
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read in one process
+def test_eval_suite_runs_periodically_and_on_the_final_weights(killed_run):
+    """train.eval_suite_every=3: the suite at steps 3 and 6 (across the crash) and 8 (the end),
+    each equal to the suite run offline on that step's weights (the DCP checkpoint, the final)."""
+    import torch.distributed.checkpoint as dcp
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.eval_config import load_eval_config
+    from pipelines.evaluate import evaluate
+
+    spec, root, result, _ = killed_run
+    client = MlflowClient(f"sqlite:///{root}/mlruns.db")
+    logged: dict[int, dict[str, float]] = {}
+    for key in ("eval/val/bits_per_byte", "eval/val/en/bits_per_byte", "eval/piqa/acc",
+                "eval/piqa/acc_norm"):  # fmt: skip
+        for m in client.get_metric_history(result.mlflow_run_id, key):
+            logged.setdefault(m.step, {})[key] = m.value
+    assert sorted(logged) == [3, 6, 8] and all(len(v) == 4 for v in logged.values())
+    model = AUNet(spec.model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(root / "runs/killed/step_0000006"))  # model part only
+    model.load_state_dict(state["model"])
+    suite = load_eval_config(root / "eval.yaml", cwd=str(root))
+    for step, net in ((6, model), (8, load_pretrained(result.final_checkpoint))):
+        expected = evaluate(net, suite, context=64)
+        for key, value in logged[step].items():
+            assert value == pytest.approx(expected[key], abs=1e-5), (step, key)
+    assert logged[3]["eval/val/bits_per_byte"] > logged[8]["eval/val/bits_per_byte"]
+
+
 def test_user_restart_resumes_the_same_run(killed_run):
     from mlflow.tracking import MlflowClient
 
@@ -234,7 +289,8 @@ def test_user_restart_resumes_the_same_run(killed_run):
 
     spec, root, first, _ = killed_run
     longer = spec.with_overrides({"train.steps": 10})
-    result = train(longer, run_name="killed")
+    with _chdir(root):
+        result = train(longer, run_name="killed")
     assert result.steps == 10 and result.mlflow_run_id == first.mlflow_run_id
     records = [json.loads(x) for x in (root / "runs/killed/steps.jsonl").read_text().splitlines()]
     last = [r for r in records if r["attempt"] == records[-1]["attempt"]]
