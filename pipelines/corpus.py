@@ -206,6 +206,12 @@ def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
     return table.append_column("levels", pa.array(levs, pa.large_binary()))
 
 
+def read_encode_unit(batch: dict[str, np.ndarray], strategy_json: str):
+    """One (file, pass) unit -> encoded blocks of document rows, in record order."""
+    for table in read_unit(batch):
+        yield encode_batch(table, strategy_json)
+
+
 def work_units(inputs: list[dict[str, Any]], data_cfg: Any, block_bytes: int) -> list[str]:
     """(file, pass) work units, pass-major so that repeated passes never sit side by side."""
     passes = max((int(np.ceil(i["weight"])) for i in inputs), default=0)

@@ -23,12 +23,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:  # torch is imported where batches are built: preprocessing tasks skip it
+    import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -164,6 +166,8 @@ class Batch:
 
 
 def _batch(tok: np.ndarray, lev: np.ndarray, rows: np.ndarray, pos: DataPosition) -> Batch:
+    import torch
+
     t = torch.from_numpy(tok[rows].astype(np.int64))  # [B, T+1]
     lv = torch.from_numpy(lev[rows, :-1].astype(np.int64))
     return Batch(t[:, :-1], lv, t[:, 1:], rows.astype(np.int64), pos)

@@ -2,15 +2,15 @@
 
 ``python -m pipelines.preprocess experiment.yaml [a.b=v | --set a.b=v ...] [--force]``
 
-Stages: one Ray task per (input file, pass) reads records (``corpus.read_unit``); map tasks run
-the Splitter on each whole document and add BOS/EOS (``corpus.encode_batch``, the expensive part,
-parallel over blocks); the driver consumes the documents in input order (``preserve_order``),
-cuts each split's stream into shard-sized slices (``aunet.packing.Packer``) and hands every slice
-to a Ray task that materialises its windows and writes the shard. The cut is sequential over one
-stream: doing it inside Ray Data would tie window boundaries to block boundaries, which move with
-the parallelism. Everything upstream of the driver is a pure function of the record, so shards are
-identical byte for byte whatever the CPU count, block or batch size, and their names
-(``shard-00000.parquet``) depend only on their position in the stream.
+Stages: one Ray Data map task per (input file, pass) reads its records and runs the Splitter on
+each whole document, adding BOS/EOS (``corpus.read_encode_unit``, the expensive part; parallel over
+files, so a corpus in one file is split by one task); the driver consumes the documents in input
+order (``preserve_order``), cuts each split's stream into shard-sized slices
+(``aunet.packing.Packer``) and hands every slice to a Ray task that materialises its windows and
+writes the shard. The cut is sequential over one stream: doing it inside Ray Data would tie window
+boundaries to block boundaries, which move with the parallelism. Everything upstream of the driver
+is a pure function of the record, so shards are identical byte for byte whatever the CPU count or
+block size, and their names (``shard-00000.parquet``) depend only on their position in the stream.
 
 Reading, rejection reasons, source weights and the train/val split: ``pipelines.corpus``.
 """
@@ -136,7 +136,8 @@ def _ray_data_settings(progress: bool):
 
     ctx = ray.data.DataContext.get_current()
     opts = ctx.execution_options
-    old = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.target_max_block_size)
+    names = ("enable_progress_bars", "print_on_execution_start", "target_max_block_size")
+    old = [getattr(ctx, n) for n in names]
     old_order = opts.preserve_order
     opts.preserve_order = True  # stream order = input order, whatever the CPUs
     ctx.enable_progress_bars = ctx.print_on_execution_start = progress
@@ -145,7 +146,8 @@ def _ray_data_settings(progress: bool):
         yield
     finally:
         opts.preserve_order = old_order
-        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.target_max_block_size = old
+        for n, v in zip(names, old):
+            setattr(ctx, n, v)
 
 
 class _Counts:
@@ -185,9 +187,7 @@ class _Counts:
         return batch, stop
 
 
-def build(
-    spec: Any, inputs: list[dict[str, Any]], out: Path, batch_size: int, block_bytes: int
-) -> dict:
+def build(spec: Any, inputs: list[dict[str, Any]], out: Path, block_bytes: int) -> dict:
     """Run the pipeline into ``out`` (train/, val/); return the manifest's statistics part."""
     import ray
     import ray.data
@@ -201,9 +201,10 @@ def build(
     if units and data.max_documents != 0:
         with _ray_data_settings(progress=sys.stderr.isatty()):  # the Dataset copies the context
             ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-            ds = ds.map_batches(corpus.read_unit, batch_size=1, batch_format="numpy")
+            # One task per unit reads and splits it. (Two chained map_batches would be fused by
+            # Ray Data into tasks of max(batch sizes) *units*: the whole corpus in one task.)
             ds = ds.map_batches(
-                corpus.encode_batch, batch_size=batch_size, batch_format="pyarrow",
+                corpus.read_encode_unit, batch_size=1, batch_format="numpy",
                 fn_kwargs={"strategy_json": strategy_json},
             )  # fmt: skip
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -310,9 +311,7 @@ def _publish(tmp: Path, final: Path, uid: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def preprocess(
-    spec: Any, force: bool = False, *, batch_size: int = 16, block_bytes: int = 2 << 20
-) -> DatasetInfo:
+def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) -> DatasetInfo:
     """Build (or reuse) the dataset of ``spec.data``; Ray is started via ``init_ray`` if needed."""
     import ray
 
@@ -337,7 +336,7 @@ def preprocess(
     tmp.mkdir()
     t0 = time.perf_counter()  # throughput of the pipeline itself, without Ray's start-up
     try:
-        stats = build(spec, inputs, tmp, batch_size, block_bytes)
+        stats = build(spec, inputs, tmp, block_bytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

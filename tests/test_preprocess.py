@@ -138,14 +138,14 @@ def test_deterministic_whatever_parallelism(tmp_path, monkeypatch):
         write_jsonl(tmp_path / f"p{f}.jsonl", recs)
     src = [{"path": str(tmp_path / "p*.jsonl"), "id_field": "id"}]
     spec = make_spec(tmp_path, src, val_fraction=0.3, shard_sequences=7)
-    a = pp.preprocess(spec, batch_size=16)
+    a = pp.preprocess(spec)
     first = digest(a.path)
-    # many tiny blocks, batch size 1, one CPU for Ray Data
+    # many tiny blocks, one CPU for Ray Data
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(
         ctx.execution_options, "resource_limits", ctx.execution_options.resource_limits.copy(cpu=1)
     )
-    b = pp.preprocess(spec, force=True, batch_size=1, block_bytes=64)
+    b = pp.preprocess(spec, force=True, block_bytes=64)
     assert not b.reused and first == digest(b.path) and len(first) > 4
     assert b.manifest["splits"]["val"]["sequences"] > 0
     assert pp.preprocess(spec).reused
