@@ -206,8 +206,10 @@ def main() -> None:
         extra = ""
         if k != "loop":
             used = r["busy_cpu"] / r["seconds"]
-            extra = (f"  wall {r['seconds']:.2f} s, cores busy {used:.2f}, driver CPU "
-                     f"{r['driver_cpu']:.2f} s, warm-up {r['warmup_seconds']:.1f} s (excluded)")  # fmt: skip
+            extra = (
+                f"  wall {r['seconds']:.2f} s, cores busy {used:.2f}, driver CPU "
+                f"{r['driver_cpu']:.2f} s, warm-up {r['warmup_seconds']:.1f} s (excluded)"
+            )
         print(f"{k:9s} {v:7.2f} MB/s  ({notes[k]}){extra}")
     print(f"2 CPUs / 1 CPU: {mbps['ray-2cpu'] / mbps['ray-1cpu']:.2f}x (target >= 1.6)")
     print(f"1 CPU / loop:   {mbps['ray-1cpu'] / mbps['loop']:.2f}x (target >= 0.8)")
