@@ -26,6 +26,7 @@ import io
 import json
 import os
 import struct
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -90,6 +91,23 @@ def hash01(*parts: bytes) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
+def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number from 1, object) of a .jsonl / .jsonl.gz / .jsonl.zst file, blank lines
+    skipped. A line that is not a JSON object is a ValueError naming the file and line; read
+    errors propagate as OSError / ``pa.ArrowException``."""
+    with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}: line {n}: expected a JSON object")
+            yield n, rec
+
+
 def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_field: str | None):
     """Yield (record number, text value or MISSING, id, lang) of one file; errors name the file."""
     try:
@@ -97,19 +115,10 @@ def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_fie
             with open(path, "rb") as f:
                 yield 0, f.read(), None, None
         elif fmt == "jsonl":
-            with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
-                for n, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:
-                        raise ValueError(f"{path}: line {n + 1}: invalid JSON: {e}") from None
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"{path}: line {n + 1}: expected a JSON object")
-                    ident = rec.get(id_field) if id_field else None
-                    lang = rec.get(lang_field) if lang_field else None
-                    yield n, rec.get(text_field, MISSING), ident, lang
+            for line_no, rec in jsonl_objects(path):
+                ident = rec.get(id_field) if id_field else None
+                lang = rec.get(lang_field) if lang_field else None
+                yield line_no - 1, rec.get(text_field, MISSING), ident, lang
         elif fmt == "parquet":
             pf = pq.ParquetFile(path)
             cols = [c for c in (text_field, id_field, lang_field) if c]

@@ -13,8 +13,6 @@ seed: the same call gives the same items on every machine and in every process.
 from __future__ import annotations
 
 import ast
-import io
-import json
 import random
 import re
 from collections import Counter
@@ -25,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from aunet.evaluation import ChoiceItem
+from pipelines.corpus import jsonl_objects
 
 
 class TaskDataError(ValueError):
@@ -44,19 +43,11 @@ class PartialItem:
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of a .jsonl(.gz/.zst) file; errors name the file and line."""
     try:
-        with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise TaskDataError(f"{path}: line {n}: invalid JSON: {e}") from None
-                if not isinstance(rec, dict):
-                    raise TaskDataError(f"{path}: line {n}: expected a JSON object")
-                yield n, rec
-    except (OSError, pa.ArrowException, EOFError) as e:
+        yield from jsonl_objects(path)
+    except (OSError, pa.ArrowException, EOFError) as e:  # first: ArrowInvalid is a ValueError
         raise TaskDataError(f"{path}: cannot read: {e}") from None
+    except ValueError as e:  # a line that is not a JSON object (the message names it)
+        raise TaskDataError(str(e)) from None
 
 
 def read_texts(
