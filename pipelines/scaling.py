@@ -40,8 +40,7 @@ from pipelines.spec import (
     ExperimentSpec,
     SpecError,
     parse_cli,
-    read_yaml_mapping,
-    split_overrides,
+    read_with_section,
 )
 
 PAPER_BYTES_PER_PARAM = 214.0  # 283e9 bytes / 1.324e9 params of the official 2B_1level run
@@ -161,13 +160,7 @@ def _build_study(raw: Mapping[str, Any]) -> Study:
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Study]:
     """The base spec (``train.flop_budget`` defaults to the first budget) and its study."""
     source = str(path)
-    raw = read_yaml_mapping(path)
-    if not isinstance(raw.get("study"), dict):
-        raise SpecError(f"{source}: study: required mapping missing")
-    st = raw.pop("study")
-    own, spec_overrides = split_overrides(overrides, "study")
-    for key, value in own:
-        st[key] = value
+    raw, st, spec_overrides = read_with_section(path, "study", overrides)
     try:
         study = _build_study(st)
     except SpecError as e:

@@ -479,6 +479,22 @@ def split_overrides(
     return own, rest
 
 
+def read_with_section(
+    path: str | Path, section: str, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A spec YAML with an extra top-level ``section`` mapping (``sweep:``, ``study:``) ->
+    (the spec part, the section with its ``<section>.a.b=v`` overrides set, the spec overrides)."""
+    source = str(path)
+    raw = read_yaml_mapping(path)
+    if not isinstance(raw.get(section), dict):
+        raise SpecError(f"{source}: {section}: required mapping missing")
+    part = {section: raw.pop(section)}  # keys keep their prefix: errors name ``section.a.b``
+    own, rest = split_overrides(overrides, section)
+    for key, value in own:
+        set_dotted(part, f"{section}.{key}", value, source)
+    return raw, part[section], rest
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> None:
     """Set ``a.b=v`` overrides into a raw mapping; errors are prefixed with ``source``."""
     try:

@@ -38,8 +38,7 @@ from pipelines.spec import (
     SpecError,
     flatten,
     parse_cli,
-    read_yaml_mapping,
-    split_overrides,
+    read_with_section,
 )
 
 SEARCHES = ("grid", "optuna")
@@ -142,24 +141,10 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
     raise SpecError(f"{where}: unknown kind {kind!r} (valid: choices, {', '.join(RANGES)})")
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Sweep]:
     """Read ``<sweep.yaml>``: the base spec (validated) and its ``sweep:`` section."""
     source = str(path)
-    raw = read_yaml_mapping(path)
-    if not isinstance(raw.get("sweep"), dict):
-        raise SpecError(f"{source}: sweep: required mapping missing")
-    sw = raw.pop("sweep")
-    own, spec_overrides = split_overrides(overrides, "sweep")
-    for key, value in own:
-        _set(sw, key, value)
+    raw, sw, spec_overrides = read_with_section(path, "sweep", overrides)
     spec = ExperimentSpec.from_dict(raw, source=source)
     try:
         spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
