@@ -43,6 +43,33 @@ def encode_document(
     return tokens, lev
 
 
+def encode_documents(
+    data: np.ndarray, levels: np.ndarray, lengths: np.ndarray, top_level: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated documents -> their concatenated ``encode_document`` outputs.
+
+    ``data`` / ``levels``: uint8 [N], the documents' bytes and Splitter levels back to back;
+    ``lengths``: [n] byte counts summing to N. Returns (tokens [N + 2n] uint16, levels [N + 2n]
+    uint8). Lets a producer ship bytes + levels (2 bytes per text byte) and the consumer add
+    BOS/EOS, instead of shipping uint16 tokens (3 bytes per text byte).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(data) != len(levels) or int(lengths.sum()) != len(data) or (lengths < 0).any():
+        raise ValueError(
+            f"{len(data)} bytes, {len(levels)} levels, document lengths summing to {lengths.sum()}"
+        )
+    tokens = np.empty(len(data) + 2 * len(lengths), dtype=TOKEN_DTYPE)
+    lev = np.empty(len(tokens), dtype=LEVEL_DTYPE)
+    src = dst = 0
+    for n in lengths.tolist():  # one slice copy per document: ~1 us each, memcpy-bound
+        tokens[dst], lev[dst] = BOS_ID, top_level
+        tokens[dst + 1 : dst + 1 + n] = data[src : src + n]
+        lev[dst + 1 : dst + 1 + n] = levels[src : src + n]
+        tokens[dst + 1 + n], lev[dst + 1 + n] = EOS_ID, 0
+        src, dst = src + n, dst + n + 2
+    return tokens, lev
+
+
 class Packer:
     """Concatenates documents and cuts the stream into chunks of ``chunk`` windows of ``T+1``.
 

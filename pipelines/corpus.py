@@ -34,8 +34,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aunet.packing import encode_document
-
 MISSING = object()
 DOCS_SCHEMA = pa.schema(
     [
@@ -193,26 +191,29 @@ def _splitter(strategy_json: str):
     return Splitter(strategy) if strategy else None
 
 
-def encode(data: bytes, splitter, top_level: int) -> tuple[bytes, bytes]:
-    """Document bytes -> (uint16-LE tokens, uint8 levels) with BOS (level K) and EOS (level 0)."""
-    levels = splitter.levels(data) if splitter is not None else np.zeros(len(data), np.uint8)
-    tok, lev = encode_document(data, levels, top_level)
-    return tok.astype("<u2", copy=False).tobytes(), lev.tobytes()
-
-
 def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
-    """Splitter levels per whole document (spec §2.5 with BOS forced to K, §11)."""
-    splitter, K = _splitter(strategy_json), len(json.loads(strategy_json))
-    toks, levs = [], []
-    for data in table.column("data").to_pylist():
-        t, lv = encode(data, splitter, K) if data is not None else (None, None)
-        toks.append(t)
-        levs.append(lv)
-    table = table.drop_columns(["data"])
-    lengths = [0 if t is None else len(t) // 2 for t in toks]
-    table = table.append_column("tokens_len", pa.array(lengths, pa.int64()))
-    table = table.append_column("tokens", pa.array(toks, pa.large_binary()))
-    return table.append_column("levels", pa.array(levs, pa.large_binary()))
+    """Splitter levels per whole document (spec §2.5), in a ``levels`` column beside ``data``.
+
+    BOS/EOS are added by the consumer (``aunet.packing.encode_documents``): bytes + levels are 2
+    bytes per text byte through the object store, uint16 tokens with BOS/EOS would be 3.
+    ``nbytes``: the document's byte count (0 for a row without data).
+    """
+    splitter = _splitter(strategy_json)
+    docs = table.column("data").to_pylist()
+    lengths = np.array([0 if d is None else len(d) for d in docs], dtype=np.int64)
+    parts = [
+        splitter.levels(d) if splitter is not None else np.zeros(len(d), np.uint8)
+        for d in docs
+        if d
+    ]
+    values = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    levels = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(docs), [None, pa.py_buffer(offsets), pa.py_buffer(values)]
+    )
+    table = table.append_column("nbytes", pa.array(lengths, pa.int64()))
+    return table.append_column("levels", levels)
 
 
 def read_encode_unit(batch: dict[str, np.ndarray], strategy_json: str):

@@ -10,6 +10,7 @@ from aunet.packing import (
     Packer,
     contraction_ratios,
     encode_document,
+    encode_documents,
     split_point_counts,
     windows,
 )
@@ -41,6 +42,26 @@ def test_encode_document_frames_with_bos_top_and_eos_zero():
     assert lev.tolist() == [3, 0, 1, 0, 0]
     with pytest.raises(ValueError, match="levels has 2 entries for 3 bytes"):
         encode_document(b"abc", np.zeros(2, np.uint8), 1)
+
+
+def test_encode_documents_equals_per_document_encoding():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 40, 50)
+    lengths[[0, 7, 49]] = 0  # empty documents still get BOS and EOS
+    data = rng.integers(0, 256, lengths.sum()).astype(np.uint8)
+    lev = rng.integers(0, 3, lengths.sum()).astype(np.uint8)
+    cuts = np.concatenate([[0], np.cumsum(lengths)])
+    want = [
+        encode_document(data[a:b].tobytes(), lev[a:b], top_level=2) for a, b in zip(cuts, cuts[1:])
+    ]
+    tok, out_lev = encode_documents(data, lev, lengths, top_level=2)
+    assert tok.dtype == np.uint16 and out_lev.dtype == np.uint8
+    np.testing.assert_array_equal(tok, np.concatenate([w[0] for w in want]))
+    np.testing.assert_array_equal(out_lev, np.concatenate([w[1] for w in want]))
+    empty = encode_documents(data[:0], lev[:0], np.zeros(0, np.int64), 2)
+    assert [len(x) for x in empty] == [0, 0]
+    with pytest.raises(ValueError, match="lengths summing to"):
+        encode_documents(data, lev, lengths[:-2], 2)
 
 
 @pytest.mark.parametrize("T,chunk,max_len", [(1, 1, 5), (7, 1, 30), (16, 3, 100), (64, 4, 20)])

@@ -151,6 +151,45 @@ def test_deterministic_whatever_parallelism(tmp_path, monkeypatch):
     assert pp.preprocess(spec).reused
 
 
+def test_runs_cover_each_split_in_order():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        split = rng.choice([-1, 0, 1], rng.integers(0, 30), p=[0.2, 0.5, 0.3]).astype(np.int8)
+        runs = pp._runs(split)
+        for (s, a, b, n), nxt in zip(runs, runs[1:] + [None]):
+            rows = np.flatnonzero(split[a:b] >= 0)
+            assert set(split[a:b][rows]) == {s} and n == len(rows)
+            assert split[a] == s and split[b - 1] == s  # runs start and end on kept rows
+            assert nxt is None or (nxt[0] != s and nxt[1] >= b)
+        for s in (0, 1):  # naive reference: the rows of split s, in order
+            got = [a + i for t, a, b, _ in runs if t == s for i in np.flatnonzero(split[a:b] == s)]
+            assert got == np.flatnonzero(split == s).tolist()
+
+
+def test_train_and_val_streams_with_rejected_rows_between(tmp_path):
+    from pipelines.corpus import hash01
+
+    rng = np.random.default_rng(2)
+    recs, kept = [], []
+    for i in range(300):
+        if i % 7 == 3:
+            recs.append({"id": i, "text": ""})  # rejected rows inside runs of both splits
+            continue
+        text = " ".join(rng.choice(["ab", "cd", "efg", "日本", "\n"], rng.integers(1, 30)))
+        recs.append({"id": i, "text": text})
+        kept.append((i, text.encode()))
+    write_jsonl(tmp_path / "m.jsonl", recs)
+    spec = make_spec(tmp_path, [{"path": str(tmp_path / "m.jsonl"), "id_field": "id"}],
+                     val_fraction=0.4, seed=5)  # fmt: skip
+    info = pp.preprocess(spec, block_bytes=300)  # many blocks, each with both splits
+    in_val = {i: hash01(b"5", b"split", f"id:{i}".encode()) < 0.4 for i, _ in kept}
+    assert 0 < sum(in_val.values()) < len(kept)
+    for name, want in (("train", False), ("val", True)):
+        docs = [d for i, d in kept if in_val[i] == want]
+        assert info.manifest["splits"][name]["documents"] == len(docs)
+        assert_stream(info.path, docs, split=name)
+
+
 def test_bad_input_counts_and_levels(tmp_path):
     txt_bad = b"caf\xc3\xa9 \xff\xfe broken \xc3 utf-8\x00 with NUL\x00 bytes\n"
     (tmp_path / "bad.txt").write_bytes(txt_bad)
