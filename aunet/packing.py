@@ -43,71 +43,72 @@ def encode_document(
     return tokens, lev
 
 
-def encode_documents(
-    data: np.ndarray, levels: np.ndarray, lengths: np.ndarray, top_level: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated documents -> their concatenated ``encode_document`` outputs.
-
-    ``data`` / ``levels``: uint8 [N], the documents' bytes and Splitter levels back to back;
-    ``lengths``: [n] byte counts summing to N. Returns (tokens [N + 2n] uint16, levels [N + 2n]
-    uint8). Lets a producer ship bytes + levels (2 bytes per text byte) and the consumer add
-    BOS/EOS, instead of shipping uint16 tokens (3 bytes per text byte).
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(data) != len(levels) or int(lengths.sum()) != len(data) or (lengths < 0).any():
-        raise ValueError(
-            f"{len(data)} bytes, {len(levels)} levels, document lengths summing to {lengths.sum()}"
-        )
-    tokens = np.empty(len(data) + 2 * len(lengths), dtype=TOKEN_DTYPE)
-    lev = np.empty(len(tokens), dtype=LEVEL_DTYPE)
-    src = dst = 0
-    for n in lengths.tolist():  # one slice copy per document: ~1 us each, memcpy-bound
-        tokens[dst], lev[dst] = BOS_ID, top_level
-        tokens[dst + 1 : dst + 1 + n] = data[src : src + n]
-        lev[dst + 1 : dst + 1 + n] = levels[src : src + n]
-        tokens[dst + 1 + n], lev[dst + 1 + n] = EOS_ID, 0
-        src, dst = src + n, dst + n + 2
-    return tokens, lev
-
-
 class Packer:
     """Concatenates documents and cuts the stream into chunks of ``chunk`` windows of ``T+1``.
 
     A chunk is the contiguous stream slice ``[k*T*chunk, (k+1)*T*chunk + 1)``: ``chunk*T + 1``
     tokens holding ``chunk`` windows that overlap by one (``windows`` materialises them). Shipping
     slices instead of windows keeps the copy, and the ``T+1``-for-``T`` blow-up, out of the caller.
-    The carried remainder always starts with the last token of the previous chunk.
+    Tokens are written once, into the buffer of the chunk being filled; a full buffer is handed
+    out as the chunk (the caller owns it) and the next one starts with its last token.
     """
 
     def __init__(self, seq_len: int, chunk: int = 1):
         if seq_len < 1 or chunk < 1:
             raise ValueError(f"seq_len and chunk must be >= 1, got {seq_len}, {chunk}")
         self.seq_len, self.chunk = seq_len, chunk
-        self._tok: list[np.ndarray] = []
-        self._lev: list[np.ndarray] = []
-        self._buffered = 0
-        self.tokens_in = 0  # every token handed to add()
+        self._cap = chunk * seq_len + 1
+        self._tok, self._lev, self._fill = self._buffers()
+        self.tokens_in = 0  # every token handed to add() / add_documents()
         self.windows_out = 0
 
     def add(self, tokens: np.ndarray, levels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Append a token run (documents, concatenated); return the chunks it completed."""
         if len(tokens) != len(levels):
             raise ValueError(f"{len(tokens)} tokens but {len(levels)} levels")
-        self._tok.append(np.asarray(tokens, dtype=TOKEN_DTYPE))
-        self._lev.append(np.asarray(levels, dtype=LEVEL_DTYPE))
-        self._buffered += len(tokens)
+        out, i = [], 0
+        while i < len(tokens):
+            k = min(len(tokens) - i, self._cap - self._fill)
+            self._tok[self._fill : self._fill + k] = tokens[i : i + k]
+            self._lev[self._fill : self._fill + k] = levels[i : i + k]
+            self._fill += k
+            i += k
+            if self._fill == self._cap:
+                out.append(self._emit())
         self.tokens_in += len(tokens)
-        size = self.chunk * self.seq_len
-        if self._buffered < size + 1:
-            return []
-        tok, lev = self._joined()
-        n = (len(tok) - 1) // size
-        out = [
-            (tok[i * size : (i + 1) * size + 1], lev[i * size : (i + 1) * size + 1])
-            for i in range(n)
-        ]
-        self._keep(tok[n * size :], lev[n * size :])
-        self.windows_out += n * self.chunk
+        return out
+
+    def add_documents(
+        self, data: np.ndarray, levels: np.ndarray, lengths: np.ndarray, top_level: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``add`` of each document's ``encode_document`` output, without building them.
+
+        ``data`` / ``levels``: uint8 [N], documents' bytes and Splitter levels back to back;
+        ``lengths``: [n] byte counts summing to N. Lets a producer ship bytes + levels (2 bytes
+        per text byte) and the packer add BOS/EOS as it copies them into the chunk buffer.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(data) != len(levels) or int(lengths.sum()) != len(data) or (lengths < 0).any():
+            raise ValueError(
+                f"{len(data)} bytes, {len(levels)} levels, document lengths summing to "
+                f"{lengths.sum()}"
+            )
+        out, src = [], 0
+        for n in lengths.tolist():  # ~1 us of Python per document; the copies are memcpy
+            f = self._fill
+            if f + n + 2 <= self._cap:  # the common case: the whole document fits
+                self._tok[f], self._lev[f] = BOS_ID, top_level
+                self._tok[f + 1 : f + 1 + n] = data[src : src + n]
+                self._lev[f + 1 : f + 1 + n] = levels[src : src + n]
+                self._tok[f + 1 + n], self._lev[f + 1 + n] = EOS_ID, 0
+                self._fill += n + 2
+                self.tokens_in += n + 2
+                if self._fill == self._cap:
+                    out.append(self._emit())
+            else:
+                doc = data[src : src + n].tobytes()
+                out += self.add(*encode_document(doc, levels[src : src + n], top_level))
+            src += n
         return out
 
     def finish(self) -> tuple[tuple[np.ndarray, np.ndarray] | None, int]:
@@ -117,23 +118,23 @@ class Packer:
         (the +1 is the very first input, nobody's target), else ``dropped == tokens_in``.
         """
         last = None
-        if self._buffered:
-            tok, lev = self._joined()
-            n = (len(tok) - 1) // self.seq_len
-            if n:
-                last = (tok[: n * self.seq_len + 1], lev[: n * self.seq_len + 1])
-                self.windows_out += n
+        n = (self._fill - 1) // self.seq_len if self._fill else 0
+        if n:
+            last = (self._tok[: n * self.seq_len + 1], self._lev[: n * self.seq_len + 1])
+            self.windows_out += n
         dropped = self.tokens_in - (self.windows_out * self.seq_len + 1 if self.windows_out else 0)
-        self._keep(np.zeros(0, TOKEN_DTYPE), np.zeros(0, LEVEL_DTYPE))
+        self._tok, self._lev, self._fill = self._buffers()
         return last, dropped
 
-    def _joined(self) -> tuple[np.ndarray, np.ndarray]:
-        if len(self._tok) == 1:
-            return self._tok[0], self._lev[0]
-        return np.concatenate(self._tok), np.concatenate(self._lev)
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, int]:
+        return np.empty(self._cap, TOKEN_DTYPE), np.empty(self._cap, LEVEL_DTYPE), 0
 
-    def _keep(self, tok: np.ndarray, lev: np.ndarray) -> None:
-        self._tok, self._lev, self._buffered = [tok.copy()], [lev.copy()], len(tok)
+    def _emit(self) -> tuple[np.ndarray, np.ndarray]:
+        full = self._tok, self._lev
+        self._tok, self._lev, _ = self._buffers()
+        self._tok[0], self._lev[0], self._fill = full[0][-1], full[1][-1], 1
+        self.windows_out += self.chunk
+        return full
 
 
 def windows(tokens: np.ndarray, levels: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from aunet.packing import Packer, contraction_ratios, encode_documents, windows
+from aunet.packing import Packer, contraction_ratios, windows
 from pipelines import corpus
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete, write_shard
 
@@ -88,10 +88,11 @@ class _Split:
         self.inflight: list = []
         self.next_index = self.documents = self.text_bytes = 0
 
-    def add(self, tokens: np.ndarray, levels: np.ndarray, documents: int) -> None:
-        self.documents += documents
-        self.text_bytes += len(tokens) - 2 * documents
-        for tok, lev in self.packer.add(tokens, levels):
+    def add(self, data: np.ndarray, levels: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents' bytes and levels back to back (``lengths`` [n]); BOS/EOS added here."""
+        self.documents += len(lengths)
+        self.text_bytes += len(data)
+        for tok, lev in self.packer.add_documents(data, levels, lengths, self.K):
             self._submit(tok, lev)
 
     def _submit(self, tok: np.ndarray, lev: np.ndarray) -> None:
@@ -145,19 +146,18 @@ def _runs(split: np.ndarray) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def _run_documents(batch: pa.Table, start: int, stop: int, s: int, K: int):
-    """Rows ``start:stop`` of a block whose kept documents are in split ``s`` -> their tokens and
-    levels with BOS/EOS, ready for the packer. The run's bytes are contiguous in the block's
-    buffers; ``encode_documents`` copies them into new arrays, so the packer never holds the
-    block (views into the object store kept alive cost the driver ~5x more system time)."""
+def _run_documents(batch: pa.Table, start: int, stop: int, s: int):
+    """Rows ``start:stop`` of a block whose kept documents are in split ``s`` -> (bytes, levels,
+    document lengths). The run's bytes are contiguous in the block's buffers: these are views,
+    which the packer copies into its chunk buffer at once, so it never holds the block (views
+    into the object store kept alive cost the driver ~5x more system time)."""
     data, offsets = _binary(batch.column("data"))
     levels, lev_offsets = _binary(batch.column("levels"))
     a, b = int(offsets[start]), int(offsets[stop])
     if (a, b) != (int(lev_offsets[start]), int(lev_offsets[stop])):
         raise AssertionError(f"rows {start}:{stop}: data and levels are not aligned")
     split = batch.column("split").to_numpy()[start:stop]
-    lengths = np.diff(offsets[start : stop + 1])[split == s]
-    return encode_documents(data[a:b], levels[a:b], lengths, K)
+    return data[a:b], levels[a:b], np.diff(offsets[start : stop + 1])[split == s]
 
 
 def _binary(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +263,8 @@ def _build(
             )  # fmt: skip
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 batch, stop = counts.add(batch, data.max_documents)
-                for s, a, b, docs in _runs(batch.column("split").to_numpy()):
-                    splits[s].add(*_run_documents(batch, a, b, s, K), docs)
+                for s, a, b, _ in _runs(batch.column("split").to_numpy()):
+                    splits[s].add(*_run_documents(batch, a, b, s))
                 if stop:
                     break
     per_split = {s: sp.finish() for s, sp in zip(SPLITS, splits)}

@@ -10,7 +10,6 @@ from aunet.packing import (
     Packer,
     contraction_ratios,
     encode_document,
-    encode_documents,
     split_point_counts,
     windows,
 )
@@ -44,24 +43,36 @@ def test_encode_document_frames_with_bos_top_and_eos_zero():
         encode_document(b"abc", np.zeros(2, np.uint8), 1)
 
 
-def test_encode_documents_equals_per_document_encoding():
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(0, 40, 50)
-    lengths[[0, 7, 49]] = 0  # empty documents still get BOS and EOS
+@pytest.mark.parametrize("T,chunk", [(1, 1), (5, 2), (16, 3)])
+def test_add_documents_equals_adding_each_encoded_document(T, chunk):
+    rng = np.random.default_rng(T)
+    lengths = rng.integers(0, 60, 80)  # some straddle chunk boundaries, some span several
+    lengths[[0, 7, 79]] = 0  # empty documents still get BOS and EOS
     data = rng.integers(0, 256, lengths.sum()).astype(np.uint8)
     lev = rng.integers(0, 3, lengths.sum()).astype(np.uint8)
     cuts = np.concatenate([[0], np.cumsum(lengths)])
-    want = [
-        encode_document(data[a:b].tobytes(), lev[a:b], top_level=2) for a, b in zip(cuts, cuts[1:])
-    ]
-    tok, out_lev = encode_documents(data, lev, lengths, top_level=2)
-    assert tok.dtype == np.uint16 and out_lev.dtype == np.uint8
-    np.testing.assert_array_equal(tok, np.concatenate([w[0] for w in want]))
-    np.testing.assert_array_equal(out_lev, np.concatenate([w[1] for w in want]))
-    empty = encode_documents(data[:0], lev[:0], np.zeros(0, np.int64), 2)
-    assert [len(x) for x in empty] == [0, 0]
+    ref, fast = Packer(T, chunk=chunk), Packer(T, chunk=chunk)
+    want, got = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        want += ref.add(*encode_document(data[a:b].tobytes(), lev[a:b], top_level=2))
+    for lo, hi in [(0, 30), (30, 31), (31, 80)]:  # runs of documents, as the pipeline sends them
+        a, b = cuts[lo], cuts[hi]
+        got += fast.add_documents(data[a:b], lev[a:b], lengths[lo:hi], top_level=2)
+    want.append(ref.finish())
+    got.append(fast.finish())
+    assert len(got) == len(want) > 3
+    for g, w in zip(got[:-1], want[:-1]):
+        assert g[0].dtype == np.uint16 and g[1].dtype == np.uint8
+        np.testing.assert_array_equal(g[0], w[0])
+        np.testing.assert_array_equal(g[1], w[1])
+    (g_last, g_drop), (w_last, w_drop) = got[-1], want[-1]
+    assert g_drop == w_drop and (g_last is None) == (w_last is None)
+    if w_last is not None:
+        np.testing.assert_array_equal(g_last[0], w_last[0])
+        np.testing.assert_array_equal(g_last[1], w_last[1])
+    assert fast.tokens_in == ref.tokens_in == lengths.sum() + 2 * len(lengths)
     with pytest.raises(ValueError, match="lengths summing to"):
-        encode_documents(data, lev, lengths[:-2], 2)
+        fast.add_documents(data, lev, lengths[:-2], 2)
 
 
 @pytest.mark.parametrize("T,chunk,max_len", [(1, 1, 5), (7, 1, 30), (16, 3, 100), (64, 4, 20)])
