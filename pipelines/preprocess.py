@@ -3,12 +3,13 @@
 ``python -m pipelines.preprocess experiment.yaml [a.b=v | --set a.b=v ...] [--force]``
 
 Stages: one Ray Data map task per (input file, pass) reads its records and runs the Splitter on
-each whole document, adding BOS/EOS (``corpus.read_encode_unit``, the expensive part; parallel over
-files, so a corpus in one file is split by one task); the driver consumes the documents in input
-order (``preserve_order``), cuts each split's stream into shard-sized slices
-(``aunet.packing.Packer``) and hands every slice to a writer thread that materialises its windows
-and writes the shard. The cut is sequential over one stream: doing it inside Ray Data would tie
-window boundaries to block boundaries, which move with the parallelism. Everything upstream of the
+each whole document (``corpus.read_encode_unit``, the expensive part; parallel over files, so a
+corpus in one file is split by one task) and ships bytes + levels; the driver consumes the
+documents in input order (``preserve_order``), adds BOS/EOS as it copies them into the packer
+(``aunet.packing.Packer.add_documents``), which cuts each split's stream into shard-sized slices,
+and hands every slice to a writer thread that materialises its windows and writes the shard.
+The cut is sequential over one stream: doing it inside Ray Data would tie window boundaries to
+block boundaries, which move with the parallelism. Everything upstream of the
 driver is a pure function of the record, so shards are identical byte for byte whatever the CPU
 count or block size, and their names (``shard-00000.parquet``) depend only on their position in
 the stream.

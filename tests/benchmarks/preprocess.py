@@ -6,9 +6,10 @@ The corpus is experiments/data/*.jsonl.gz (or /usr/share/common-licenses text fi
 copied into enough .jsonl.gz files to reach --mb MB of text. Each Ray run is a fresh process
 (``ray.init(num_cpus=k)``), warmed by one tiny pipeline of k files, which starts the k worker
 processes, so that the timing is the steady-state pipeline, not Ray's start-up (the warm-up time is
-printed too). The loop does the same work in one process: read -> Splitter -> BOS/EOS -> pack ->
-write parquet. Every setting is timed ``--repeat`` times and its fastest run is kept (every time is
-printed): on a shared VM a single 3-5 s run varies by ~10%.
+printed too). The loop does the same work in one process: input checksums, read -> Splitter ->
+BOS/EOS -> pack -> the pipeline's shard writer (windows, Parquet, split-point statistics).
+Every setting is timed ``--repeat`` times and its fastest run is kept (every time is printed): on a
+shared VM a single 3-5 s run varies by ~10%.
 Targets: 2 CPUs >= 1.6x one CPU; the pipeline on one CPU >= 0.8x the loop. "One CPU" is one
 core for the whole run (pinned); the unpinned ``num_cpus=1`` figure is printed too.
 """
@@ -146,12 +147,15 @@ def run_ray(
 
 
 def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
-    """The same work in one Python process, no Ray."""
+    """The same work in one Python process, no Ray: input checksums (the manifest lists them),
+    read -> Splitter -> BOS/EOS -> pack, and each shard through the pipeline's own shard writer
+    (windows, Parquet, the split-point statistics of the manifest)."""
+    import hashlib
 
-    from aunet.packing import Packer, encode_document, windows
+    from aunet.packing import Packer, encode_document
     from aunet.splitting import Splitter
     from pipelines.corpus import hash01, records, to_bytes
-    from pipelines.data import write_shard
+    from pipelines.preprocess import _write_chunk
 
     t = time.perf_counter()
     out.mkdir(parents=True)
@@ -161,10 +165,13 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
 
     def write(chunk) -> None:
         nonlocal shards
-        write_shard(out / f"shard-{shards:05d}.parquet", *windows(*chunk, seq_len), 0)
+        _write_chunk(str(out / f"shard-{shards:05d}.parquet"), *chunk, seq_len, 0, K)
         shards += 1
 
-    for f in sorted(corpus.glob("*.jsonl.gz")):
+    files = sorted(corpus.glob("*.jsonl.gz"))
+    for f in files:
+        hashlib.sha256(f.read_bytes()).hexdigest()
+    for f in files:
         for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
             data, reason = to_bytes(value)
             if data is None:
