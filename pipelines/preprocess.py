@@ -147,7 +147,9 @@ def _runs(split: np.ndarray) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def _run_documents(batch: pa.Table, start: int, stop: int, s: int):
+def _run_documents(
+    batch: pa.Table, start: int, stop: int, s: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows ``start:stop`` of a block whose kept documents are in split ``s`` -> (bytes, levels,
     document lengths). The run's bytes are contiguous in the block's buffers: these are views,
     which the packer copies into its chunk buffer at once, so it never holds the block (views
