@@ -59,13 +59,7 @@ def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
         else:
             raise FileNotFoundError(f"data.sources[{i}].path: no such file: {src.path}")
         for path in matches:
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-            except OSError as e:
-                raise OSError(f"{path}: cannot read input: {e}") from e
+            digest = file_sha256(path)
             fields = {k: getattr(src, k) for k in ("text_field", "id_field", "lang_field")}
             out.append(
                 {
@@ -73,12 +67,24 @@ def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
                     "source": i,
                     "format": src.resolved_format,
                     "bytes": os.path.getsize(path),
-                    "sha256": h.hexdigest(),
+                    "sha256": digest,
                     "weight": float(src.weight),
                     **fields,
                 }
             )
     return out
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 4 MB blocks; a read error names the file."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    except OSError as e:
+        raise OSError(f"{path}: cannot read input: {e}") from e
+    return h.hexdigest()
 
 
 def hash01(*parts: bytes) -> float:

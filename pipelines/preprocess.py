@@ -147,20 +147,22 @@ def _runs(split: np.ndarray) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def _run_documents(
-    batch: pa.Table, start: int, stop: int, s: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows ``start:stop`` of a block whose kept documents are in split ``s`` -> (bytes, levels,
-    document lengths). The run's bytes are contiguous in the block's buffers: these are views,
-    which the packer copies into its chunk buffer at once, so it never holds the block (views
-    into the object store kept alive cost the driver ~5x more system time)."""
+def _block_runs(batch: pa.Table):
+    """A block -> (split, bytes, levels, document lengths) of each run of ``_runs``.
+
+    A run's bytes are contiguous in the block's buffers: these are views, which the packer copies
+    into its chunk buffer at once, so it never holds the block (views into the object store kept
+    alive cost the driver ~5x more system time).
+    """
     data, offsets = _binary(batch.column("data"))
     levels, lev_offsets = _binary(batch.column("levels"))
-    a, b = int(offsets[start]), int(offsets[stop])
-    if (a, b) != (int(lev_offsets[start]), int(lev_offsets[stop])):
-        raise AssertionError(f"rows {start}:{stop}: data and levels are not aligned")
-    split = batch.column("split").to_numpy()[start:stop]
-    return data[a:b], levels[a:b], np.diff(offsets[start : stop + 1])[split == s]
+    split = batch.column("split").to_numpy()
+    for s, start, stop, _ in _runs(split):
+        a, b = int(offsets[start]), int(offsets[stop])
+        if (a, b) != (int(lev_offsets[start]), int(lev_offsets[stop])):
+            raise AssertionError(f"rows {start}:{stop}: data and levels are not aligned")
+        lengths = np.diff(offsets[start : stop + 1])[split[start:stop] == s]
+        yield s, data[a:b], levels[a:b], lengths
 
 
 def _binary(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -266,8 +268,8 @@ def _build(
             )  # fmt: skip
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 batch, stop = counts.add(batch, data.max_documents)
-                for s, a, b, _ in _runs(batch.column("split").to_numpy()):
-                    splits[s].add(*_run_documents(batch, a, b, s))
+                for s, data_run, levels_run, lengths in _block_runs(batch):
+                    splits[s].add(data_run, levels_run, lengths)
                 if stop:
                     break
     per_split = {s: sp.finish() for s, sp in zip(SPLITS, splits)}

@@ -129,8 +129,12 @@ def child(cpus: int, corpus: Path, out: Path, seq_len: int, pin: bool, repeat: i
                 "bytes": info.manifest["bytes"],
             }
         )
-    best = min(runs, key=lambda r: r["seconds"])
-    print("RESULT", json.dumps({**best, "all_seconds": [r["seconds"] for r in runs]}))
+    print("RESULT", json.dumps(_best(runs)))
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest of repeated runs, with every run's time under ``all_seconds``."""
+    return {**min(runs, key=lambda r: r["seconds"]), "all_seconds": [r["seconds"] for r in runs]}
 
 
 def run_ray(
@@ -150,11 +154,9 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
     """The same work in one Python process, no Ray: input checksums (the manifest lists them),
     read -> Splitter -> BOS/EOS -> pack, and each shard through the pipeline's own shard writer
     (windows, Parquet, the split-point statistics of the manifest)."""
-    import hashlib
-
     from aunet.packing import Packer, encode_document
     from aunet.splitting import Splitter
-    from pipelines.corpus import hash01, records, to_bytes
+    from pipelines.corpus import file_sha256, hash01, records, to_bytes
     from pipelines.preprocess import _write_chunk
 
     t = time.perf_counter()
@@ -170,7 +172,7 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
 
     files = sorted(corpus.glob("*.jsonl.gz"))
     for f in files:
-        hashlib.sha256(f.read_bytes()).hexdigest()
+        file_sha256(str(f))
     for f in files:
         for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
             data, reason = to_bytes(value)
@@ -210,10 +212,7 @@ def main() -> None:
         loops = [run_loop(corpus, tmp / f"loop{i}", args.seq_len) for i in range(args.repeat)]
         r, T = args.repeat, args.seq_len
         runs = {
-            "loop": {
-                **min(loops, key=lambda x: x["seconds"]),
-                "all_seconds": [x["seconds"] for x in loops],
-            },
+            "loop": _best(loops),
             "ray-1cpu": run_ray(1, corpus, tmp / "ray1", T, pin=True, repeat=r),
             "ray-2cpu": run_ray(2, corpus, tmp / "ray2", T, pin=True, repeat=r),
             "ray-1slot": run_ray(1, corpus, tmp / "ray1u", T, pin=False, repeat=r),
