@@ -73,9 +73,15 @@ class Generator:
         w = self.model.tok_embeddings.weight
         att = stack.layers[0].attention if len(stack.layers) else None
         cache = StackCache(
-            len(stack.layers), len(counts), int(counts.max()) + extra, stack.window,
-            att.n_kv_heads if att else 1, att.head_dim if att else 2, w.device, w.dtype,
-        )  # fmt: skip
+            len(stack.layers),
+            len(counts),
+            int(counts.max()) + extra,
+            stack.window,
+            att.n_kv_heads if att else 1,
+            att.head_dim if att else 2,
+            w.device,
+            w.dtype,
+        )
         for i, (k, v) in enumerate(kvs):
             for b, n in enumerate(counts.tolist()):
                 cache.load(b, i, k[b, :n], v[b, :n])

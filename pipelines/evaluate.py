@@ -251,16 +251,22 @@ def log_to_mlflow(
         try:
             client.get_run(run_id)
         except Exception as e:
-            print(f"evaluate: run {run_id} not in {uri} ({type(e).__name__}); logging to a new run",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"evaluate: run {run_id} not in {uri} ({type(e).__name__}); logging to a new run",
+                file=sys.stderr,
+            )
             run_id = None
     new = run_id is None
     if new:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            cfg.tracking.experiment,
-            artifact_location=artifact_location_for(uri, cfg.tracking.artifact_location),
-        )  # fmt: skip
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(
+                cfg.tracking.experiment,
+                artifact_location=artifact_location_for(uri, cfg.tracking.artifact_location),
+            )
+        )
         job = ray_job_id()
         name = cfg.tracking.run_name or f"{cfg.name}-{Path(source.rstrip('/')).name}"
         run_id = client.create_run(
@@ -294,8 +300,15 @@ USAGE = (
 
 
 def _parse_argv(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"pos": [], "overrides": [], "run_id": None, "new_run": False,
-                            "no_mlflow": False, "tasks": None, "output": None}  # fmt: skip
+    opts: dict[str, Any] = {
+        "pos": [],
+        "overrides": [],
+        "run_id": None,
+        "new_run": False,
+        "no_mlflow": False,
+        "tasks": None,
+        "output": None,
+    }
     valued = {"--set": "overrides", "--run-id": "run_id", "--tasks": "tasks", "--output": "output"}
     it = iter(argv)
     for arg in it:
@@ -355,11 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     if opts["output"]:
         Path(opts["output"]).write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
     if uri is not None:
-        params = {"config": str(Path(cfg_path).absolute()), "context": cfg.context or seq_len,
-                  "stride": cfg.stride, "checkpoint": source}  # fmt: skip
+        params = {
+            "config": str(Path(cfg_path).absolute()),
+            "context": cfg.context or seq_len,
+            "stride": cfg.stride,
+            "checkpoint": source,
+        }
         run_id = None if opts["new_run"] else (opts["run_id"] or src.run_id)
-        run_id = log_to_mlflow(uri, cfg, metrics, run_id=run_id, step=step, source=source,
-                               params=params)  # fmt: skip
+        run_id = log_to_mlflow(
+            uri, cfg, metrics, run_id=run_id, step=step, source=source, params=params
+        )
         print(f"evaluate: logged to MLflow run {run_id} (step {step}) in {uri}")
     return 0
 

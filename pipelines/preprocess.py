@@ -182,8 +182,12 @@ def _ray_data_settings(progress: bool):
 
     ctx = ray.data.DataContext.get_current()
     opts = ctx.execution_options
-    names = ("enable_progress_bars", "print_on_execution_start", "target_max_block_size",
-             "op_resource_reservation_enabled")  # fmt: skip
+    names = (
+        "enable_progress_bars",
+        "print_on_execution_start",
+        "target_max_block_size",
+        "op_resource_reservation_enabled",
+    )
     old = [getattr(ctx, n) for n in names]
     old_order = opts.preserve_order
     opts.preserve_order = True  # stream order = input order, whatever the CPUs
@@ -262,10 +266,12 @@ def _build(
             # One task per unit reads and splits it. (Two chained map_batches would be fused by
             # Ray Data into tasks of max(batch sizes) *units*: the whole corpus in one task.)
             ds = ds.map_batches(
-                corpus.read_encode_unit, batch_size=1, batch_format="numpy",
+                corpus.read_encode_unit,
+                batch_size=1,
+                batch_format="numpy",
                 fn_kwargs={"strategy_json": strategy_json},
                 _generator_backpressure_num_objects=2 * GEN_BUFFER_BLOCKS,
-            )  # fmt: skip
+            )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 batch, stop = counts.add(batch, data.max_documents)
                 for s, data_run, levels_run, lengths in _block_runs(batch):

@@ -376,8 +376,10 @@ def report_main(argv: list[str]) -> int:
     print(result["table"])
     for c in result["crossovers"]:
         where = ", extrapolated" if c["extrapolated"] else ""
-        print(f"crossover {' vs '.join(c['variants'])}: C = {c['C']:.3g} FLOPs "
-              f"({c['better_above']} better above{where})")  # fmt: skip
+        print(
+            f"crossover {' vs '.join(c['variants'])}: C = {c['C']:.3g} FLOPs "
+            f"({c['better_above']} better above{where})"
+        )
     print(f"report: {out / 'report.html'} (MLflow run {result['report_run_id']})")
     return 0
 

@@ -43,11 +43,35 @@ from pipelines.spec import (
 
 SEARCHES = ("grid", "optuna")
 RANGES = ("loguniform", "uniform", "int")
-SWEEP_KEYS = ("name", "search", "num_samples", "seed", "metric", "mode", "max_concurrent_trials",
-              "max_failures", "flop_tolerance", "scheduler", "space", "fault")  # fmt: skip
-COLUMNS = ("rank", "variant", "trial", "num_params", "steps", "batch_size", "flops",
-           "flops_vs_budget", "val_bits_per_byte", "status", "attempts", "wall_s",
-           "mlflow_run_id")  # fmt: skip
+SWEEP_KEYS = (
+    "name",
+    "search",
+    "num_samples",
+    "seed",
+    "metric",
+    "mode",
+    "max_concurrent_trials",
+    "max_failures",
+    "flop_tolerance",
+    "scheduler",
+    "space",
+    "fault",
+)
+COLUMNS = (
+    "rank",
+    "variant",
+    "trial",
+    "num_params",
+    "steps",
+    "batch_size",
+    "flops",
+    "flops_vs_budget",
+    "val_bits_per_byte",
+    "status",
+    "attempts",
+    "wall_s",
+    "mlflow_run_id",
+)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -114,7 +138,7 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
     where = f"sweep.space.{key}"
     if not isinstance(raw, Mapping) or len(raw) != 1:
         raise SpecError(f"{where}: expected one of choices/{'/'.join(RANGES)}, got {raw!r}")
-    (kind, value), = raw.items()  # fmt: skip
+    ((kind, value),) = raw.items()
     if kind == "choices":
         if value == "variants":
             value = dict(spec.variants or {})
@@ -162,22 +186,27 @@ def _build_sweep(sw: dict[str, Any], spec: ExperimentSpec) -> Sweep:
         raise SpecError("sweep.space: expected a non-empty mapping of dimensions")
     dims = tuple(_parse_dim(str(k), v, spec) for k, v in space.items())
     kw = {k: sw[k] for k in SWEEP_KEYS if k in sw and k not in ("space", "name")}
-    checks = {"search": lambda v: v in SEARCHES, "mode": lambda v: v in ("min", "max"),
-              "num_samples": lambda v: isinstance(v, int) and v >= 1,
-              "max_concurrent_trials": lambda v: isinstance(v, int) and v >= 1,
-              "max_failures": lambda v: isinstance(v, int) and v >= -1,
-              "seed": lambda v: isinstance(v, int), "metric": lambda v: isinstance(v, str),
-              "flop_tolerance": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
-              "scheduler": lambda v: isinstance(v, dict) and v.get("type") == "asha",
-              "fault": lambda v: isinstance(v, dict) and isinstance(v.get("step"), int),
-              }  # fmt: skip
+    checks = {
+        "search": lambda v: v in SEARCHES,
+        "mode": lambda v: v in ("min", "max"),
+        "num_samples": lambda v: isinstance(v, int) and v >= 1,
+        "max_concurrent_trials": lambda v: isinstance(v, int) and v >= 1,
+        "max_failures": lambda v: isinstance(v, int) and v >= -1,
+        "seed": lambda v: isinstance(v, int),
+        "metric": lambda v: isinstance(v, str),
+        "flop_tolerance": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
+        "scheduler": lambda v: isinstance(v, dict) and v.get("type") == "asha",
+        "fault": lambda v: isinstance(v, dict) and isinstance(v.get("step"), int),
+    }
     for k, v in kw.items():
         if not checks[k](v):
             raise SpecError(f"sweep.{k}: invalid value {v!r}")
     tr = spec.train
     if kw.get("scheduler") and tr.checkpoint_every % tr.eval_every:
-        raise SpecError("train.checkpoint_every: must be a multiple of train.eval_every under "
-                        "ASHA (every report must carry validation bits/byte)")  # fmt: skip
+        raise SpecError(
+            "train.checkpoint_every: must be a multiple of train.eval_every under "
+            "ASHA (every report must carry validation bits/byte)"
+        )
     return Sweep(name=str(sw.get("name") or spec.name), dims=dims, **kw)
 
 
@@ -203,8 +232,9 @@ def matched_plan(spec: ExperimentSpec, manifest: Mapping[str, Any] | None):
         return plan
     steps = max(1, round(budget / plan.flops_per_step))
     lr = tr.lr if tr.lr is not None else learning_rate(plan.flops_per_step * steps)
-    return dataclasses.replace(plan, steps=steps, lr=lr,
-                               warmup_steps=warmup_steps(tr.warmup, steps))  # fmt: skip
+    return dataclasses.replace(
+        plan, steps=steps, lr=lr, warmup_steps=warmup_steps(tr.warmup, steps)
+    )
 
 
 def _read_manifest(spec: ExperimentSpec) -> dict[str, Any]:
@@ -232,17 +262,28 @@ def prepare(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
             built.add(v.dataset_dir())
         manifest = _read_manifest(v)
         if not manifest["splits"]["val"]["sequences"]:
-            raise SpecError(f"data.val_fraction: the validation split of {v.dataset_dir()} is "
-                            "empty; a sweep ranks trials by validation bits/byte")  # fmt: skip
+            raise SpecError(
+                f"data.val_fraction: the validation split of {v.dataset_dir()} is "
+                "empty; a sweep ranks trials by validation bits/byte"
+            )
         plan = matched_plan(v, manifest)
         dev = plan.total_flops / v.train.flop_budget - 1 if v.train.flop_budget else None
         if dev is not None and abs(dev) > sweep.flop_tolerance:
-            raise SpecError(f"sweep variant {label}: {plan.steps} steps spend "
-                            f"{plan.total_flops:.3g} FLOPs, {dev:+.1%} off train.flop_budget "
-                            f"(tolerance {sweep.flop_tolerance:.0%}); raise the budget or lower "
-                            "train.batch_size")  # fmt: skip
-        rows.append({"variant": label, "num_params": plan.num_params, "steps": plan.steps,
-                     "batch_size": plan.batch_size, "flops": plan.total_flops})  # fmt: skip
+            raise SpecError(
+                f"sweep variant {label}: {plan.steps} steps spend "
+                f"{plan.total_flops:.3g} FLOPs, {dev:+.1%} off train.flop_budget "
+                f"(tolerance {sweep.flop_tolerance:.0%}); raise the budget or lower "
+                "train.batch_size"
+            )
+        rows.append(
+            {
+                "variant": label,
+                "num_params": plan.num_params,
+                "steps": plan.steps,
+                "batch_size": plan.batch_size,
+                "flops": plan.total_flops,
+            }
+        )
     return rows
 
 
@@ -286,8 +327,14 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
         done = json.loads(record_file.read_text())
         if done["status"] == "finished":
             bpb = done["val_bits_per_byte"]
-            tune.report({sweep.metric: math.nan if bpb is None else bpb, "flops": done["flops"],
-                         "step": done["final_step"], "finished": 1})  # fmt: skip
+            tune.report(
+                {
+                    sweep.metric: math.nan if bpb is None else bpb,
+                    "flops": done["flops"],
+                    "step": done["final_step"],
+                    "finished": 1,
+                }
+            )
             return
     attempts_file = _trial_file(ctx.sweep_dir, trial_id, ".attempts")
     attempts_file.parent.mkdir(parents=True, exist_ok=True)
@@ -299,33 +346,63 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
     spec = spec.with_overrides(sweep.overrides(config))
     manifest = _read_manifest(spec)
     plan = matched_plan(spec, manifest)
-    record = {"trial_id": trial_id, "trial": name, "variant": label, "config": config,
-              "overrides": sweep.overrides(config), "status": "running", "attempts": attempts,
-              "num_params": plan.num_params, "steps": plan.steps, "batch_size": plan.batch_size,
-              "flops": plan.total_flops, "flop_budget": spec.train.flop_budget}  # fmt: skip
+    record = {
+        "trial_id": trial_id,
+        "trial": name,
+        "variant": label,
+        "config": config,
+        "overrides": sweep.overrides(config),
+        "status": "running",
+        "attempts": attempts,
+        "num_params": plan.num_params,
+        "steps": plan.steps,
+        "batch_size": plan.batch_size,
+        "flops": plan.total_flops,
+        "flop_budget": spec.train.flop_budget,
+    }
     _write_json(record_file, record)
     fault = None
-    if sweep.fault and all(str(config.get(k)) == str(v)
-                           for k, v in (sweep.fault.get("match") or {}).items()):  # fmt: skip
+    if sweep.fault and all(
+        str(config.get(k)) == str(v) for k, v in (sweep.fault.get("match") or {}).items()
+    ):
         marker = str(_trial_file(ctx.sweep_dir, trial_id, ".fault"))
         fault = {"step": sweep.fault["step"], "rank": 0, "marker": marker}
     trainer = build_trainer(
-        spec, name, str(Path(ctx.sweep_dir) / "runs"), dataset_path=spec.dataset_dir(),
-        plan=plan, manifest=manifest, callbacks=[TuneReportCallback()],
-        parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri,
-        spec_file=ctx.spec_file, variant=label, fault=fault, launch_id=f"trial-{trial_id}",
+        spec,
+        name,
+        str(Path(ctx.sweep_dir) / "runs"),
+        dataset_path=spec.dataset_dir(),
+        plan=plan,
+        manifest=manifest,
+        callbacks=[TuneReportCallback()],
+        parent_run_id=ctx.parent_run_id,
+        tracking_uri=ctx.tracking_uri,
+        spec_file=ctx.spec_file,
+        variant=label,
+        fault=fault,
+        launch_id=f"trial-{trial_id}",
         eval_suite=eval_suite_for(spec, ctx.cwd),
-    )  # fmt: skip
+    )
     out = trainer.fit().return_value or {}
-    record.update(status="finished", val_bits_per_byte=out.get("val_bits_per_byte"),
-                  final_step=out.get("step"), mlflow_run_id=out.get("mlflow_run_id"),
-                  wall_s=round(time.time() - t0, 1))  # fmt: skip
+    record.update(
+        status="finished",
+        val_bits_per_byte=out.get("val_bits_per_byte"),
+        final_step=out.get("step"),
+        mlflow_run_id=out.get("mlflow_run_id"),
+        wall_s=round(time.time() - t0, 1),
+    )
     if record["mlflow_run_id"]:
         _tag_child(ctx, record)
     _write_json(record_file, record)
     bpb = record["val_bits_per_byte"]
-    tune.report({sweep.metric: math.nan if bpb is None else bpb, "flops": plan.total_flops,
-                 "step": record["final_step"] or plan.steps, "finished": 1})  # fmt: skip
+    tune.report(
+        {
+            sweep.metric: math.nan if bpb is None else bpb,
+            "flops": plan.total_flops,
+            "step": record["final_step"] or plan.steps,
+            "finished": 1,
+        }
+    )
 
 
 def _tag_child(ctx: Context, record: dict[str, Any]) -> None:
@@ -364,8 +441,11 @@ def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) ->
         return run_id
     exp = client.get_experiment_by_name(spec.tracking.experiment)
     location = artifact_location_for(uri, spec.tracking.artifact_location)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        spec.tracking.experiment, artifact_location=location)  # fmt: skip
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(spec.tracking.experiment, artifact_location=location)
+    )
     job = ray_job_id()
     run = client.create_run(
         exp_id,
@@ -379,8 +459,11 @@ def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) ->
     space = {
         f"sweep.space.{d.key}": json.dumps(d.choices or [d.kind, d.bounds]) for d in sweep.dims
     }
-    settings = {f"sweep.{k}": json.dumps(getattr(sweep, k)) for k in SWEEP_KEYS
-                if k not in ("space", "name")}  # fmt: skip
+    settings = {
+        f"sweep.{k}": json.dumps(getattr(sweep, k))
+        for k in SWEEP_KEYS
+        if k not in ("space", "name")
+    }
     params = {**{f"base.{k}": v for k, v in flatten(spec).items()}, **space, **settings}
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -409,9 +492,12 @@ def _tuner(ctx: Context):
         s, budget = sweep.scheduler, ctx.spec["train"].get("flop_budget")
         time_attr = s.get("time_attr", "flops" if budget else "step")
         max_t = s.get("max_t", budget if time_attr == "flops" else ctx.spec["train"]["steps"])
-        scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t,
-                                  grace_period=s.get("grace_period", max_t / 8),
-                                  reduction_factor=s.get("reduction_factor", 2))  # fmt: skip
+        scheduler = ASHAScheduler(
+            time_attr=time_attr,
+            max_t=max_t,
+            grace_period=s.get("grace_period", max_t / 8),
+            reduction_factor=s.get("reduction_factor", 2),
+        )
     search_alg = OptunaSearch(seed=sweep.seed) if sweep.search == "optuna" else None
     return tune.Tuner(
         fn,
@@ -423,7 +509,7 @@ def _tuner(ctx: Context):
             max_concurrent_trials=sweep.max_concurrent_trials,
             search_alg=search_alg,
             scheduler=scheduler,
-        ),  # fmt: skip
+        ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=ctx.sweep_dir,
@@ -445,8 +531,15 @@ def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
     init_ray(spec.resources, tracking_uri=uri)
     planned = prepare(spec, sweep)
     print("sweep: planned variants\n" + format_table(planned), file=sys.stderr)
-    ctx = Context(spec.to_dict(), sweep, sweep_dir, _parent_run(sweep_dir, uri, spec, sweep),
-                  uri, str(Path(path).absolute()), os.getcwd())  # fmt: skip
+    ctx = Context(
+        spec.to_dict(),
+        sweep,
+        sweep_dir,
+        _parent_run(sweep_dir, uri, spec, sweep),
+        uri,
+        str(Path(path).absolute()),
+        os.getcwd(),
+    )
     grid = _tuner(ctx).fit()
     trials = grid._experiment_analysis.trials  # statuses are not on ``Result``
     rows = collect(sweep_dir, trials, sweep)
@@ -458,8 +551,9 @@ def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
 # ---------------------------------------------------------------------------------- results
 def collect(sweep_dir: str, trials: Sequence[Any] | None, sweep: Sweep | None) -> list[dict]:
     """One row per trial from the per-trial records, Tune's statuses when given; ranked."""
-    records = {p.stem: json.loads(p.read_text())
-               for p in sorted(Path(sweep_dir, "trials").glob("*.json"))}  # fmt: skip
+    records = {
+        p.stem: json.loads(p.read_text()) for p in sorted(Path(sweep_dir, "trials").glob("*.json"))
+    }
     items = (
         [(t.trial_id, t) for t in trials] if trials is not None else [(k, None) for k in records]
     )
@@ -476,18 +570,23 @@ def collect(sweep_dir: str, trials: Sequence[Any] | None, sweep: Sweep | None) -
         attempts = _trial_file(sweep_dir, trial_id, ".attempts")
         budget = rec.get("flop_budget")
         flops = rec.get("flops") if status == "finished" else last.get("flops", rec.get("flops"))
-        rows.append({
-            "variant": sweep.label(config) if sweep else rec.get("variant"),
-            "trial": rec.get("trial", trial_id), "num_params": rec.get("num_params"),
-            "steps": rec.get("final_step") or last.get("step") or rec.get("steps"),
-            "batch_size": rec.get("batch_size"), "flops": flops,
-            "flops_vs_budget": flops / budget - 1 if flops and budget else None,
-            "val_bits_per_byte": rec.get("val_bits_per_byte", last.get("val_bits_per_byte")),
-            "status": status, "wall_s": rec.get("wall_s"),
-            "mlflow_run_id": rec.get("mlflow_run_id"),
-            "attempts": len(attempts.read_text().splitlines()) if attempts.is_file() else 0,
-            "params": json.dumps({k: v for k, v in sorted(config.items())}),
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": sweep.label(config) if sweep else rec.get("variant"),
+                "trial": rec.get("trial", trial_id),
+                "num_params": rec.get("num_params"),
+                "steps": rec.get("final_step") or last.get("step") or rec.get("steps"),
+                "batch_size": rec.get("batch_size"),
+                "flops": flops,
+                "flops_vs_budget": flops / budget - 1 if flops and budget else None,
+                "val_bits_per_byte": rec.get("val_bits_per_byte", last.get("val_bits_per_byte")),
+                "status": status,
+                "wall_s": rec.get("wall_s"),
+                "mlflow_run_id": rec.get("mlflow_run_id"),
+                "attempts": len(attempts.read_text().splitlines()) if attempts.is_file() else 0,
+                "params": json.dumps({k: v for k, v in sorted(config.items())}),
+            }
+        )
     return rank(rows, (sweep.mode if sweep else "min"))
 
 
@@ -551,9 +650,13 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     vals = [float(r["val_bits_per_byte"]) for r in done]
     bars = ax.bar(range(len(done)), vals, color="tab:blue")
     for b, r in zip(bars, done):
-        ax.annotate(f"{float(r['val_bits_per_byte']):.3f}\n{float(r['flops']):.2g} FLOPs",
-                    (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                    va="bottom", fontsize=7)  # fmt: skip
+        ax.annotate(
+            f"{float(r['val_bits_per_byte']):.3f}\n{float(r['flops']):.2g} FLOPs",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_xticks(range(len(done)), names, fontsize=7)
     ax.set_ylabel("final validation bits/byte")
     ax.set_title(title, fontsize=9)
@@ -578,17 +681,24 @@ def finalize(ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: boo
     if best is not None:
         config = json.loads(best["params"])
         best_spec = spec.with_overrides(ctx.sweep.overrides(config))
-        text = (f"# best of sweep {ctx.sweep.name}: {best['variant']} ({best['trial']}), "
-                f"final validation bits/byte {best['val_bits_per_byte']:.4f}\n")  # fmt: skip
+        text = (
+            f"# best of sweep {ctx.sweep.name}: {best['variant']} ({best['trial']}), "
+            f"final validation bits/byte {best['val_bits_per_byte']:.4f}\n"
+        )
         (out / "best.yaml").write_text(text + yaml.safe_dump(best_spec.to_dict(), sort_keys=False))
         files.append(out / "best.yaml")
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
     for f in files:
         client.log_artifact(ctx.parent_run_id, str(f))
-    devs = [abs(r["flops_vs_budget"]) for r in rows
-            if r["status"] == "finished" and r["flops_vs_budget"] is not None]  # fmt: skip
-    metrics = {"trials_finished": sum(r["status"] == "finished" for r in rows),
-               "trials_error": sum(r["status"] == "error" for r in rows)}  # fmt: skip
+    devs = [
+        abs(r["flops_vs_budget"])
+        for r in rows
+        if r["status"] == "finished" and r["flops_vs_budget"] is not None
+    ]
+    metrics = {
+        "trials_finished": sum(r["status"] == "finished" for r in rows),
+        "trials_error": sum(r["status"] == "error" for r in rows),
+    }
     if best is not None:
         metrics["best_val_bits_per_byte"] = best["val_bits_per_byte"]
     if devs:
@@ -612,8 +722,9 @@ def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str,
 
     from pipelines.runtime import absolute_tracking_uri
 
-    uri = absolute_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                or "sqlite:///mlruns.db")  # fmt: skip
+    uri = absolute_tracking_uri(
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    )
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(target)
     names = [a.path for a in client.list_artifacts(target)]
@@ -623,19 +734,28 @@ def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str,
         with tempfile.TemporaryDirectory() as tmp:
             return read_csv(Path(client.download_artifacts(target, "results.csv", tmp)))
     rows = []  # the sweep has not finished: build the table from its child runs
-    children = client.search_runs([run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{target}'")  # fmt: skip
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{target}'")
     for c in children:
         p, m = c.data.params, c.data.metrics
-        config = {k[len("sweep."):]: v for k, v in p.items()
-                  if k.startswith("sweep.") and k != "sweep.variant"}  # fmt: skip
+        config = {
+            k[len("sweep.") :]: v
+            for k, v in p.items()
+            if k.startswith("sweep.") and k != "sweep.variant"
+        }
         bpb = m.get("final/val_bits_per_byte")
         flops = float(p["plan.total_flops"]) if "plan.total_flops" in p else None
-        rows.append({"variant": p.get("sweep.variant") or c.info.run_name,
-                     "trial": c.info.run_name, "num_params": p.get("plan.num_params"),
-                     "steps": p.get("plan.steps"), "flops": flops, "val_bits_per_byte": bpb,
-                     "status": "finished" if bpb is not None else c.info.status.lower(),
-                     "params": json.dumps(config)})  # fmt: skip
+        rows.append(
+            {
+                "variant": p.get("sweep.variant") or c.info.run_name,
+                "trial": c.info.run_name,
+                "num_params": p.get("plan.num_params"),
+                "steps": p.get("plan.steps"),
+                "flops": flops,
+                "val_bits_per_byte": bpb,
+                "status": "finished" if bpb is not None else c.info.status.lower(),
+                "params": json.dumps(config),
+            }
+        )
     return rank(rows)
 
 
@@ -643,8 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--summary"]:
         if len(argv) < 2:
-            print("usage: --summary <sweep dir | MLflow parent run id> [--tracking-uri URI]",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "usage: --summary <sweep dir | MLflow parent run id> [--tracking-uri URI]",
+                file=sys.stderr,
+            )
             return 2
         uri = argv[argv.index("--tracking-uri") + 1] if "--tracking-uri" in argv else None
         try:

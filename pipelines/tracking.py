@@ -200,8 +200,10 @@ class Tracker:
                 with self._lock:  # keep the rest for the next attempt, in order
                     self._pending = batch[sent:] + self._pending
                 if not self._failing:
-                    _warn(f"cannot log metrics to {redact(self.uri)} ({type(e).__name__}: {e}); "
-                          "training goes on, metrics are kept and retried")  # fmt: skip
+                    _warn(
+                        f"cannot log metrics to {redact(self.uri)} ({type(e).__name__}: {e}); "
+                        "training goes on, metrics are kept and retried"
+                    )
                 self._failing = True
                 return False
             if self._failing:

@@ -131,8 +131,10 @@ def plan_training(
     if steps is None:
         steps = steps_for_budget(cfg, T, batch, tr.flop_budget, **_bytes_per_token(spec, manifest))
         if steps < 1:
-            raise SpecError(f"train.flop_budget: {tr.flop_budget:.3g} FLOPs is less than one step "
-                            f"({fpb * T * batch:.3g} FLOPs)")  # fmt: skip
+            raise SpecError(
+                f"train.flop_budget: {tr.flop_budget:.3g} FLOPs is less than one step "
+                f"({fpb * T * batch:.3g} FLOPs)"
+            )
     total = fpb * T * batch * steps
     return TrainPlan(
         seq_len=T,
@@ -276,17 +278,31 @@ def train(
     train_rows = info.sequences["train"]
     plan = plan_training(spec, info.manifest)
     if train_rows < plan.batch_size:
-        raise SpecError(f"train.batch_size: {plan.batch_size} sequences per step, but the dataset "
-                        f"{info.path} has only {train_rows} training sequences")  # fmt: skip
+        raise SpecError(
+            f"train.batch_size: {plan.batch_size} sequences per step, but the dataset "
+            f"{info.path} has only {train_rows} training sequences"
+        )
     name = run_name or run_name_for(spec, variant)
-    print(f"train: run {name}: {plan.num_params:,} params, {plan.steps} steps x "
-          f"{plan.batch_size} x {plan.seq_len} bytes, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
-          f"FLOPs ({plan.flops_per_byte:.3g}/byte)", file=sys.stderr)  # fmt: skip
+    print(
+        f"train: run {name}: {plan.num_params:,} params, {plan.steps} steps x "
+        f"{plan.batch_size} x {plan.seq_len} bytes, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
+        f"FLOPs ({plan.flops_per_byte:.3g}/byte)",
+        file=sys.stderr,
+    )
     trainer = build_trainer(
-        spec, name, dataset_path=str(info.path), plan=plan, manifest=info.manifest,
-        callbacks=callbacks, parent_run_id=parent_run_id, tracking_uri=uri,
-        spec_file=spec_file, variant=variant, fault=fault, eval_suite=suite,
-    )  # fmt: skip
+        spec,
+        name,
+        dataset_path=str(info.path),
+        plan=plan,
+        manifest=info.manifest,
+        callbacks=callbacks,
+        parent_run_id=parent_run_id,
+        tracking_uri=uri,
+        spec_file=spec_file,
+        variant=variant,
+        fault=fault,
+        eval_suite=suite,
+    )
     result = trainer.fit()
     out = result.return_value or {}
     run_dir = join_path(spec.resources.storage_path, name)

@@ -89,16 +89,24 @@ def _open_tracker(cfg: dict[str, Any], spec, plan, world: int, resumed_id: str |
     from pipelines.tracking import Tracker
 
     t = cfg["tracking"]
-    tags = {"aunet.variant": cfg["variant"] or "", "aunet.experiment_file": cfg["spec_file"] or "",
-            "aunet.run_dir": cfg["run_dir"]}  # fmt: skip
+    tags = {
+        "aunet.variant": cfg["variant"] or "",
+        "aunet.experiment_file": cfg["spec_file"] or "",
+        "aunet.run_dir": cfg["run_dir"],
+    }
     commit, job = code_version().get("git_commit"), ray_job_id()
     tags.update({"git_commit": commit} if commit else {})
     tags.update({"ray_job_id": job} if job else {})
     tracker = Tracker(
-        t["uri"], t["experiment"], run_key=f"{cfg['run_dir']}#{cfg['launch_id']}",
-        run_name=cfg["run_name"], artifact_location=t["artifact_location"],
-        parent_run_id=t["parent_run_id"], tags=tags, run_id=resumed_id,
-    )  # fmt: skip
+        t["uri"],
+        t["experiment"],
+        run_key=f"{cfg['run_dir']}#{cfg['launch_id']}",
+        run_name=cfg["run_name"],
+        artifact_location=t["artifact_location"],
+        parent_run_id=t["parent_run_id"],
+        tags=tags,
+        run_id=resumed_id,
+    )
     tracker.log_params(
         {
             **flatten(spec),
@@ -107,7 +115,7 @@ def _open_tracker(cfg: dict[str, Any], spec, plan, world: int, resumed_id: str |
             "derived.num_stages": spec.model.num_stages,
             "derived.split_strategy": json.dumps(spec.model.split_strategy),
             "derived.variant": cfg["variant"],
-        }  # fmt: skip
+        }
     )
     if not tracker.resumed:
         import yaml
@@ -163,11 +171,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
     torch.manual_seed(spec.model.seed)  # identical initial weights on every rank
     model = AUNet(spec.model)
-    shard(model, dtype != torch.float32, compile=tr.compile,
-          activation_checkpointing=tr.activation_checkpointing)  # fmt: skip
+    shard(
+        model,
+        dtype != torch.float32,
+        compile=tr.compile,
+        activation_checkpointing=tr.activation_checkpointing,
+    )
     model.to(device)
-    opt = build_optimizer(model, plan.lr, weight_decay=tr.weight_decay, betas=tr.betas, eps=tr.eps,
-                          decay_norms_and_embeddings=tr.decay_norms_and_embeddings)  # fmt: skip
+    opt = build_optimizer(
+        model,
+        plan.lr,
+        weight_decay=tr.weight_decay,
+        betas=tr.betas,
+        eps=tr.eps,
+        decay_norms_and_embeddings=tr.decay_norms_and_embeddings,
+    )
     sched = build_scheduler(opt, plan.warmup_steps, plan.steps, tr.lr_min_ratio)
     torch.manual_seed(tr.seed + rank)
     random.seed(tr.seed + rank)
@@ -178,20 +196,30 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         state = _load_checkpoint(ckpt, model, opt, rank)
         for key in ("batch_size", "seq_len"):
             if state["plan"][key] != cfg["plan"][key]:
-                raise ValueError(f"run {cfg['run_name']}: its checkpoint has {key}="
-                                 f"{state['plan'][key]}, the spec {cfg['plan'][key]}; "
-                                 "use another run name (--fresh)")  # fmt: skip
+                raise ValueError(
+                    f"run {cfg['run_name']}: its checkpoint has {key}="
+                    f"{state['plan'][key]}, the spec {cfg['plan'][key]}; "
+                    "use another run name (--fresh)"
+                )
         if state["model"] != spec.model.to_dict():
-            raise ValueError(f"run {cfg['run_name']}: its checkpoint has another model config; "
-                             "use another run name (--fresh)")  # fmt: skip
+            raise ValueError(
+                f"run {cfg['run_name']}: its checkpoint has another model config; "
+                "use another run name (--fresh)"
+            )
         sched.load_state_dict(state["scheduler"])
     tracker = (
         _open_tracker(cfg, spec, plan, world, state.get("mlflow_run_id")) if rank == 0 else None
     )
     log = _StepLog(cfg["run_dir"], rank)
     attempt = uuid.uuid4().hex[:8]
-    data = TrainBatches(cfg["dataset"], plan.batch_size, rank=rank, world_size=world, seed=tr.seed,
-                        position=DataPosition.from_dict(state["position"]))  # fmt: skip
+    data = TrainBatches(
+        cfg["dataset"],
+        plan.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=tr.seed,
+        position=DataPosition.from_dict(state["position"]),
+    )
     batches = iter(data)
     peak = peak_flops(device)
     K = spec.model.num_stages
@@ -223,12 +251,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         data_s, compute_s = t_data - t_start, t_comp - t_data
         step_s = data_s + compute_s + other_s
         metrics = {
-            "loss": sums[0] / world, "bits_per_byte": sums[1] / world / LN2, "lr": lr,
-            "grad_norm": grad_norm, "bytes_per_s": plan.bytes_per_step / step_s,
-            "flops_per_s": plan.flops_per_step / step_s, "flops": plan.flops_per_step * step,
-            "time/data_s": data_s, "time/compute_s": compute_s, "time/other_s": other_s,
-            "time/overhead_fraction": (data_s + other_s) / step_s, "epoch": position.epoch,
-        }  # fmt: skip
+            "loss": sums[0] / world,
+            "bits_per_byte": sums[1] / world / LN2,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "bytes_per_s": plan.bytes_per_step / step_s,
+            "flops_per_s": plan.flops_per_step / step_s,
+            "flops": plan.flops_per_step * step,
+            "time/data_s": data_s,
+            "time/compute_s": compute_s,
+            "time/other_s": other_s,
+            "time/overhead_fraction": (data_s + other_s) / step_s,
+            "epoch": position.epoch,
+        }
         if peak:
             metrics["mfu"] = metrics["flops_per_s"] / (peak * world)
         for s in range(K + 1):
@@ -251,19 +286,35 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
             step % tr.log_every == 0 or last or "time/eval_suite_s" in metrics
         ):
             tracker.log_metrics(metrics, step)
-        log.write({"step": step, "attempt": attempt, "time": time.time(),
-                   "position": position.to_dict(), "ids": data.global_ids(position).tolist(),
-                   **metrics})  # fmt: skip
-        report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"],
-                  "val_bits_per_byte": val_bpb}  # fmt: skip
+        log.write(
+            {
+                "step": step,
+                "attempt": attempt,
+                "time": time.time(),
+                "position": position.to_dict(),
+                "ids": data.global_ids(position).tolist(),
+                **metrics,
+            }
+        )
+        report = {
+            "step": step,
+            "loss": metrics["loss"],
+            "flops": metrics["flops"],
+            "val_bits_per_byte": val_bpb,
+        }
         if step % tr.checkpoint_every == 0 or last:
             t_ck = time.perf_counter()
             state = {
-                "step": step, "position": data.position.to_dict(), "tokens": tokens,
-                "scheduler": sched.state_dict(), "val_bits_per_byte": val_bpb,
+                "step": step,
+                "position": data.position.to_dict(),
+                "tokens": tokens,
+                "scheduler": sched.state_dict(),
+                "val_bits_per_byte": val_bpb,
                 "mlflow_run_id": tracker.run_id if tracker else None,
-                "plan": cfg["plan"], "model": spec.model.to_dict(), "world_size": world,
-            }  # fmt: skip
+                "plan": cfg["plan"],
+                "model": spec.model.to_dict(),
+                "world_size": world,
+            }
             _save_checkpoint(model, opt, state, rank, step, report)
             if tracker is not None:
                 tracker.log_metrics({"time/checkpoint_s": time.perf_counter() - t_ck}, step)
@@ -286,9 +337,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     final_dir = f"{cfg['run_dir']}/final"
     if rank != 0:
         return None
-    meta = {"run_name": cfg["run_name"], "step": step, "val_bits_per_byte": val_bpb,
-            "plan": cfg["plan"], "variant": cfg["variant"],
-            "mlflow_run_id": tracker.run_id if tracker is not None else None}  # fmt: skip
+    meta = {
+        "run_name": cfg["run_name"],
+        "step": step,
+        "val_bits_per_byte": val_bpb,
+        "plan": cfg["plan"],
+        "variant": cfg["variant"],
+        "mlflow_run_id": tracker.run_id if tracker is not None else None,
+    }
     _save_final(full, final_dir, spec, meta)
     run_id = None
     if tracker is not None:
@@ -303,8 +359,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     if tracker is not None:
         tracker.close("FINISHED")
         run_id = tracker.run_id
-    return {"step": step, "val_bits_per_byte": val_bpb, "final_checkpoint": final_dir,
-            "mlflow_run_id": run_id}  # fmt: skip
+    return {
+        "step": step,
+        "val_bits_per_byte": val_bpb,
+        "final_checkpoint": final_dir,
+        "mlflow_run_id": run_id,
+    }
 
 
 def _log_model(final_dir: str, tracker) -> None:

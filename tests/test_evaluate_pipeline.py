@@ -39,12 +39,14 @@ def test_sample_files_parse_to_lm_eval_prompts():
     hs = load_choice_items("hellaswag", str(DATA / "hellaswag_sample.jsonl"))
     assert hs[0] == ChoiceItem(
         "Making tea: A man fills a kettle with water and sets it on the stove. He",
-        (" waits for the water to boil, then pours it over a tea bag in a mug.",
-         " throws the kettle out of the window and starts to sing.",
-         " paints the kettle blue with a small brush.",
-         " puts the stove in the fridge and closes the door."),
+        (
+            " waits for the water to boil, then pours it over a tea bag in a mug.",
+            " throws the kettle out of the window and starts to sing.",
+            " paints the kettle blue with a small brush.",
+            " puts the stove in the fridge and closes the door.",
+        ),
         0,
-    )  # fmt: skip
+    )
     # [title] becomes ". ", other [tags] vanish, the empty ctx_b leaves no trailing text
     assert (
         hs[2].context
@@ -66,10 +68,12 @@ def test_sample_files_parse_to_lm_eval_prompts():
     piqa = load_choice_items("piqa", str(DATA / "piqa_sample.jsonl"), limit=2)
     assert len(piqa) == 2 and piqa[1] == ChoiceItem(
         "Question: To loosen a tight jar lid,\nAnswer:",
-        (" put the jar in the freezer overnight with the lid facing up.",
-         " run the lid under hot water for a minute, then twist."),
+        (
+            " put the jar in the freezer overnight with the lid facing up.",
+            " run the lid under hot water for a minute, then twist.",
+        ),
         1,
-    )  # fmt: skip
+    )
     common = load_choice_items("common", str(DATA / "common_sample.jsonl"))
     assert common[0] == ChoiceItem(
         "The capital of France is", (" Paris.", " a river.", " blue."), 0
@@ -77,41 +81,75 @@ def test_sample_files_parse_to_lm_eval_prompts():
 
 
 def test_hub_style_records_parse():
-    hub_arc = {"question": "Why?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
-               "answerKey": "B"}  # fmt: skip
+    hub_arc = {
+        "question": "Why?",
+        "choices": {"text": ["a", "b"], "label": ["A", "B"]},
+        "answerKey": "B",
+    }
     assert parse_record(hub_arc, "arc", "x") == ChoiceItem(
         "Question: Why?\nAnswer:", (" a", " b"), 1
     )
-    obqa = {"question_stem": "Sun is a", "choices": {"text": ["star", "moon"], "label": ["A", "B"]},
-            "answerKey": "A"}  # fmt: skip
+    obqa = {
+        "question_stem": "Sun is a",
+        "choices": {"text": ["star", "moon"], "label": ["A", "B"]},
+        "answerKey": "A",
+    }
     assert parse_record(obqa, "openbookqa", "x") == ChoiceItem("Sun is a", (" star", " moon"), 0)
     boolq = {"passage": "P.", "question": "is it", "label": 1}
     assert parse_record(boolq, "boolq", "x") == ChoiceItem(
         "P.\nQuestion: is it?\nAnswer:", (" no", " yes"), 1
     )
     assert parse_record({"passage": "P.", "question": "q", "answer": False}, "boolq", "x").gold == 0
-    siqa = {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
-            "label": "3"}  # fmt: skip
+    siqa = {
+        "context": "C.",
+        "question": "Q?",
+        "answerA": "a",
+        "answerB": "b",
+        "answerC": "c",
+        "label": "3",
+    }
     assert parse_record(siqa, "siqa", "x") == ChoiceItem("Q: C. Q?\nA:", (" a", " b", " c"), 2)
-    copa = {"premise": "The glass fell.", "choice1": "It broke.", "choice2": "It sang.",
-            "question": "effect", "label": 0}  # fmt: skip
+    copa = {
+        "premise": "The glass fell.",
+        "choice1": "It broke.",
+        "choice2": "It sang.",
+        "question": "effect",
+        "label": 0,
+    }
     assert parse_record(copa, "copa", "x") == ChoiceItem(
         "The glass fell therefore", (" it broke.", " it sang."), 0
     )
-    csqa = {"question": " Where? ", "choices": {"label": ["A", "B"], "text": ["here", "there"]},
-            "answerKey": "B"}  # fmt: skip
+    csqa = {
+        "question": " Where? ",
+        "choices": {"label": ["A", "B"], "text": ["here", "there"]},
+        "answerKey": "B",
+    }
     assert parse_record(csqa, "commonsense_qa", "x") == ChoiceItem(
         "Question: Where?\nA. here\nB. there\nAnswer:", (" A", " B"), 1
     )
-    race = {"article": "Art.", "problems": str([
-        {"question": "Q1?", "options": ["x", "y", "z", "w"], "answer": "B"},
-        {"question": "He went to the  _  .", "options": ["a", "b", "c", "d"], "answer": "A"},
-        {"question": "Q3?", "options": ["1", "2", "3", "4"], "answer": "D"}])}  # fmt: skip
+    race = {
+        "article": "Art.",
+        "problems": str(
+            [
+                {"question": "Q1?", "options": ["x", "y", "z", "w"], "answer": "B"},
+                {
+                    "question": "He went to the  _  .",
+                    "options": ["a", "b", "c", "d"],
+                    "answer": "A",
+                },
+                {"question": "Q3?", "options": ["1", "2", "3", "4"], "answer": "D"},
+            ]
+        ),
+    }
     assert parse_record(race, "race", "x") == ChoiceItem(
         "Article: Art.\n\nQuestion: Q1?\nAnswer: y\n _  .a\nQ3?", (" 1", " 2", " 3", " 4"), 3
     )
-    wino = {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
-            "option2": "the table", "answer": "2"}  # fmt: skip
+    wino = {
+        "sentence": "The cup fell off the table because _ was wobbly.",
+        "option1": "the cup",
+        "option2": "the table",
+        "answer": "2",
+    }
     assert parse_record(wino, "winogrande", "x") == PartialItem(
         (
             "The cup fell off the table because the cup",
@@ -133,8 +171,11 @@ def test_bad_records_name_the_file_line_and_key(tmp_path):
     with pytest.raises(TaskDataError, match=r"line 1: common record: gold index 2 not in \[0, 2\)"):
         load_choice_items("common", str(p))
     with pytest.raises(TaskDataError, match=r"arc record: answerKey: answer 'C' is not among"):
-        parse_record({"question": {"stem": "s", "choices": [{"text": "t", "label": "A"}]},
-                      "answerKey": "C"}, "arc", "f: line 1")  # fmt: skip
+        parse_record(
+            {"question": {"stem": "s", "choices": [{"text": "t", "label": "A"}]}, "answerKey": "C"},
+            "arc",
+            "f: line 1",
+        )
 
 
 def test_hub_without_datasets_fails_clearly():
@@ -200,8 +241,14 @@ DOCS = [
 
 def tiny_model() -> AUNet:
     torch.manual_seed(0)
-    cfg = AUNetConfig(dimensions=[32, 64], layers=[1, 1], head_dims=[8, 16],
-                      sliding_windows=[16, None], max_seqlens=[-1, 24], multiple_of=16)  # fmt: skip
+    cfg = AUNetConfig(
+        dimensions=[32, 64],
+        layers=[1, 1],
+        head_dims=[8, 16],
+        sliding_windows=[16, None],
+        max_seqlens=[-1, 24],
+        multiple_of=16,
+    )
     return AUNet(cfg).eval()
 
 
@@ -226,7 +273,7 @@ def setup(tmp_path, monkeypatch):
                 "path": str(DATA / "words.txt"),
                 "n": 2,
                 "tasks": ["spell", "count"],
-            },  # fmt: skip
+            },
         },
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
@@ -256,8 +303,9 @@ def test_pipeline_logs_metrics_equal_to_the_library(setup):
     texts = [t.encode() for t, _ in DOCS]
     assert any(len(t) + 1 > 64 for t in texts)  # sliding windows are exercised
     scores = score_texts(model, texts, context=64, stride=16, batch_size=3)
-    assert math.isclose(got["eval/val/bits_per_byte"].value, aggregate(scores).bits_per_byte,
-                        rel_tol=1e-6)  # fmt: skip
+    assert math.isclose(
+        got["eval/val/bits_per_byte"].value, aggregate(scores).bits_per_byte, rel_tol=1e-6
+    )
     for lang in ("en", "de"):
         ref = aggregate(s for s, (_, g) in zip(scores, DOCS) if g == lang).bits_per_byte
         assert math.isclose(got[f"eval/val/{lang}/bits_per_byte"].value, ref, rel_tol=1e-6)
@@ -266,9 +314,15 @@ def test_pipeline_logs_metrics_equal_to_the_library(setup):
     res = score_choices(model, piqa, max_len=64)
     assert got["eval/piqa/acc"].value == res.accuracy
     assert got["eval/piqa/acc_norm"].value == res.accuracy_norm
-    expected = {"eval/cloze/acc", "eval/cloze/en/acc_norm", "eval/cloze/de/acc",
-                "eval/char/spell/exact_match", "eval/char/count/exact_match",
-                "eval/char/exact_match", "eval/val/time_s"}  # fmt: skip
+    expected = {
+        "eval/cloze/acc",
+        "eval/cloze/en/acc_norm",
+        "eval/cloze/de/acc",
+        "eval/char/spell/exact_match",
+        "eval/char/count/exact_match",
+        "eval/char/exact_match",
+        "eval/val/time_s",
+    }
     assert expected <= set(got)
     assert run.data.params["context"] == "64" and run.info.status == "FINISHED"
 
@@ -287,8 +341,12 @@ def test_pipeline_logs_into_the_training_run(setup):
     args = ["--tasks", "val", "--set", "tasks.val.limit=2"]
     assert ev.main([str(run_dir / "final"), "eval.yaml", *args]) == 0  # found by aunet.run_key
     got = _metrics(uri, train_run)
-    assert set(got) == {"eval/val/bits_per_byte", "eval/val/en/bits_per_byte",
-                        "eval/val/de/bits_per_byte", "eval/val/time_s"}  # fmt: skip
+    assert set(got) == {
+        "eval/val/bits_per_byte",
+        "eval/val/en/bits_per_byte",
+        "eval/val/de/bits_per_byte",
+        "eval/val/time_s",
+    }
     assert got["eval/val/bits_per_byte"].step == 30
     assert client.get_run(train_run).info.status == "FINISHED"
     assert client.get_run(train_run).data.tags["eval.t.context"] == "64"

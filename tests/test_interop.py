@@ -228,8 +228,13 @@ def test_official_2b_configs_param_counts() -> None:
         return config_from_lingua({"model": model, "data": data})
 
     one = cfg([512, 2048], [3, 25], [64, 128], [-1, 3200], {"word1": "1@1"})
-    two = cfg([512, 2048, 3456], [3, 6, 12], [64, 128, 128], [-1, 1600, 928],
-              {"word1": "1@1", "word2": "2@1"})  # fmt: skip
+    two = cfg(
+        [512, 2048, 3456],
+        [3, 6, 12],
+        [64, 128, 128],
+        [-1, 1600, 928],
+        {"word1": "1@1", "word2": "2@1"},
+    )
     assert count_params(one) == 1_324_203_008
     assert count_params(two) == 2_503_624_064
     assert two.capacities == [8192, 1600, 928]
@@ -248,13 +253,15 @@ def test_official_2b_configs_param_counts() -> None:
         (lambda c: c["model"].update(up_attn=True), "model.up_attn: unknown key"),
         (lambda c: c["data"].pop("seq_len"), "data.seq_len"),
         (lambda c: c["data"].pop("regex"), "data.regex.strategy"),
-        (lambda c: c["model"].update(residuals=[]) or c["model"].update(head_dims=[8, 6]),
-         "model.head_dims[1]"),
+        (
+            lambda c: c["model"].update(residuals=[]) or c["model"].update(head_dims=[8, 6]),
+            "model.head_dims[1]",
+        ),
         (lambda c: c["model"]["block"].update(n_kv_heads=3), "model.block.n_kv_heads"),
         (lambda c: c["model"].update(max_seqlens=[32, 12]), "model.max_seqlens[0]: 32 != data"),
         (lambda c: c["model"].update(max_seqlens=[-1, -1]), "model.max_seqlens[1]: expected"),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_key(edit, key: str) -> None:
     raw = copy.deepcopy(load_yaml("k1_multilinear"))
     edit(raw)
@@ -276,17 +283,34 @@ def official_params_json(name: str) -> dict:
     """params.json as the official train.py dumps it: resolved TrainArgs, -1 replaced."""
     raw = load_yaml(name)
     model, data = raw["model"], raw["data"]
-    block = dict(dim=512, n_layers=8, head_dim=None, n_heads=None, n_kv_heads=None,
-                 ffn_dim_multiplier=None, multiple_of=256, norm_eps=1e-5, rope_theta=10000.0,
-                 init_base_std=None, init_std_factor="disabled", max_seqlen=1024)  # fmt: skip
+    block = dict(
+        dim=512,
+        n_layers=8,
+        head_dim=None,
+        n_heads=None,
+        n_kv_heads=None,
+        ffn_dim_multiplier=None,
+        multiple_of=256,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        init_base_std=None,
+        init_std_factor="disabled",
+        max_seqlen=1024,
+    )
     block.update(model["block"])
     caps = list(model["max_seqlens"])
     caps[0] = data["seq_len"] if caps[0] < 0 else caps[0]
     model = {**model, "block": block, "max_seqlens": caps, "vocab_size": 258, "norm_eps": 1e-5}
     data = {**data, "root_dir": "/data", "sources": {"dclm": 1.0}, "seed": 42}
     data["tokenizer"] = {"name": "bytes", "path": None}
-    return {"name": name, "seed": 777, "model": model, "data": data,
-            "distributed": {"model_dtype": "bf16"}, "steps": 10}  # fmt: skip
+    return {
+        "name": name,
+        "seed": 777,
+        "model": model,
+        "data": data,
+        "distributed": {"model_dtype": "bf16"},
+        "steps": 10,
+    }
 
 
 def write_official_checkpoint(root: Path, name: str) -> Path:
@@ -351,8 +375,10 @@ def test_bf16_checkpoint_loads_as_float32(tmp_path: Path) -> None:
     """Official weights saved in bf16 (buffers stay as built) load as float32 values."""
     step = write_official_checkpoint(tmp_path, "k2_nonparam_multilinear")
     sd = fixture("k2_nonparam_multilinear")["state_dict"]
-    half = {k: v if k.endswith(("features_weight", "expand_idx")) else v.bfloat16()
-            for k, v in sd.items()}  # fmt: skip
+    half = {
+        k: v if k.endswith(("features_weight", "expand_idx")) else v.bfloat16()
+        for k, v in sd.items()
+    }
     half["transitions.0.features_weight"] = half["transitions.0.features_weight"].bfloat16()
     torch.save({"model": half}, step / "consolidated" / "consolidated.pth")
     model = load_lingua_checkpoint(step)

@@ -94,8 +94,21 @@ def test_quickstart_via_ray_job_submit(tmp_path: Path) -> None:
     ray = _ray_cli()
 
     def submit(job_id: str, *entrypoint: str, timeout: float = 300) -> str:
-        cmd = [ray, "job", "submit", "--address", dashboard, "--submission-id", job_id,
-               "--working-dir", str(ROOT), "--", sys.executable, "-m", *entrypoint]  # fmt: skip
+        cmd = [
+            ray,
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            sys.executable,
+            "-m",
+            *entrypoint,
+        ]
         p = run(cmd, timeout)
         out = p.stdout + p.stderr
         assert p.returncode == 0 and f"Job '{job_id}' succeeded" in out, out[-6000:]
@@ -114,8 +127,13 @@ def test_quickstart_via_ray_job_submit(tmp_path: Path) -> None:
         t_up = time.monotonic()
 
         train_id = f"aunet-e2e-train-{uuid.uuid4().hex[:8]}"
-        log = submit(train_id, "pipelines.train", "experiments/quickstart.yaml",
-                     *TRAIN_OVERRIDES, f"resources.storage_path={shared}")  # fmt: skip
+        log = submit(
+            train_id,
+            "pipelines.train",
+            "experiments/quickstart.yaml",
+            *TRAIN_OVERRIDES,
+            f"resources.storage_path={shared}",
+        )
         t_train = time.monotonic()
         tree = _tree(leaders)  # the head's processes, job drivers and Train workers included
         # Joined the running head (no second cluster) and logged to the server, not to sqlite.
@@ -163,8 +181,18 @@ def test_quickstart_via_ray_job_submit(tmp_path: Path) -> None:
         want = model.generate(PROMPT.encode(), max_new_bytes=24, temperature=0.0)
         want_text = want.decode("utf-8", errors="replace").strip()
         gen_id = f"aunet-e2e-generate-{uuid.uuid4().hex[:8]}"
-        submit(gen_id, "pipelines.generate", str(run_dir / "final"), "--prompt", PROMPT,
-               "--max-new-bytes", "24", "--temperature", "0", timeout=180)  # fmt: skip
+        submit(
+            gen_id,
+            "pipelines.generate",
+            str(run_dir / "final"),
+            "--prompt",
+            PROMPT,
+            "--max-new-bytes",
+            "24",
+            "--temperature",
+            "0",
+            timeout=180,
+        )
         logs = run([ray, "job", "logs", "--address", dashboard, gen_id], 60)
         assert logs.returncode == 0, logs.stderr
         assert want_text and want_text in logs.stdout, (want_text, logs.stdout[-2000:])

@@ -179,8 +179,9 @@ def test_train_and_val_streams_with_rejected_rows_between(tmp_path):
         recs.append({"id": i, "text": text})
         kept.append((i, text.encode()))
     write_jsonl(tmp_path / "m.jsonl", recs)
-    spec = make_spec(tmp_path, [{"path": str(tmp_path / "m.jsonl"), "id_field": "id"}],
-                     val_fraction=0.4, seed=5)  # fmt: skip
+    spec = make_spec(
+        tmp_path, [{"path": str(tmp_path / "m.jsonl"), "id_field": "id"}], val_fraction=0.4, seed=5
+    )
     info = pp.preprocess(spec, block_bytes=300)  # many blocks, each with both splits
     in_val = {i: hash01(b"5", b"split", f"id:{i}".encode()) < 0.4 for i, _ in kept}
     assert 0 < sum(in_val.values()) < len(kept)

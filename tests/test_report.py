@@ -100,8 +100,9 @@ def test_crossover_of_two_laws_is_found_where_they_meet():
     assert c["C"] == pytest.approx(1e10, rel=1e-6)
     assert c["better_above"] == "b" and not c["extrapolated"]
     assert c["loss"] == pytest.approx(2.0, rel=1e-6)
-    (late,) = ft.crossovers({"a": _exact(1.0, 10.0, 0.1, 1e9), "b": _exact(1.0, 100.0, 0.2, 1e9)},
-                            1e8, 1e14)  # fmt: skip
+    (late,) = ft.crossovers(
+        {"a": _exact(1.0, 10.0, 0.1, 1e9), "b": _exact(1.0, 100.0, 0.2, 1e9)}, 1e8, 1e14
+    )
     assert late["extrapolated"]  # beyond the largest compute either fit saw
     fits["b"].valid = False  # invalid fits take no part
     assert ft.crossovers(fits, 1e8, 1e14) == []
@@ -129,8 +130,9 @@ def test_hyperparameter_refit_finds_the_best_lr_law_and_none_without_variation()
     for C in (1e10, 1e11, 1e12):
         best = 5.0 * C**-0.2
         for f in (0.5, 1.0, 2.0):
-            points.append({"variant": "v", "budget": C, "lr": best * f,
-                           "loss": 2 + abs(math.log(f))})  # fmt: skip
+            points.append(
+                {"variant": "v", "budget": C, "lr": best * f, "loss": 2 + abs(math.log(f))}
+            )
     out = ft.hyperparam_refit(points, "lr")
     assert out["fit"]["b"] == pytest.approx(-0.2, abs=1e-9)
     assert out["fit"]["k"] == pytest.approx(5.0, rel=1e-9)
@@ -141,14 +143,42 @@ def test_hyperparameter_refit_finds_the_best_lr_law_and_none_without_variation()
 def test_html_report_is_self_contained_and_says_why_it_refuses(tmp_path):
     rng = np.random.default_rng(0)
     C = np.logspace(10, 12, 4)
-    points = [{"variant": "good", "budget": c, "C": c, "loss": float(law(c)), "params": 1,
-               "bytes": 1, "lr": 1e-3, "batch_bytes": 1, "run_id": "x"} for c in C]  # fmt: skip
-    points += [{"variant": "bad", "budget": c, "C": c, "loss": float(2 + rng.random()),
-                "params": 1, "bytes": 1, "lr": 1e-3, "batch_bytes": 1, "run_id": "y"}
-               for c in C[:2]]  # fmt: skip
-    fits = {v: ft.fit_power_law([p["C"] for p in points if p["variant"] == v],
-                                [p["loss"] for p in points if p["variant"] == v], bootstrap=30)
-            for v in ("good", "bad")}  # fmt: skip
+    points = [
+        {
+            "variant": "good",
+            "budget": c,
+            "C": c,
+            "loss": float(law(c)),
+            "params": 1,
+            "bytes": 1,
+            "lr": 1e-3,
+            "batch_bytes": 1,
+            "run_id": "x",
+        }
+        for c in C
+    ]
+    points += [
+        {
+            "variant": "bad",
+            "budget": c,
+            "C": c,
+            "loss": float(2 + rng.random()),
+            "params": 1,
+            "bytes": 1,
+            "lr": 1e-3,
+            "batch_bytes": 1,
+            "run_id": "y",
+        }
+        for c in C[:2]
+    ]
+    fits = {
+        v: ft.fit_power_law(
+            [p["C"] for p in points if p["variant"] == v],
+            [p["loss"] for p in points if p["variant"] == v],
+            bootstrap=30,
+        )
+        for v in ("good", "bad")
+    }
     rows = ft.fit_rows(fits, C.max())
     png = tmp_path / "loss.png"
     rp.plot_loss_vs_compute(points, fits, png, "t")

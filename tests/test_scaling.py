@@ -30,19 +30,35 @@ def study_file(tmp_path: Path, **study) -> Path:
     """A tiny 2-stage template on the shipped corpus; AU-Net 2 and AU-Net 3 variants."""
     raw = {
         "name": "scaling-tiny",
-        "data": {"sources": [{"path": str(CORPUS)}], "seq_len": 64, "val_fraction": 0.25,
-                 "max_documents": 60},
-        "model": {"dimensions": [16, 16], "layers": [1, 1], "head_dims": [16, 16],
-                  "max_seqlens": [64, 16], "sliding_windows": [32, 32], "multiple_of": 16,
-                  "strategy": {"word1": "1@1"}},
+        "data": {
+            "sources": [{"path": str(CORPUS)}],
+            "seq_len": 64,
+            "val_fraction": 0.25,
+            "max_documents": 60,
+        },
+        "model": {
+            "dimensions": [16, 16],
+            "layers": [1, 1],
+            "head_dims": [16, 16],
+            "max_seqlens": [64, 16],
+            "sliding_windows": [32, 32],
+            "multiple_of": 16,
+            "strategy": {"word1": "1@1"},
+        },
         "train": {"eval_batches": 1, "log_every": 1},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "tiny"},
         "resources": {"num_workers": 1, "storage_path": str(tmp_path / "out"), "max_failures": 0},
-        "study": {"name": "tiny", "budgets": [4e8, 1e9, 2.5e9], "bytes_per_param": 20,
-                  "evals_per_run": 1, "fit": {"bootstrap": 50},
-                  "sweep": {"max_concurrent_trials": 2, "flop_tolerance": 0.1},
-                  "variants": {"aunet2": {}, "aunet3": AUNET3}, **study},
-    }  # fmt: skip
+        "study": {
+            "name": "tiny",
+            "budgets": [4e8, 1e9, 2.5e9],
+            "bytes_per_param": 20,
+            "evals_per_run": 1,
+            "fit": {"bootstrap": 50},
+            "sweep": {"max_concurrent_trials": 2, "flop_tolerance": 0.1},
+            "variants": {"aunet2": {}, "aunet3": AUNET3},
+            **study,
+        },
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -70,8 +86,9 @@ def test_cells_follow_the_size_rule_and_the_scaling_formulas(tmp_path):
     spec, study = scaling.load_study(study_file(tmp_path), over)
     assert spec.train.flop_budget == 1e10  # the base spec borrows the first budget
     cells = scaling.plan_cells(spec, study)
-    assert [c.label for c in cells] == [f"{v}@{b}" for v in ("aunet2", "aunet3")
-                                        for b in ("1e+10", "1e+11", "1e+12")]  # fmt: skip
+    assert [c.label for c in cells] == [
+        f"{v}@{b}" for v in ("aunet2", "aunet3") for b in ("1e+10", "1e+11", "1e+12")
+    ]
     T = spec.data.seq_len
     for c in cells:
         base = spec.with_overrides(study.variants[c.variant])
@@ -143,21 +160,33 @@ def test_tiny_study_end_to_end(tmp_path, ray_local, monkeypatch):
     assert all(r["status"] == "finished" for r in rows)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list",
-                              filter_string="tags.`aunet.study` = 'tiny'")  # fmt: skip
+    runs = mlflow.search_runs(
+        experiment_names=["tiny"], output_format="list", filter_string="tags.`aunet.study` = 'tiny'"
+    )
     cells = [r for r in runs if r.data.tags.get("aunet.role") == "cell"]
-    assert sorted((r.data.tags["aunet.variant"], float(r.data.tags["aunet.budget"]))
-                  for r in cells) == sorted((v, b) for v in ("aunet2", "aunet3")
-                                            for b in (4e8, 1e9, 2.5e9))  # fmt: skip
+    assert sorted(
+        (r.data.tags["aunet.variant"], float(r.data.tags["aunet.budget"])) for r in cells
+    ) == sorted((v, b) for v in ("aunet2", "aunet3") for b in (4e8, 1e9, 2.5e9))
     for r in cells:  # compute-matched to the budget (the sweep's tolerance)
         C = float(r.data.params["plan.total_flops"])
         assert abs(C / float(r.data.tags["aunet.budget"]) - 1) <= 0.1
 
     out = tmp_path / "report"
-    result = build_report(uri, "tiny", "tiny", out, {"r2_threshold": 0.9, "min_budgets": 3,
-                                                     "bootstrap": 50, "seed": 0})  # fmt: skip
-    for name in ("report.html", "loss_vs_compute.png", "contraction.png", "training_curves.png",
-                 "fits.csv", "fits.json"):  # fmt: skip
+    result = build_report(
+        uri,
+        "tiny",
+        "tiny",
+        out,
+        {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 50, "seed": 0},
+    )
+    for name in (
+        "report.html",
+        "loss_vs_compute.png",
+        "contraction.png",
+        "training_curves.png",
+        "fits.csv",
+        "fits.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     fits = json.loads((out / "fits.json").read_text())
     assert [f["variant"] for f in fits["fits"]] == ["aunet2", "aunet3"]
@@ -174,8 +203,16 @@ def test_tiny_study_end_to_end(tmp_path, ray_local, monkeypatch):
     arts = {a.path for a in client.list_artifacts(result["report_run_id"], "report")}
     assert {"report/report.html", "report/fits.csv", "report/loss_vs_compute.png"} <= arts
     # The CLI on the experiment name finds the study by its tags; the first report run is ignored.
-    argv = ["report", "tiny", "--tracking-uri", uri, "--out", str(tmp_path / "r2"),
-            "--bootstrap", "20"]  # fmt: skip
+    argv = [
+        "report",
+        "tiny",
+        "--tracking-uri",
+        uri,
+        "--out",
+        str(tmp_path / "r2"),
+        "--bootstrap",
+        "20",
+    ]
     assert scaling.main(argv) == 0
     again = json.loads((tmp_path / "r2" / "fits.json").read_text())
     assert len(again["points"]) == 6 and again["fits"][0]["runs"] == 3

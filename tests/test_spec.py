@@ -58,13 +58,22 @@ def test_defaults_and_resolved_paths(write, tmp_path):
     assert spec.data.sources[0].resolved_format == "jsonl"
     d = spec.data
     assert (d.val_fraction, d.seed, d.dataset_dir, d.max_documents, d.shard_sequences) == (
-        0.01, 0, None, None, 1024,
-    )  # fmt: skip
+        0.01,
+        0,
+        None,
+        None,
+        1024,
+    )
     assert spec.train == TrainConfig(steps=5)
     t = spec.train
     assert (t.warmup, t.lr_min_ratio, t.weight_decay, t.grad_clip, t.betas, t.eps) == (
-        0.1, 0.01, 0.1, 0.2, (0.9, 0.95), 1e-8,
-    )  # fmt: skip
+        0.1,
+        0.01,
+        0.1,
+        0.2,
+        (0.9, 0.95),
+        1e-8,
+    )
     assert (t.lr, t.batch_size, t.flop_budget, t.dtype, t.seed) == (None, None, None, "auto", 42)
     assert spec.tracking == TrackingConfig(
         tracking_uri=f"sqlite:///{cwd}/mlruns.db",  # 4 slashes: absolute
@@ -164,10 +173,16 @@ def test_parse_cli():
         ({"data": {"val_fraction": 1.0}}, "data.val_fraction", "in [0, 1)"),
         ({"data": {"sources": []}}, "data.sources", "expected at least one source"),
         ({"data": {"sources": ["a.csv"]}}, "data.sources[0].format", "cannot infer from"),
-        ({"data": {"sources": ["a.txt", {"path": "b.txt", "weight": -1}]}},
-         "data.sources[1].weight", "expected float > 0, got -1.0"),
-        ({"data": {"sources": [{"path": "a.txt", "colour": 1}]}},
-         "data.sources[0].colour", "unknown key (valid: path, weight,"),
+        (
+            {"data": {"sources": ["a.txt", {"path": "b.txt", "weight": -1}]}},
+            "data.sources[1].weight",
+            "expected float > 0, got -1.0",
+        ),
+        (
+            {"data": {"sources": [{"path": "a.txt", "colour": 1}]}},
+            "data.sources[0].colour",
+            "unknown key (valid: path, weight,",
+        ),
         ({"data": {"sources": [{"weight": 1}]}}, "data.sources[0].path", "required key missing"),
         ({"data": {"max_documents": 0}}, "data.max_documents", ">= 1"),
         ({"model": {"head_dims": [16, 24]}}, "model.head_dims[1]", "must divide"),
@@ -183,7 +198,7 @@ def test_parse_cli():
         ({"variants": ["a"]}, "variants", "expected mapping"),
         ({"extra_section": {}}, "extra_section", "unknown key (valid: name, data, model,"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_file_and_key(write, changes, key, problem):
     with pytest.raises(SpecError) as info:
         load_spec(write(changes))
@@ -220,12 +235,14 @@ def test_missing_file_and_bad_overrides(write, tmp_path):
     path = write()
     for override, needle in [
         ("name.x=1", "q.yaml: name.x: cannot set override: name is str"),
-        ("data.sources.3.weight=1", "q.yaml: data.sources.3.weight: cannot set override: "
-         "data.sources is a list of 1"),
+        (
+            "data.sources.3.weight=1",
+            "q.yaml: data.sources.3.weight: cannot set override: data.sources is a list of 1",
+        ),
         ("train.lr", "q.yaml: override 'train.lr': expected dotted.key=value"),
         ("train.lr=[1", "q.yaml: train.lr: override value '[1' is not YAML"),
         ("train.lr=-1", "q.yaml: train.lr: expected float > 0, got -1.0"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(SpecError) as info:
             load_spec(path, [override])
         assert str(info.value).startswith(needle), str(info.value)
@@ -272,8 +289,11 @@ def test_flatten_keys_are_override_keys(write, monkeypatch):
     for key, value in flat.items():
         assert spec.with_overrides({key: yaml.safe_load(value)}) == spec, key
     # Nothing is left out: one param per field of the flat sections.
-    for section, cls in [("train", TrainConfig), ("tracking", TrackingConfig),
-                         ("resources", ResourcesConfig)]:  # fmt: skip
+    for section, cls in [
+        ("train", TrainConfig),
+        ("tracking", TrackingConfig),
+        ("resources", ResourcesConfig),
+    ]:
         names = {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
         assert {k for k in flat if k.startswith(f"{section}.")} == names
 

@@ -24,10 +24,18 @@ from pipelines.sweep import categorical_grid, format_table, load_sweep, main, su
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "experiments" / "data" / "quickstart.jsonl.gz")
-K2 = {"model.dimensions": [32, 64, 96], "model.layers": [1, 1, 1],
-      "model.head_dims": [16, 16, 16], "model.max_seqlens": [128, 48, 24]}  # fmt: skip
-K3 = {"model.dimensions": [32, 64, 96, 128], "model.layers": [1, 1, 1, 1],
-      "model.head_dims": [16, 16, 16, 16], "model.max_seqlens": [128, 48, 24, 12]}  # fmt: skip
+K2 = {
+    "model.dimensions": [32, 64, 96],
+    "model.layers": [1, 1, 1],
+    "model.head_dims": [16, 16, 16],
+    "model.max_seqlens": [128, 48, 24],
+}
+K3 = {
+    "model.dimensions": [32, 64, 96, 128],
+    "model.layers": [1, 1, 1, 1],
+    "model.head_dims": [16, 16, 16, 16],
+    "model.max_seqlens": [128, 48, 24, 12],
+}
 
 
 def write_sweep(tmp: Path, sweep: dict, budget: float = 1.5e10, **train) -> Path:
@@ -38,14 +46,14 @@ def write_sweep(tmp: Path, sweep: dict, budget: float = 1.5e10, **train) -> Path
             "seq_len": 128,
             "val_fraction": 0.2,
             "max_documents": 80,
-        },  # fmt: skip
+        },
         "model": {
             "dimensions": [32, 64],
             "layers": [1, 1],
             "head_dims": [16, 16],
             "max_seqlens": [128, 48],
             "multiple_of": 32,
-        },  # fmt: skip
+        },
         "train": {
             "flop_budget": budget,
             "batch_size": 4,
@@ -62,7 +70,7 @@ def write_sweep(tmp: Path, sweep: dict, budget: float = 1.5e10, **train) -> Path
             "cpus_per_worker": 0.5,
             "storage_path": str(tmp / "out"),
             "max_failures": 0,
-        },  # fmt: skip
+        },
         "sweep": sweep,
     }
     path = tmp / "sweep.yaml"
@@ -76,16 +84,29 @@ def records(sweep_dir: Path) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------- no Ray
 def test_space_parsing_and_errors(tmp_path):
-    sweep = {"search": "optuna", "num_samples": 4, "space": {
-        "stages": {"choices": {"k1": {}, "k3": K3}},
-        "model.upsampling": {"choices": ["multilinear", "repeat"]},
-        "train.lr": {"loguniform": [1e-4, 1e-2]},
-        "model.dimensions.1": {"int": [48, 96]}}}  # fmt: skip
+    sweep = {
+        "search": "optuna",
+        "num_samples": 4,
+        "space": {
+            "stages": {"choices": {"k1": {}, "k3": K3}},
+            "model.upsampling": {"choices": ["multilinear", "repeat"]},
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "model.dimensions.1": {"int": [48, 96]},
+        },
+    }
     spec, sw = load_sweep(write_sweep(tmp_path, sweep))
-    assert [d.key for d in sw.dims] == ["stages", "model.upsampling", "train.lr",
-                                        "model.dimensions.1"]  # fmt: skip
-    config = {"stages": "k3", "model.upsampling": "repeat", "train.lr": 0.002,
-              "model.dimensions.1": 64.0}  # fmt: skip
+    assert [d.key for d in sw.dims] == [
+        "stages",
+        "model.upsampling",
+        "train.lr",
+        "model.dimensions.1",
+    ]
+    config = {
+        "stages": "k3",
+        "model.upsampling": "repeat",
+        "train.lr": 0.002,
+        "model.dimensions.1": 64.0,
+    }
     v = spec.with_overrides(sw.overrides(config))
     assert v.model.dimensions == [32, 64, 96, 128] and v.model.upsampling == "repeat"
     assert v.train.lr == 0.002 and sw.label(config) == "stages=k3,model.upsampling=repeat"
@@ -97,31 +118,44 @@ def test_space_parsing_and_errors(tmp_path):
         ({"space": {"x": {"between": [1, 2]}}}, "sweep.space.x: unknown kind"),
         ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "sweep.space.train.lr.loguniform"),
         ({"space": {"data.seq_len": {"int": [64, 128]}}}, "cannot change the dataset"),
-        ({"space": {"s": {"choices": []}}, }, "sweep.space.s.choices"),
+        (
+            {
+                "space": {"s": {"choices": []}},
+            },
+            "sweep.space.s.choices",
+        ),
         ({"serach": "grid", "space": {"s": {"choices": [1]}}}, "sweep.serach: unknown key"),
         ({"search": "random", "space": {"s": {"choices": [1]}}}, "sweep.search: invalid"),
-    ]  # fmt: skip
+    ]
     for sweep, msg in bad:
         with pytest.raises(SpecError, match=msg):
             load_sweep(write_sweep(tmp_path, sweep))
     # a choice that makes an invalid spec is named before anything runs
-    spec, sw = load_sweep(write_sweep(tmp_path, {"space": {"s": {"choices": {
-        "bad": {"model.layers": [1]}}}}}))  # fmt: skip
+    spec, sw = load_sweep(
+        write_sweep(tmp_path, {"space": {"s": {"choices": {"bad": {"model.layers": [1]}}}}})
+    )
     with pytest.raises(SpecError, match="model.layers"):
         spec.with_overrides(sw.overrides({"s": "bad"}))
 
 
 # ---------------------------------------------------------------------------------- resume
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    path = write_sweep(tmp_path, {"name": "resume", "max_concurrent_trials": 1,
-                                  "space": {"train.lr": {"choices": [0.003, 0.001]}}},
-                       budget=6e9)  # fmt: skip
+    path = write_sweep(
+        tmp_path,
+        {
+            "name": "resume",
+            "max_concurrent_trials": 1,
+            "space": {"train.lr": {"choices": [0.003, 0.001]}},
+        },
+        budget=6e9,
+    )
     sweep_dir = tmp_path / "out" / "sweeps" / "resume"
     cmd = [sys.executable, "-m", "pipelines.sweep", str(path)]
     env = {**os.environ, "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -160,16 +194,30 @@ def depth_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("depth")
     space = {"stages": {"choices": {"k1": {}, "k2": K2, "k3": K3}}}
     fault = {"step": 5, "match": {"stages": "k3"}}
-    path = write_sweep(tmp, {"name": "depth", "max_concurrent_trials": 3, "max_failures": 1,
-                             "fault": fault, "space": space})  # fmt: skip
+    path = write_sweep(
+        tmp,
+        {
+            "name": "depth",
+            "max_concurrent_trials": 3,
+            "max_failures": 1,
+            "fault": fault,
+            "space": space,
+        },
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
         rows, complete = run_sweep(str(path))
         print(f"3-trial sweep: {time.perf_counter() - t0:.0f} s")
         sweep_dir = tmp / "out" / "sweeps" / "depth"
-        yield {"rows": rows, "complete": complete, "tmp": tmp, "path": path,
-               "uri": f"sqlite:///{tmp}/mlruns.db", "dir": sweep_dir}  # fmt: skip
+        yield {
+            "rows": rows,
+            "complete": complete,
+            "tmp": tmp,
+            "path": path,
+            "uri": f"sqlite:///{tmp}/mlruns.db",
+            "dir": sweep_dir,
+        }
     finally:
         ray.shutdown()
 
@@ -217,8 +265,13 @@ def test_compute_matched_within_2_percent(depth_sweep):
     for label, dims in (("stages=k1", {}), ("stages=k3", K3)):
         # recompute the recorded FLOPs naively: aunet.flops at the dataset's measured contraction
         rec = recs[label]
-        model = {"dimensions": [32, 64], "layers": [1, 1], "head_dims": [16, 16],
-                 "max_seqlens": [128, 48], "multiple_of": 32}  # fmt: skip
+        model = {
+            "dimensions": [32, 64],
+            "layers": [1, 1],
+            "head_dims": [16, 16],
+            "max_seqlens": [128, 48],
+            "multiple_of": 32,
+        }
         model.update({k.split(".", 1)[1]: v for k, v in dims.items()})
         cfg = AUNetConfig.from_dict(model)
         ds = [

@@ -21,8 +21,16 @@ def store(tmp_path_factory):
 
 def _tracker(store, key: str, **kw) -> Tracker:
     uri, artifacts = store
-    return Tracker(uri, "exp", run_key=key, run_name="a", artifact_location=artifacts,
-                   flush_every_s=0.05, backoff_s=0.01, **kw)  # fmt: skip
+    return Tracker(
+        uri,
+        "exp",
+        run_key=key,
+        run_name="a",
+        artifact_location=artifacts,
+        flush_every_s=0.05,
+        backoff_s=0.01,
+        **kw,
+    )
 
 
 def test_run_is_reopened_by_key_and_params_are_idempotent(store, tmp_path):

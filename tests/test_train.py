@@ -48,16 +48,38 @@ def _chdir(path: Path):  # contextlib.chdir is Python >= 3.11; the project suppo
 def _spec(root: Path, **train) -> ExperimentSpec:
     raw = {
         "name": "t",
-        "data": {"sources": str(CORPUS), "seq_len": 64, "val_fraction": 0.25, "max_documents": 24,
-                 "dataset_dir": str(root / "dataset")},
-        "model": {"dimensions": [32, 64], "layers": [1, 1], "head_dims": [16, 16],
-                  "max_seqlens": [64, 16], "strategy": {"word1": "1@1"}},
-        "train": {"steps": 8, "batch_size": 4, "lr": 3e-3, "warmup": 1, "eval_every": 4,
-                  "eval_batches": 2, "checkpoint_every": 3, "seed": SEED, **train},
-        "tracking": {"tracking_uri": f"sqlite:///{root}/mlruns.db", "experiment": "t",
-                     "artifact_location": str(root / "artifacts")},
+        "data": {
+            "sources": str(CORPUS),
+            "seq_len": 64,
+            "val_fraction": 0.25,
+            "max_documents": 24,
+            "dataset_dir": str(root / "dataset"),
+        },
+        "model": {
+            "dimensions": [32, 64],
+            "layers": [1, 1],
+            "head_dims": [16, 16],
+            "max_seqlens": [64, 16],
+            "strategy": {"word1": "1@1"},
+        },
+        "train": {
+            "steps": 8,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup": 1,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "checkpoint_every": 3,
+            "seed": SEED,
+            **train,
+        },
+        "tracking": {
+            "tracking_uri": f"sqlite:///{root}/mlruns.db",
+            "experiment": "t",
+            "artifact_location": str(root / "artifacts"),
+        },
         "resources": {"num_workers": 2, "storage_path": str(root / "runs"), "max_failures": 1},
-    }  # fmt: skip
+    }
     return ExperimentSpec.from_dict(raw, cwd=str(root))
 
 
@@ -202,8 +224,18 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
     assert p["plan.batch_size"] == "4" and p["plan.lr"] == "0.003" and p["train.steps"] == "8"
     assert int(p["plan.num_params"]) == sum(x.numel() for x in AUNet(spec.model).parameters())
     assert float(p["plan.flops_per_byte"]) > 0
-    for key in ("loss", "bits_per_byte", "lr", "grad_norm", "bytes_per_s", "flops_per_s", "flops",
-                "tokens/stage0", "tokens/stage1", "val/bits_per_byte"):  # fmt: skip
+    for key in (
+        "loss",
+        "bits_per_byte",
+        "lr",
+        "grad_norm",
+        "bytes_per_s",
+        "flops_per_s",
+        "flops",
+        "tokens/stage0",
+        "tokens/stage1",
+        "val/bits_per_byte",
+    ):
         assert key in run.data.metrics, key
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == list(range(1, 9))
@@ -265,8 +297,12 @@ def test_eval_suite_runs_periodically_and_on_the_final_weights(killed_run):
     spec, root, result, _ = killed_run
     client = MlflowClient(f"sqlite:///{root}/mlruns.db")
     logged: dict[int, dict[str, float]] = {}
-    for key in ("eval/val/bits_per_byte", "eval/val/en/bits_per_byte", "eval/piqa/acc",
-                "eval/piqa/acc_norm"):  # fmt: skip
+    for key in (
+        "eval/val/bits_per_byte",
+        "eval/val/en/bits_per_byte",
+        "eval/piqa/acc",
+        "eval/piqa/acc_norm",
+    ):
         for m in client.get_metric_history(result.mlflow_run_id, key):
             logged.setdefault(m.step, {})[key] = m.value
     assert sorted(logged) == [3, 6, 8] and all(len(v) == 4 for v in logged.values())

@@ -52,9 +52,12 @@ def text_bytes(n: int) -> bytes:
 
 def aunet2(window: int) -> AUNet:
     cfg = AUNetConfig(
-        dimensions=[256, 512], layers=[3, 6], head_dims=[64, 64],
-        sliding_windows=[window, None], upsampling="multilinear",
-    )  # fmt: skip
+        dimensions=[256, 512],
+        layers=[3, 6],
+        head_dims=[64, 64],
+        sliding_windows=[window, None],
+        upsampling="multilinear",
+    )
     return AUNet(cfg).eval()
 
 

@@ -88,8 +88,10 @@ def main() -> int:
     )
     for r in rows:
         cols = (r["workers"], r["bytes_per_s"], r["gflops_per_s"], r["step_s_median"])
-        print("{:>7} {:>9.0f} {:>8.2f} {:>7.3f}".format(*cols),
-              f"{r['overhead_fraction']:>8.1%} {r['fit_wall_s']:>6.0f}")  # fmt: skip
+        print(
+            "{:>7} {:>9.0f} {:>8.2f} {:>7.3f}".format(*cols),
+            f"{r['overhead_fraction']:>8.1%} {r['fit_wall_s']:>6.0f}",
+        )
     print("RESULT", json.dumps(rows))
     return 0
 
