@@ -17,7 +17,6 @@ timings), and one MLflow run.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 import uuid
@@ -26,14 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aunet.flops import (
-    batch_size_bytes,
-    flops_per_byte,
-    learning_rate,
-    num_params,
-    steps_for_budget,
-)
-from aunet.optim import warmup_steps
+from pipelines.plan import TrainPlan, plan_training
 from pipelines.runtime import (
     artifact_location_for,
     check_tracking_reachable,
@@ -46,107 +38,7 @@ from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """What the spec leaves open, resolved: batch, lr, steps and the FLOP accounting.
-
-    ``batch_size`` is in sequences of ``seq_len`` bytes per optimizer step (all ranks together).
-    FLOPs are ``aunet.flops.flops_per_byte`` (forward + backward) at the config's capacities, with
-    the dataset's measured bytes per token for uncapped stages.
-    """
-
-    seq_len: int
-    batch_size: int
-    steps: int
-    warmup_steps: int
-    lr: float
-    flops_per_byte: float
-    num_params: int
-    batch_from_scaling_law: bool
-    lr_from_scaling_law: bool
-
-    @property
-    def bytes_per_step(self) -> int:
-        return self.seq_len * self.batch_size
-
-    @property
-    def flops_per_step(self) -> float:
-        return self.flops_per_byte * self.bytes_per_step
-
-    @property
-    def total_flops(self) -> float:
-        return self.flops_per_step * self.steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def params(self) -> dict[str, Any]:
-        """Everything worth an MLflow param, derived values included."""
-        extra = {"bytes_per_step": self.bytes_per_step, "total_flops": self.total_flops}
-        return {f"plan.{k}": v for k, v in {**self.to_dict(), **extra}.items()}
-
-
-def _bytes_per_token(spec: ExperimentSpec, manifest: dict[str, Any] | None) -> dict[str, Any]:
-    ratios = (manifest or {}).get("contraction")
-    K = spec.model.num_stages
-    if ratios and len(ratios) == K and all(r for r in ratios):
-        return {"bytes_per_token": tuple(float(r) for r in ratios)}
-    return {}
-
-
-def plan_training(
-    spec: ExperimentSpec, manifest: dict[str, Any] | None = None, world_size: int | None = None
-) -> TrainPlan:
-    """Resolve batch size, lr and steps from the spec, by the scaling laws where left null.
-
-    The laws (``BSZ = 0.66 C^0.321`` bytes, ``LR = 6.6 C^-0.176``; units unverified, spec §5) take
-    C = training FLOPs: ``train.flop_budget`` when given, else the run's own FLOPs, found by
-    fixed-point iteration since they depend on the batch size. A derived batch is rounded to whole
-    sequences, at least one per worker, and up to a multiple of the worker count.
-    """
-    tr, T, cfg = spec.train, spec.data.seq_len, spec.model
-    world = world_size or spec.resources.num_workers
-    fpb = flops_per_byte(cfg, T, **_bytes_per_token(spec, manifest))
-
-    def sequences(C: float) -> int:
-        n = max(world, round(batch_size_bytes(C) / T))
-        return -(-n // world) * world
-
-    if tr.batch_size is not None:
-        batch = tr.batch_size
-        if batch % world:
-            raise SpecError(f"train.batch_size: {batch} is not a multiple of {world} workers")
-    elif tr.flop_budget is not None:
-        batch = sequences(tr.flop_budget)
-    else:
-        batch = world
-        for _ in range(100):  # C grows with the batch at exponent 0.321 < 1: this converges
-            nxt = sequences(fpb * T * batch * tr.steps)
-            if nxt == batch:
-                break
-            batch = nxt
-    steps = tr.steps
-    if steps is None:
-        steps = steps_for_budget(cfg, T, batch, tr.flop_budget, **_bytes_per_token(spec, manifest))
-        if steps < 1:
-            raise SpecError(
-                f"train.flop_budget: {tr.flop_budget:.3g} FLOPs is less than one step "
-                f"({fpb * T * batch:.3g} FLOPs)"
-            )
-    total = fpb * T * batch * steps
-    return TrainPlan(
-        seq_len=T,
-        batch_size=batch,
-        steps=steps,
-        warmup_steps=warmup_steps(tr.warmup, steps),
-        lr=tr.lr if tr.lr is not None else learning_rate(total),
-        flops_per_byte=fpb,
-        num_params=num_params(cfg),
-        batch_from_scaling_law=tr.batch_size is None,
-        lr_from_scaling_law=tr.lr is None,
-    )
+    from pipelines.train_worker import FaultInjection
 
 
 @dataclass(frozen=True)
@@ -189,7 +81,7 @@ def build_trainer(
     tracking_uri: str | None = None,
     spec_file: str | None = None,
     variant: str | None = None,
-    fault: dict[str, Any] | None = None,
+    fault: FaultInjection | None = None,
     launch_id: str | None = None,
     eval_suite: EvalConfig | None = None,
 ):
@@ -201,40 +93,39 @@ def build_trainer(
     first checkpoint (default: a new id per fit; worker restarts within a fit share it).
     ``eval_suite``: ``train.eval_suite`` loaded by the caller (``eval_suite_for``), whose relative
     paths are the user's, not the worker's (Ray runs workers in a session directory); loaded here
-    against this process's directory when not given. ``fault`` is for tests only:
-    ``{"step": n, "rank": r, "marker": path}`` makes rank r exit its process after step n, once.
+    against this process's directory when not given. ``fault`` is for tests only.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aunet.parallel import backend_for
-    from pipelines.train_worker import train_loop_per_worker
+    from pipelines.train_worker import TrackingArgs, WorkerArgs, train_loop_per_worker
 
     res = spec.resources
     storage = storage_path or res.storage_path
     uri = tracking_uri or resolve_tracking_uri(spec.tracking)
-    loop_config = {
-        "spec": spec.to_dict(),
-        "plan": plan.to_dict(),
-        "dataset": dataset_path,
-        "manifest": manifest,
-        "run_name": run_name,
-        "run_dir": join_path(storage, run_name),
-        "launch_id": launch_id or uuid.uuid4().hex,  # part of the MLflow run key
-        "variant": variant,
-        "spec_file": spec_file,
-        "tracking": {
-            "uri": uri,
-            "experiment": spec.tracking.experiment,
-            "artifact_location": artifact_location_for(uri, spec.tracking.artifact_location),
-            "parent_run_id": parent_run_id,
-        },
-        "fault": fault,
-        "eval_suite": eval_suite if eval_suite is not None else eval_suite_for(spec),
-    }
+    args = WorkerArgs(
+        spec=spec,
+        plan=plan,
+        dataset=dataset_path,
+        manifest=manifest,
+        run_name=run_name,
+        run_dir=join_path(storage, run_name),
+        launch_id=launch_id or uuid.uuid4().hex,
+        variant=variant,
+        spec_file=spec_file,
+        tracking=TrackingArgs(
+            uri=uri,
+            experiment=spec.tracking.experiment,
+            artifact_location=artifact_location_for(uri, spec.tracking.artifact_location),
+            parent_run_id=parent_run_id,
+        ),
+        fault=fault,
+        eval_suite=eval_suite if eval_suite is not None else eval_suite_for(spec),
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=args.to_config(),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
@@ -262,7 +153,7 @@ def train(
     callbacks: Sequence[Any] = (),
     parent_run_id: str | None = None,
     spec_file: str | None = None,
-    fault: dict[str, Any] | None = None,
+    fault: FaultInjection | None = None,
 ) -> TrainResult:
     """Preprocess if needed, then train one run to the end (resuming it if it exists)."""
     from pipelines.preprocess import preprocess

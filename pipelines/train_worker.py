@@ -1,58 +1,186 @@
 """The per-worker training loop that ``pipelines.train`` runs under Ray Train's ``TorchTrainer``.
 
-Every rank runs the same sequence of collectives (FSDP, the metric all-reduce, evaluation, DCP,
-``ray.train.report``), so the loop must never branch on the rank except for writing files and
-MLflow. A checkpoint holds the DCP-sharded model and optimizer, and per rank its RNG states; rank 0
-adds ``trainer_state.json`` (step, data position, scheduler, counters, the MLflow run id). Restored,
-it continues at the first batch the run has not trained on.
+The loop reads top to bottom; its collaborators each own one concern: ``WorkerArgs`` (what the
+driver sends), ``TrainState`` and ``Checkpointer`` (what is saved, when, and the restore:
+``pipelines.checkpointing``), ``StepMeter`` (timings and the per-step metrics), ``validate``,
+``StepLog`` (rank 0's ``steps.jsonl``), the MLflow ``Tracker`` (rank 0), and ``FaultInjection``
+(tests only).
+
+Every rank runs the same sequence of collectives (FSDP, the metric all-reduce, validation, DCP,
+``ray.train.report``), so the loop never branches on the rank except for writing files and MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
-from aunet.checkpoint import save_pretrained
 from aunet.loss import LN2
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
+from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
 from pipelines.data import DataPosition, TrainBatches, val_batches
+from pipelines.plan import TrainPlan
+from pipelines.runtime import is_uri  # (moves to pipelines.paths)
+from pipelines.spec import ExperimentSpec
 
-STATE_FILE = "trainer_state.json"
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+if TYPE_CHECKING:
+    from pipelines.eval_config import EvalConfig
+    from pipelines.tracking import Tracker
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+@dataclass(frozen=True)
+class TrackingArgs:
+    uri: str
+    experiment: str
+    artifact_location: str | None
+    parent_run_id: str | None
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only: rank ``rank`` exits its process after step ``step``, once (``marker`` file)."""
+
+    step: int
+    rank: int
+    marker: str
+
+    def after_step(self, step: int, rank: int, run_dir: str, checkpoint_every: int) -> None:
+        if (step, rank) != (self.step, self.rank) or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(str(step))
+        _wait_registered(run_dir, step - step % checkpoint_every)
+        os._exit(1)  # a real process death
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """Everything a worker needs, resolved by the driver (paths absolute, tracking URI final).
+
+    Crosses the process boundary as Ray's ``train_loop_config`` (``to_config``/``from_config``).
+    ``launch_id`` is part of the MLflow run key: stable per Tune trial, fresh per driver ``fit``.
+    ``eval_suite`` is loaded by the driver, whose relative paths are the user's.
+    """
+
+    spec: ExperimentSpec
+    plan: TrainPlan
+    dataset: str
+    manifest: dict[str, Any] | None
+    run_name: str
+    run_dir: str
+    launch_id: str
+    variant: str | None
+    spec_file: str | None
+    tracking: TrackingArgs
+    fault: FaultInjection | None = None
+    eval_suite: EvalConfig | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WorkerArgs:
+        return cls(**config)
+
+
+class StepMeter:
+    """Per-step timings and the metrics rank 0 logs.
+
+    A step's time is data + compute + the previous step's leftover work (``other_s``: logging,
+    the step log, reports); periodic work (validation, suites, checkpoints) is timed on its own
+    and not charged as per-step overhead.
+    """
+
+    def __init__(self, plan: TrainPlan, world: int, peak: float | None) -> None:
+        self.plan, self.world, self.peak = plan, world, peak
+        self.other_s = 0.0
+
+    def begin(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def data_loaded(self) -> None:
+        self.t_data = time.perf_counter()
+
+    def computed(self) -> None:
+        self.t_comp = time.perf_counter()
+
+    def metrics(
+        self,
+        step: int,
+        sums: list[float],
+        lr: float,
+        grad_norm: float,
+        epoch: int,
+        state: TrainState,
+    ) -> dict[str, float]:
+        """``sums`` = all-reduced [loss, ce, tokens per stage...]; adds them to ``state.tokens``."""
+        plan, world = self.plan, self.world
+        step_tokens = [int(x) for x in sums[2:]]
+        state.tokens = [a + b for a, b in zip(state.tokens, step_tokens)]
+        data_s, compute_s = self.t_data - self.t_start, self.t_comp - self.t_data
+        step_s = data_s + compute_s + self.other_s
+        metrics = {
+            "loss": sums[0] / world,
+            "bits_per_byte": sums[1] / world / LN2,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "bytes_per_s": plan.bytes_per_step / step_s,
+            "flops_per_s": plan.flops_per_step / step_s,
+            "flops": plan.flops_per_step * step,
+            "time/data_s": data_s,
+            "time/compute_s": compute_s,
+            "time/other_s": self.other_s,
+            "time/overhead_fraction": (data_s + self.other_s) / step_s,
+            "epoch": epoch,
+        }
+        if self.peak:
+            metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
+        for s, n in enumerate(step_tokens):
+            metrics[f"tokens/stage{s}"] = n
+            metrics[f"tokens_total/stage{s}"] = state.tokens[s]
+        return metrics
+
+    def end(self, metrics: dict[str, float], periodic: bool) -> None:
+        """Charge what happened after the compute to the next step, unless it was periodic."""
+        other = time.perf_counter() - self.t_comp - metrics.get("time/eval_s", 0.0)
+        other -= metrics.get("time/eval_suite_s", 0.0)
+        self.other_s = 0.0 if periodic else other
+
+
+class StepLog:
+    """Rank 0's ``steps.jsonl``: one JSON line per step, appended (restarts add lines)."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = None
+        if rank == 0 and not is_uri(run_dir):
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(run_dir) / "steps.jsonl"
+
+    def write(
+        self, step: int, attempt: str, position: DataPosition, ids, metrics: dict[str, Any]
+    ) -> None:
+        """``position``: where the step's batch came from; ``ids``: its global sequence ids."""
+        if self.path is None:
+            return
+        record = {"step": step, "attempt": attempt, "time": time.time()}
+        record.update(position=position.to_dict(), ids=ids.tolist(), **metrics)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
-def evaluate(
+def validate(
     model: torch.nn.Module, dataset: str, batch_size: int, rank: int, world: int, batches: int
 ) -> float | None:
     """Mean bits/byte over the first ``batches`` validation batches (all ranks); None if empty."""
@@ -67,113 +195,122 @@ def evaluate(
     return nats / count / LN2 if count else None
 
 
-class _StepLog:
-    """Rank 0's ``steps.jsonl``: one JSON line per step, appended (restarts add lines)."""
-
-    def __init__(self, run_dir: str, rank: int):
-        self.path = None
-        if rank == 0 and "://" not in run_dir:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.path = Path(run_dir) / "steps.jsonl"
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _open_tracker(cfg: dict[str, Any], spec, plan, world: int, resumed_id: str | None):
-    from pipelines.preprocess import code_version
-    from pipelines.runtime import ray_job_id
-    from pipelines.spec import flatten
-    from pipelines.tracking import Tracker
-
-    t = cfg["tracking"]
-    tags = {
-        "aunet.variant": cfg["variant"] or "",
-        "aunet.experiment_file": cfg["spec_file"] or "",
-        "aunet.run_dir": cfg["run_dir"],
-    }
-    commit, job = code_version().get("git_commit"), ray_job_id()
-    tags.update({"git_commit": commit} if commit else {})
-    tags.update({"ray_job_id": job} if job else {})
-    tracker = Tracker(
-        t["uri"],
-        t["experiment"],
-        run_key=f"{cfg['run_dir']}#{cfg['launch_id']}",
-        run_name=cfg["run_name"],
-        artifact_location=t["artifact_location"],
-        parent_run_id=t["parent_run_id"],
-        tags=tags,
-        run_id=resumed_id,
-    )
-    tracker.log_params(
-        {
-            **flatten(spec),
-            **plan.params(),
-            "derived.world_size": world,
-            "derived.num_stages": spec.model.num_stages,
-            "derived.split_strategy": json.dumps(spec.model.split_strategy),
-            "derived.variant": cfg["variant"],
-        }
-    )
-    if not tracker.resumed:
-        import yaml
-
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-            tracker.log_artifact(str(Path(tmp) / "config.yaml"))
-        tracker.log_artifact(str(Path(cfg["dataset"]) / "manifest.json"), "dataset")
-    return tracker
-
-
-def _save_checkpoint(model, opt, state: dict[str, Any], rank: int, step: int, metrics: dict):
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"step_{step:07d}",
-        )
-
-
-def _load_checkpoint(ckpt, model, opt, rank: int) -> dict[str, Any]:
-    with ckpt.as_directory() as d:
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=d)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng = Path(d) / f"rng_rank{rank}.pt"
-        if rng.is_file():  # absent when the world size grew: keep the fresh seed
-            _set_rng_state(torch.load(rng, weights_only=False))
-        return json.loads((Path(d) / STATE_FILE).read_text())
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    import ray.train
-
-    from pipelines.spec import ExperimentSpec
-    from pipelines.train import TrainPlan
-
-    spec = ExperimentSpec.from_dict(cfg["spec"], source="train loop config")
-    plan = TrainPlan(**cfg["plan"])
-    tr, res = spec.train, spec.resources
+    args = WorkerArgs.from_config(config)
+    spec, plan = args.spec, args.plan
+    tr = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = local_device(res.use_gpu)
-    dtype = param_dtype(tr.dtype, device)
+    device = local_device(spec.resources.use_gpu)
+    model, opt, sched = _build(spec, plan, device)
+    torch.manual_seed(tr.seed + rank)
+    random.seed(tr.seed + rank)
 
-    torch.manual_seed(spec.model.seed)  # identical initial weights on every rank
+    state = TrainState(num_levels=spec.model.num_stages + 1)
+    checkpointer = Checkpointer(
+        tr.checkpoint_every,
+        rank=rank,
+        world_size=world,
+        run_name=args.run_name,
+        plan=plan.to_dict(),
+        model_config=spec.model.to_dict(),
+    )
+    if checkpointer.restore(model, opt, sched, state) and rank == 0:
+        print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
+    tracker = _open_tracker(args, world, state.mlflow_run_id) if rank == 0 else None
+    state.mlflow_run_id = tracker.run_id if tracker is not None else None
+    log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
+    data = TrainBatches(
+        args.dataset,
+        plan.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=tr.seed,
+        position=state.position,
+    )
+    batches, meter = iter(data), StepMeter(plan, world, peak_flops(device))
+
+    while state.step < plan.steps:
+        meter.begin()
+        position = data.position
+        batch = [x.to(device, non_blocking=True) for x in next(batches)]
+        meter.data_loaded()
+        lr = sched.get_last_lr()[0]
+        loss, ce, stage_tokens, grad_norm = train_step(model, opt, sched, batch, tr.grad_clip)
+        meter.computed()
+        state.step, state.position = state.step + 1, data.position
+        step, last = state.step, state.step == plan.steps
+        sums = all_reduce_sum([loss, ce, *stage_tokens])
+        metrics = meter.metrics(step, sums, lr, grad_norm, position.epoch, state)
+        metrics.update(_periodic_evals(args, model, state, last, rank, world, device))
+        if tracker is not None and (step % tr.log_every == 0 or last or _SUITE_S in metrics):
+            tracker.log_metrics(metrics, step)
+        log.write(step, attempt, position, data.global_ids(position), metrics)
+        report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"]}
+        report["val_bits_per_byte"] = state.val_bits_per_byte
+        if checkpointer.due(step, last):
+            t_ck = time.perf_counter()
+            checkpointer.save(model, opt, sched, state, report)
+            if tracker is not None:
+                tracker.log_metrics({"time/checkpoint_s": time.perf_counter() - t_ck}, step)
+        elif _VAL in metrics:
+            ray.train.report(report)  # validation results reach Tune callbacks too
+        if args.fault is not None:
+            args.fault.after_step(step, rank, args.run_dir, tr.checkpoint_every)
+        meter.end(metrics, periodic=_VAL in metrics or step % tr.checkpoint_every == 0)
+
+    return _finish(args, model, state, tracker, device, rank)
+
+
+def train_step(
+    model, opt, sched, batch, grad_clip: float
+) -> tuple[float, float, list[float], float]:
+    """One optimizer step on this rank's ``batch`` (tokens, levels, targets: [B/W, T]).
+
+    Returns (loss, ce, tokens per stage, grad norm) as floats: reading the loss synchronises the
+    device, so the caller's timing of the step is real.
+    """
+    out = model(*batch)
+    out.loss.backward()
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    loss = float(out.loss.detach())
+    return loss, float(out.ce.detach()), [float(n) for n in out.stage_tokens], grad_norm
+
+
+_VAL, _SUITE_S = "val/bits_per_byte", "time/eval_suite_s"
+
+
+def _periodic_evals(
+    args: WorkerArgs, model, state: TrainState, last: bool, rank: int, world: int, device
+) -> dict[str, float]:
+    """Validation every ``train.eval_every`` steps and at the end (updates ``state``); the eval
+    suite every ``train.eval_suite_every`` steps (the last step's runs on the final weights)."""
+    tr, step, out = args.spec.train, state.step, {}
+    if step % tr.eval_every == 0 or last:
+        t0 = time.perf_counter()
+        bpb = validate(model, args.dataset, args.plan.batch_size, rank, world, tr.eval_batches)
+        state.val_bits_per_byte = out[_VAL] = bpb
+        out["time/eval_s"] = time.perf_counter() - t0
+    if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
+        t0 = time.perf_counter()
+        out.update(_suite_eval(args.eval_suite, args.spec, full_state(model), device, rank))
+        out[_SUITE_S] = time.perf_counter() - t0
+    return out
+
+
+def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
+    """(model, optimizer, scheduler): identical initial weights on every rank, then sharded."""
+    tr = spec.train
+    torch.manual_seed(spec.model.seed)
     model = AUNet(spec.model)
     shard(
         model,
-        dtype != torch.float32,
+        param_dtype(tr.dtype, device) != torch.float32,
         compile=tr.compile,
         activation_checkpointing=tr.activation_checkpointing,
     )
@@ -186,185 +323,88 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
         eps=tr.eps,
         decay_norms_and_embeddings=tr.decay_norms_and_embeddings,
     )
-    sched = build_scheduler(opt, plan.warmup_steps, plan.steps, tr.lr_min_ratio)
-    torch.manual_seed(tr.seed + rank)
-    random.seed(tr.seed + rank)
+    return model, opt, build_scheduler(opt, plan.warmup_steps, plan.steps, tr.lr_min_ratio)
 
-    state: dict[str, Any] = {"step": 0, "position": DataPosition().to_dict(), "tokens": None}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, opt, rank)
-        for key in ("batch_size", "seq_len"):
-            if state["plan"][key] != cfg["plan"][key]:
-                raise ValueError(
-                    f"run {cfg['run_name']}: its checkpoint has {key}="
-                    f"{state['plan'][key]}, the spec {cfg['plan'][key]}; "
-                    "use another run name (--fresh)"
-                )
-        if state["model"] != spec.model.to_dict():
-            raise ValueError(
-                f"run {cfg['run_name']}: its checkpoint has another model config; "
-                "use another run name (--fresh)"
-            )
-        sched.load_state_dict(state["scheduler"])
-    tracker = (
-        _open_tracker(cfg, spec, plan, world, state.get("mlflow_run_id")) if rank == 0 else None
-    )
-    log = _StepLog(cfg["run_dir"], rank)
-    attempt = uuid.uuid4().hex[:8]
-    data = TrainBatches(
-        cfg["dataset"],
-        plan.batch_size,
-        rank=rank,
-        world_size=world,
-        seed=tr.seed,
-        position=DataPosition.from_dict(state["position"]),
-    )
-    batches = iter(data)
-    peak = peak_flops(device)
-    K = spec.model.num_stages
-    tokens = state["tokens"] or [0] * (K + 1)
-    fault = cfg.get("fault")
-    step, val_bpb, other_s = state["step"], state.get("val_bits_per_byte"), 0.0
-    if rank == 0 and step:
-        print(f"train: {cfg['run_name']} resumed after step {step} at {state['position']}")
 
-    while step < plan.steps:
-        t_start = time.perf_counter()
-        position = data.position
-        batch = next(batches)
-        tok, lev, tgt = (x.to(device, non_blocking=True) for x in batch)
-        t_data = time.perf_counter()
-        lr = sched.get_last_lr()[0]
-        out = model(tok, lev, tgt)
-        out.loss.backward()
-        grad_norm = clip_gradients(model.parameters(), tr.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(out.loss.detach())  # synchronises the device: the timing below is real
-        t_comp = time.perf_counter()
-        step += 1
-        sums = all_reduce_sum([loss, float(out.ce.detach()), *map(float, out.stage_tokens)])
-        step_tokens = [int(x) for x in sums[2:]]
-        tokens = [a + b for a, b in zip(tokens, step_tokens)]
-        data_s, compute_s = t_data - t_start, t_comp - t_data
-        step_s = data_s + compute_s + other_s
-        metrics = {
-            "loss": sums[0] / world,
-            "bits_per_byte": sums[1] / world / LN2,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "bytes_per_s": plan.bytes_per_step / step_s,
-            "flops_per_s": plan.flops_per_step / step_s,
-            "flops": plan.flops_per_step * step,
-            "time/data_s": data_s,
-            "time/compute_s": compute_s,
-            "time/other_s": other_s,
-            "time/overhead_fraction": (data_s + other_s) / step_s,
-            "epoch": position.epoch,
-        }
-        if peak:
-            metrics["mfu"] = metrics["flops_per_s"] / (peak * world)
-        for s in range(K + 1):
-            metrics[f"tokens/stage{s}"] = step_tokens[s]
-            metrics[f"tokens_total/stage{s}"] = tokens[s]
-        last = step == plan.steps
-        if step % tr.eval_every == 0 or last:
-            t_eval = time.perf_counter()
-            val_bpb = evaluate(model, cfg["dataset"], plan.batch_size, rank, world, tr.eval_batches)
-            metrics["val/bits_per_byte"] = val_bpb
-            metrics["time/eval_s"] = time.perf_counter() - t_eval
-        if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
-            t_suite = time.perf_counter()  # (the last step's suite runs on the saved final weights)
-            suite = _suite_eval(
-                cfg["eval_suite"], spec, _full_state(model), plan.seq_len, device, rank
-            )
-            metrics.update(suite)
-            metrics["time/eval_suite_s"] = time.perf_counter() - t_suite
-        if tracker is not None and (
-            step % tr.log_every == 0 or last or "time/eval_suite_s" in metrics
-        ):
-            tracker.log_metrics(metrics, step)
-        log.write(
-            {
-                "step": step,
-                "attempt": attempt,
-                "time": time.time(),
-                "position": position.to_dict(),
-                "ids": data.global_ids(position).tolist(),
-                **metrics,
-            }
-        )
-        report = {
-            "step": step,
-            "loss": metrics["loss"],
-            "flops": metrics["flops"],
-            "val_bits_per_byte": val_bpb,
-        }
-        if step % tr.checkpoint_every == 0 or last:
-            t_ck = time.perf_counter()
-            state = {
-                "step": step,
-                "position": data.position.to_dict(),
-                "tokens": tokens,
-                "scheduler": sched.state_dict(),
-                "val_bits_per_byte": val_bpb,
-                "mlflow_run_id": tracker.run_id if tracker else None,
-                "plan": cfg["plan"],
-                "model": spec.model.to_dict(),
-                "world_size": world,
-            }
-            _save_checkpoint(model, opt, state, rank, step, report)
-            if tracker is not None:
-                tracker.log_metrics({"time/checkpoint_s": time.perf_counter() - t_ck}, step)
-        elif "val/bits_per_byte" in metrics:
-            ray.train.report(report)  # evaluation results reach Tune callbacks too
-        if (
-            fault
-            and (step, rank) == (fault["step"], fault["rank"])
-            and not Path(fault["marker"]).exists()
-        ):
-            Path(fault["marker"]).write_text(str(step))
-            _wait_registered(cfg["run_dir"], step - step % tr.checkpoint_every)
-            os._exit(1)  # a real process death (test-only fault injection)
-        other_s = time.perf_counter() - t_comp - metrics.get("time/eval_s", 0.0)
-        other_s -= metrics.get("time/eval_suite_s", 0.0)
-        if "time/eval_s" in metrics or step % tr.checkpoint_every == 0:
-            other_s = 0.0  # periodic work is reported on its own, not as per-step overhead
-
-    full = _full_state(model)  # a collective gather, written by rank 0 alone
-    final_dir = f"{cfg['run_dir']}/final"
+def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: int):
+    """The consolidated final checkpoint, its MLflow logging and the end-of-run suite (rank 0)."""
+    full = full_state(model)  # a collective gather, written by rank 0 alone
+    final_dir = f"{args.run_dir}/final"
     if rank != 0:
         return None
+    spec, step, bpb = args.spec, state.step, state.val_bits_per_byte
     meta = {
-        "run_name": cfg["run_name"],
+        "run_name": args.run_name,
         "step": step,
-        "val_bits_per_byte": val_bpb,
-        "plan": cfg["plan"],
-        "variant": cfg["variant"],
-        "mlflow_run_id": tracker.run_id if tracker is not None else None,
+        "val_bits_per_byte": bpb,
+        "plan": args.plan.to_dict(),
+        "variant": args.variant,
+        "mlflow_run_id": state.mlflow_run_id,
     }
-    _save_final(full, final_dir, spec, meta)
-    run_id = None
+    save_final(full, final_dir, spec.model, meta)
     if tracker is not None:
-        tracker.log_metrics({"final/val_bits_per_byte": val_bpb}, step)
+        tracker.log_metrics({"final/val_bits_per_byte": bpb}, step)
         tracker.log_artifact(final_dir, "final")
-        if spec.tracking.log_model and "://" not in final_dir:
+        if spec.tracking.log_model and not is_uri(final_dir):
             _log_model(final_dir, tracker)
-    if cfg["eval_suite"] is not None:
-        metrics = _suite_eval(cfg["eval_suite"], spec, full, plan.seq_len, device, rank)
+    if args.eval_suite is not None:
+        metrics = _suite_eval(args.eval_suite, spec, full, device, rank)
         if tracker is not None:
             tracker.log_metrics(metrics, step)
     if tracker is not None:
         tracker.close("FINISHED")
-        run_id = tracker.run_id
     return {
         "step": step,
-        "val_bits_per_byte": val_bpb,
+        "val_bits_per_byte": bpb,
         "final_checkpoint": final_dir,
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": state.mlflow_run_id,
     }
+
+
+def _open_tracker(args: WorkerArgs, world: int, resumed_id: str | None) -> Tracker:
+    """Rank 0's MLflow run: reopened by the checkpoint's run id or the run key, else created."""
+    from pipelines.preprocess import code_version
+    from pipelines.runtime import ray_job_id
+    from pipelines.spec import flatten
+    from pipelines.tracking import Tracker
+
+    spec, t = args.spec, args.tracking
+    tags = {
+        "aunet.variant": args.variant or "",
+        "aunet.experiment_file": args.spec_file or "",
+        "aunet.run_dir": args.run_dir,
+    }
+    commit, job = code_version().get("git_commit"), ray_job_id()
+    tags.update({"git_commit": commit} if commit else {})
+    tags.update({"ray_job_id": job} if job else {})
+    tracker = Tracker(
+        t.uri,
+        t.experiment,
+        run_key=f"{args.run_dir}#{args.launch_id}",
+        run_name=args.run_name,
+        artifact_location=t.artifact_location,
+        parent_run_id=t.parent_run_id,
+        tags=tags,
+        run_id=resumed_id,
+    )
+    tracker.log_params(
+        {
+            **flatten(spec),
+            **args.plan.params(),
+            "derived.world_size": world,
+            "derived.num_stages": spec.model.num_stages,
+            "derived.split_strategy": json.dumps(spec.model.split_strategy),
+            "derived.variant": args.variant,
+        }
+    )
+    if not tracker.resumed:
+        import yaml
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+            tracker.log_artifact(str(Path(tmp) / "config.yaml"))
+        tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
+    return tracker
 
 
 def _log_model(final_dir: str, tracker) -> None:
@@ -381,18 +421,14 @@ def _log_model(final_dir: str, tracker) -> None:
         print(f"train: pyfunc model not logged ({type(e).__name__}: {e})", flush=True)
 
 
-def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded weights on the CPU: a collective every rank must enter (rank 0 gets them)."""
-    return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-
-
 def _suite_eval(
-    suite, spec, full: dict[str, torch.Tensor], seq_len: int, device: torch.device, rank: int
+    suite: EvalConfig | None,
+    spec: ExperimentSpec,
+    full: dict[str, torch.Tensor],
+    device: torch.device,
+    rank: int,
 ) -> dict[str, float]:
-    """The ``suite`` (an ``EvalConfig``) on ``full`` weights -> eval/<task>/<metric> (rank 0;
-    the other ranks get {}).
+    """The ``suite`` on ``full`` weights -> eval/<task>/<metric> (rank 0; the other ranks get {}).
 
     Rank 0 scores a plain (unsharded) copy, so the suite's variable-length batches and greedy
     generation need no collective; the other ranks go on and wait in the next step's all-gather.
@@ -404,7 +440,7 @@ def _suite_eval(
         return {}
     model = AUNet(spec.model)
     model.load_state_dict(full)
-    return evaluate(model.to(device).eval(), suite, context=seq_len)
+    return evaluate(model.to(device).eval(), suite, context=spec.data.seq_len)
 
 
 def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> None:
@@ -414,22 +450,10 @@ def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> N
     dying in between would make the restart begin from an older checkpoint (a race, not a bug).
     """
     snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
-    if ckpt_step <= 0 or "://" in run_dir:
+    if ckpt_step <= 0 or is_uri(run_dir):
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if snapshot.is_file() and f"step_{ckpt_step:07d}" in snapshot.read_text():
             return
         time.sleep(0.1)
-
-
-def _save_final(full: dict[str, torch.Tensor], final_dir: str, spec, meta: dict) -> None:
-    """``save_pretrained`` locally, or into a temp dir copied to a ``pyarrow.fs`` URI."""
-    if "://" not in final_dir:
-        save_pretrained(full, final_dir, config=spec.model, metadata=meta)
-        return
-    import pyarrow.fs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(full, tmp, config=spec.model, metadata=meta)
-        pyarrow.fs.copy_files(tmp, final_dir)

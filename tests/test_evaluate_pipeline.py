@@ -393,8 +393,8 @@ def test_end_of_training_suite_runs_on_the_final_weights(setup):
     spec = ExperimentSpec.from_dict(raw, source="test")
     assert spec.train.eval_suite == str(tmp_path / "eval.yaml")
     suite = eval_suite_for(spec)
-    got = _suite_eval(suite, spec, model.state_dict(), 64, torch.device("cpu"), rank=0)
-    assert _suite_eval(suite, spec, model.state_dict(), 64, torch.device("cpu"), rank=1) == {}
+    got = _suite_eval(suite, spec, model.state_dict(), torch.device("cpu"), rank=0)
+    assert _suite_eval(suite, spec, model.state_dict(), torch.device("cpu"), rank=1) == {}
     expected = ev.evaluate(model, str(tmp_path / "eval.yaml"), context=64)
 
     def scores(m: dict) -> dict:

@@ -21,8 +21,9 @@ from aunet.checkpoint import load_pretrained
 from aunet.flops import flops_per_byte
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients, warmup_steps
+from pipelines.plan import plan_training
 from pipelines.spec import ExperimentSpec, SpecError
-from pipelines.train import plan_training
+from pipelines.train_worker import FaultInjection
 
 CORPUS = Path(__file__).resolve().parent.parent / "experiments" / "data" / "quickstart.jsonl.gz"
 SEED = 7
@@ -127,7 +128,8 @@ def test_plan_from_budget_follows_the_scaling_laws():
     batch = max(2, round(0.66 * 3e11**0.321 / 64))
     batch += batch % 2  # up to a multiple of the 2 workers
     assert plan.batch_size == batch and plan.flops_per_byte == fpb
-    assert plan.steps == int(3e11 // (fpb * 64 * batch)) and plan.total_flops <= 3e11
+    step_flops = fpb * 64 * batch  # the one step rule: the nearest whole step to the budget
+    assert plan.steps == round(3e11 / step_flops) and abs(plan.total_flops - 3e11) <= step_flops / 2
     assert plan.lr == pytest.approx(6.6 * (fpb * 64 * batch * plan.steps) ** -0.176)
     assert plan.warmup_steps == max(1, round(0.1 * plan.steps))  # warmup 0.1: a fraction
     fixed = plan_training(_spec(Path("/x"), steps=500, batch_size=None), world_size=1)
@@ -167,7 +169,7 @@ def killed_run(ray_session, tmp_path_factory):
     shutil.copy(EVAL / "piqa_sample.jsonl", root / "evdata/piqa.jsonl")
     spec = _spec(root, eval_suite="eval.yaml", eval_suite_every=3)
     marker = root / "killed"
-    fault = {"step": 4, "rank": 1, "marker": str(marker)}
+    fault = FaultInjection(step=4, rank=1, marker=str(marker))
     with _chdir(root):  # the eval YAML's relative paths are the driver's
         result = train(spec, run_name="killed", fault=fault)
     assert marker.read_text() == "4"  # the fault did fire
