@@ -185,14 +185,21 @@ def _fmt_budget(b: float) -> str:
 
 
 def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
-    """Size, batch and lr of every cell: the rule, the formulas, and steps from the budget."""
+    """Size, batch and lr of every cell: the rule, the formulas, and steps from the budget.
+
+    Steps come from ``pipelines.plan.plan_training`` with each variant's dataset manifest when
+    that dataset is built (``run`` builds them first), so the plan is what the sweep trains.
+    """
     from aunet.flops import compute_optimal, learning_rate
-    from pipelines.train import plan_training
+    from pipelines.data import is_complete, read_manifest
+    from pipelines.plan import plan_training
 
     cells = []
     T = spec.data.seq_len
     for variant, vo in study.variants.items():
         base = spec.with_overrides(vo)
+        built = is_complete(base.dataset_dir())
+        manifest = read_manifest(base.dataset_dir()) if built else None
         for budget in study.budgets:
             for sf in study.size_factors:
                 sized = compute_optimal(
@@ -216,7 +223,7 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
                     if study.lr != "law" or len(study.lr_factors) > 1:
                         lr0 = learning_rate(budget) if study.lr == "law" else float(study.lr)
                         ov["train.lr"] = lr0 * lf
-                    plan = plan_training(base.with_overrides(ov))
+                    plan = plan_training(base.with_overrides(ov), manifest)
                     # a multiple of log_every: train logs evaluations only on logging steps
                     log = spec.train.log_every
                     every = max(log, plan.steps // study.evals_per_run // log * log)

@@ -96,7 +96,7 @@ def test_cells_follow_the_size_rule_and_the_scaling_formulas(tmp_path):
         assert c.overrides["model.dimensions"] == list(want.dimensions)
         assert c.batch_size == max(1, round(batch_size_bytes(c.budget) / T))
         fpb = flops_per_byte(want, T)
-        assert c.steps == int(c.budget // (fpb * T * c.batch_size))
+        assert c.steps == round(c.budget / (fpb * T * c.batch_size))  # nearest whole step
         assert c.lr == pytest.approx(learning_rate(fpb * T * c.batch_size * c.steps))
         assert "train.lr" not in c.overrides and "train.batch_size" not in c.overrides
     sizes = [c.params for c in cells if c.variant == "aunet3"]
