@@ -101,7 +101,7 @@ def plan_training(
 ) -> TrainPlan:
     """Resolve batch size, lr and steps from the spec, by the scaling laws where left null.
 
-    The laws (``BSZ = 0.66 C^0.321`` bytes, ``LR = 6.6 C^-0.176``; units unverified, spec §5) take
+    The laws (``BSZ = 0.66 C^0.321`` bytes, ``LR = 6.6 C^-0.176``; unverified: docs/flops.md) take
     C = training FLOPs: ``train.flop_budget`` when given, else the run's own FLOPs, found by
     fixed-point iteration since they depend on the batch size. A derived batch is rounded to whole
     sequences, at least one per worker, and up to a multiple of the worker count.
