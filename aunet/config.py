@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Vocabulary: the official byte tokenizer's layout (spec §1). No PAD id exists in the model vocab.
+# Vocabulary: the official byte tokenizer's layout (docs/design.md, Vocabulary). No PAD id exists
+# in the model vocab.
 BOS_ID = 256
 EOS_ID = 257
 VOCAB_SIZE = 258
 
-# upsampling value -> official ``pooling_type`` string (spec §3.1, §11).
+# upsampling value -> official ``pooling_type`` string (docs/design.md, Upsampling).
 UPSAMPLING_TO_LINGUA = {
     "multilinear": "simple_indexed_matmul",
     "repeat": "simple_repeat",

@@ -2,7 +2,8 @@
 character-level tasks.
 
 Scoring goes through ``AUNet.forward`` (with ``vocab_norm`` and training attention windows), not
-through the official generator, whose missing norm and ``w+1`` window shift every number (spec §8).
+through the official generator, whose missing norm and ``w+1`` window shift every number
+(docs/design.md, Evaluation).
 Every scored sequence starts with BOS at the top level; levels come from the splitter run on the
 whole sequence, as in training.
 """

@@ -1,4 +1,6 @@
-"""Parameter and FLOP accounting, the official estimators (spec §5), and scaling-law helpers.
+"""Parameter and FLOP accounting, the official estimators, and scaling-law helpers.
+
+The conventions, with the reasons for each, are in docs/flops.md.
 
 Our count (``flops_per_byte``) follows what ``AUNet`` runs, not the official shortcut: every matmul
 of every block at its stage's real length, the transitions (down at L_{s+1}; up and multi-linear
@@ -23,8 +25,8 @@ from collections.abc import Callable, Sequence
 from aunet.config import VOCAB_SIZE, AUNetConfig
 
 # Bytes per stage-s token for uncapped stages when no counts are given (s = 1, 2, 3). 5.4 and 9.2
-# are the measured word1 / word2 ratios of spec §2.9 (GPL-3 text, not DCLM); 18.4 (4-word chunks)
-# is an unmeasured extrapolation (2 x 9.2). Deeper stages double again.
+# are the measured word1 / word2 ratios (GPL-3 text, not DCLM; docs/design.md, Worked examples);
+# 18.4 (4-word chunks) is an unmeasured extrapolation (2 x 9.2). Deeper stages double again.
 DEFAULT_BYTES_PER_TOKEN = (5.4, 9.2, 18.4)
 # Data-to-model ratio of ``compute_optimal``: Chinchilla's 20 tokens per parameter at ~4.5 bytes
 # per BPE token (Llama-3 tokenizer on web text) = 90 bytes per parameter. The official 2B runs sit
@@ -164,7 +166,8 @@ def flops_per_byte(
     return sum(parts.values()) / seq_len
 
 
-# ------------------------------------------------------------------------ official (spec §5)
+# ------------------------------------------------------------------------ official estimators
+# docs/flops.md (The official estimators)
 def _official_layer(config: AUNetConfig, d: int) -> float:
     """Per-layer params of the official estimators: always MHA, no norms."""
     mult = config.ffn_dim_multiplier if config.ffn_dim_multiplier is not None else 1.0
@@ -205,8 +208,9 @@ def official_flops_per_byte(config: AUNetConfig, seq_len: int) -> float:
 
 # ------------------------------------------------------------------------ scaling laws
 # BSZ = 0.66 C^0.321 and LR = 6.6 C^-0.176 are quoted from the paper; they are in neither the
-# official code nor configs, and their units are UNVERIFIED (spec §5): we read C as training FLOPs
-# (our flops_per_byte x bytes) and BSZ as bytes per optimizer step. Refit before trusting them.
+# official code nor configs, and their units are UNVERIFIED (docs/flops.md, Scaling laws): we read
+# C as training FLOPs (our flops_per_byte x bytes) and BSZ as bytes per optimizer step. Refit
+# before trusting them.
 def batch_size_bytes(C: float) -> float:
     """Bytes per optimizer step for a C-FLOP run (unverified units, see above)."""
     return 0.66 * C**0.321

@@ -1,7 +1,10 @@
-"""Byte generation with per-stage KV caches and cascading stage activation (spec §7, §11).
+"""Byte generation with per-stage KV caches and cascading stage activation.
+
+What it fixes in the official generator: docs/design.md (Generation).
 
 One decode step feeds one byte per row. Its level (computed on the row's text so far, never
-revised: spec §2.8) says how deep it goes, exactly as pooling does in the training forward:
+revised: docs/design.md, Prefix stability) says how deep it goes, exactly as pooling does in the
+training forward:
 
     byte ──enc0──┬─(level>0)─ down ─enc1──┬─(level>1)─ down ─ ... ─ trunk
                  │                        │                            │
@@ -36,7 +39,10 @@ from aunet.splitting import Splitter
 
 
 def generation_splitter(config: AUNetConfig) -> Splitter | None:
-    """The config's splitter, refused when its levels change as bytes are appended (spec §2.8)."""
+    """The config's splitter, refused when its levels change as bytes are appended.
+
+    See docs/design.md (Prefix stability).
+    """
     if config.num_stages == 0:
         return None
     splitter = Splitter(config.split_strategy)
@@ -45,7 +51,7 @@ def generation_splitter(config: AUNetConfig) -> Splitter | None:
         raise ValueError(
             f"strategy {unstable[0]!r}: generation needs a prefix-stable split strategy (word "
             "N@M); pretok, punct and custom strategies change the levels of earlier bytes when "
-            "bytes are appended (spec §2.8), which a KV cache cannot revise"
+            "bytes are appended (docs/design.md, Prefix stability), which a KV cache cannot revise"
         )
     return splitter
 

@@ -291,7 +291,10 @@ class CausalTransformer(nn.Module):
         return x
 
     def init_weights(self, base_std: float | None, factor_kind: str) -> None:
-        """Official init (spec §4): sigma = fan_in^-0.5; output projections / a depth factor."""
+        """Official init: sigma = fan_in^-0.5; output projections / a depth factor.
+
+        See docs/design.md (Blocks and initialisation).
+        """
         n = len(self.layers)
         for depth, layer in enumerate(self.layers):
             f = {

@@ -87,7 +87,10 @@ class AUNet(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Official init (spec §4), plus the level head that the official code leaves empty."""
+        """Official init, plus the level head that the official code leaves empty.
+
+        See docs/design.md (Blocks and initialisation).
+        """
         c = self.config
         std = c.dimensions[0] ** -0.5
         trunc_normal_(self.tok_embeddings.weight, std)

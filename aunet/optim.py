@@ -1,4 +1,6 @@
-"""AdamW, gradient clipping and the warmup + cosine schedule of the official recipe (spec §6, §11).
+"""AdamW, gradient clipping and the warmup + cosine schedule of the official recipe.
+
+The recipe, and why we differ from it: docs/design.md (Training recipe).
 
 Deliberate difference from the official code: the official ``LambdaLR`` is stepped after the
 optimizer, so its first update uses lr = 0. Here update ``n`` (1-based) uses ``lr * lr_factor(n)``

@@ -1,8 +1,11 @@
-"""Documents to fixed-length training windows, with the official packer's semantics (spec §2.7).
+"""Documents to fixed-length training windows, with the official packer's semantics.
+
+The format and its reasons: docs/data.md (Packing into windows).
 
 A document becomes ``[BOS] + bytes + [EOS]`` with its level mask. BOS gets the top level ``K`` in
-every document (spec §11: the official code uses "max level present", which leaks across documents
-through the deep stages and crashes on documents without boundaries); EOS gets level 0.
+every document (docs/design.md, Where we differ: the official code uses "max level present",
+which leaks across documents through the deep stages and crashes on documents without
+boundaries); EOS gets level 0.
 
 Documents are concatenated in stream order and cut into windows of ``T + 1`` tokens that overlap by
 one: window ``k`` covers stream positions ``[k*T, k*T + T]``, so window ``k+1``'s first input is
@@ -152,8 +155,8 @@ def windows(tokens: np.ndarray, levels: np.ndarray, seq_len: int) -> tuple[np.nd
 def split_point_counts(levels: np.ndarray, num_stages: int) -> np.ndarray:
     """Positions that start a token at each pooling stage: ``counts[s-1] = #(levels >= s)``.
 
-    The model reads level ``L`` as a boundary for stages ``1..L`` (spec §2.1), so stage ``s`` keeps
-    every byte whose level is at least ``s``. Returns int64 ``[K]``.
+    The model reads level ``L`` as a boundary for stages ``1..L`` (docs/design.md, Splitting), so
+    stage ``s`` keeps every byte whose level is at least ``s``. Returns int64 ``[K]``.
     """
     if num_stages == 0:
         return np.zeros(0, dtype=np.int64)

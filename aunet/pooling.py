@@ -2,12 +2,13 @@
 
 Stage ``s+1`` tokens are the stage-``s`` positions whose byte has level > s, after the capacity cap
 (the first ``C_{s+1}`` such bytes of the row, counted in byte order, are kept: the official rule,
-spec §3.2). The plan is computed once per batch and passed explicitly to pooling and upsampling,
-never stored on a module.
+docs/design.md, Pooling). The plan is computed once per batch and passed explicitly to pooling
+and upsampling, never stored on a module.
 
 Why position 0 is forced to the top level: the pooled vector of a segment sits at its closing
 byte and is used from that byte on, so bytes before the first real boundary would otherwise read
-a deep vector computed from the future (spec §3.7). Forcing happens on a copy.
+a deep vector computed from the future (docs/design.md, Why position 0 is forced). Forcing
+happens on a copy.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-r"""Per-byte level arrays for AU-Net's pooling stages (spec §2), byte-exact with the official code.
+r"""Per-byte level arrays for AU-Net's pooling stages, byte-exact with the official code.
+
+The rules and the decisions behind this module: docs/design.md (Splitting).
 
 A ``Splitter`` takes the official strategy mapping (``{"word1": "1@1", "word2": "2@1"}``): dict
 order is the stage, and a key picks its strategy by prefix, tested in the official order ``word``,
@@ -20,8 +22,8 @@ plain ``regex.finditer`` per text run, so they are as slow (and as quadratic) as
 Bad input never raises: bytes that are not UTF-8 get level 0 and split the data into runs that are
 each treated as a separate text; the output always has one level per input byte.
 
-Prefix stability (spec §2.8; generation gives a new byte the level computed on the prefix that ends
-there and never revises it):
+Prefix stability (docs/design.md, Prefix stability; generation gives a new byte the level
+computed on the prefix that ends there and never revises it):
 
 - word (any ``N@M``) is prefix-stable except on a space or tab that starts a whitespace run ending
   in a newline: ``\s*[\r\n]`` puts a boundary there only once the newline has arrived.
@@ -40,7 +42,7 @@ import regex
 
 # Codepoint class bits. ESCAPE marks a byte that is not UTF-8 (a surrogate from surrogateescape).
 _SPACE, _LETTER, _NUMBER, _DIGIT, _NEWLINE, _BLANK, _ESCAPE = 1, 2, 4, 8, 16, 32, 64
-_BUILTIN = ("word", "pretok", "punct")  # official prefix order (spec §2.1)
+_BUILTIN = ("word", "pretok", "punct")  # official prefix order (docs/design.md, Splitting)
 _CUSTOM: dict[str, tuple[regex.Pattern, regex.Pattern | None]] = {}
 
 

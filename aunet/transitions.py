@@ -5,7 +5,8 @@ out of a string. Parameter names follow the official ``SimpleTransition`` (``dow
 ``trans_down``, ``up_norm``, ``trans_up``, ``indexed_linear.weight``, ``indexed_norm``,
 ``pos_encoding``).
 
-Upsampling variants (spec §3.4), with z the deep output and r(t)/o(t) the segment index/offset:
+Upsampling variants (docs/design.md, Upsampling), with z the deep output and r(t)/o(t) the
+segment index/offset:
 - multilinear:  up[t] = W_up n(z)[r] + M[o] n(z)[r]          (paper's Multi-Linear Upsampling)
 - repeat:       up[t] = W_up (n(z)[r] + E[o])
 - scatter:      up[t] = W_up n(z)[k] at boundary t = idx[k], else 0
@@ -109,7 +110,10 @@ class Transition(nn.Module):
         return self._project_up(zr) + self.indexed_linear(m_in, off)
 
     def init_weights(self) -> None:
-        """sigma = fan_in^-0.5 for every linear (spec §4); norms 1; position embedding N(0, 1)."""
+        """sigma = fan_in^-0.5 for every linear; norms 1; position embedding N(0, 1).
+
+        See docs/design.md (Blocks and initialisation).
+        """
         for name in ("down_norm", "up_norm", "indexed_norm"):
             if hasattr(self, name):
                 getattr(self, name).reset_parameters()

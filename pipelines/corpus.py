@@ -198,7 +198,7 @@ def _splitter(strategy_json: str):
 
 
 def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
-    """Splitter levels per whole document (spec §2.5), in a ``levels`` column beside ``data``.
+    """Splitter levels per whole document (docs/data.md), in a ``levels`` column beside ``data``.
 
     BOS/EOS are added by the consumer (``aunet.packing.Packer.add_documents``): bytes + levels are 2
     bytes per text byte through the object store, uint16 tokens with BOS/EOS would be 3.

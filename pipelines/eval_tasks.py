@@ -1,7 +1,7 @@
 """Evaluation data: text sets, multiple-choice formats, the cloze task and the char-task word list.
 
 Multiple-choice records become ``aunet.evaluation.ChoiceItem``s with the prompt and choice strings
-of lm-eval's task definitions (the ones the paper's numbers come from, spec §8): the choice carries
+of lm-eval's task definitions (the paper's harness; docs/design.md, Evaluation): the choice carries
 lm-eval's target delimiter (a leading space), so its log-likelihood is the one lm-eval scores.
 Winogrande differs in kind: its options change the context and the scored continuation is shared
 (lm-eval's "partial" scoring), so it is a ``PartialItem``.

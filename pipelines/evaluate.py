@@ -10,7 +10,7 @@ metadata, else the run whose ``aunet.run_key`` is the checkpoint's run directory
 eval config's experiment. ``evaluate(model, cfg)`` is the same evaluation without any I/O to MLflow,
 for training to call (periodically or at the end).
 
-Scoring uses ``aunet.evaluation`` (the training forward, spec §8): sliding-window bits/byte with
+Scoring uses ``aunet.evaluation`` (training forward, docs/design.md): sliding-window bits/byte with
 the training context, byte log-likelihoods for choices, greedy generation for character tasks.
 """
 
@@ -139,7 +139,7 @@ def evaluate(
     ``context`` is the training window (``seq_len``), used when the config sets none: windows and
     choice sequences never exceed it, as the model's capacities are sized for it. The model's
     device and train/eval mode are kept (restored on return). A ``char`` suite on a model whose
-    split strategy cannot generate (spec §2.8) is skipped with a message.
+    split strategy cannot generate (docs/design.md, Prefix stability) is skipped with a message.
     """
     from aunet.generate import generation_splitter
 

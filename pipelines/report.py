@@ -146,7 +146,7 @@ def plot_training_curves(
 UNITS_NOTE = (
     "The batch-size and learning-rate formulas BSZ = 0.66 C^0.321 and LR = 6.6 C^-0.176 are "
     "quoted from the paper; they are in neither the official code nor its configs and their "
-    "units are UNVERIFIED (spec §5). Here C is training FLOPs (forward + backward) as counted by "
+    "units are UNVERIFIED (docs/flops.md). C is training FLOPs (forward + backward) as counted by "
     "aunet.flops (flops_per_byte x training bytes) and BSZ is in bytes per optimizer step."
 )
 

@@ -2,7 +2,7 @@
 
 Every pipeline calls ``init_ray`` and ``resolve_tracking_uri`` instead of ``ray.init()`` or
 ``mlflow.set_tracking_uri`` so that the same entry point behaves alike in an embedded local Ray
-and under ``ray job submit``. Two rules drive the code (platform-notes §1, §5, §7):
+and under ``ray job submit``. Two rules drive the code (docs/platform.md: Paths, Starting Ray):
 - Ray workers run in a session directory, not in our cwd, so every path and sqlite URI handed to
   them is absolute; and on a cluster they see only the env vars passed through ``runtime_env``.
 - A bare ``ray.init()`` joins whatever cluster is running on the box (or hangs on a stale
@@ -217,7 +217,7 @@ def init_ray(
             address="local",  # never join a cluster that happens to run on this box
             num_cpus=num_cpus,
             include_dashboard=include_dashboard,
-            dashboard_host=LOOPBACK,  # core ports rely on Ray's token auth (platform-notes §6)
+            dashboard_host=LOOPBACK,  # core ports rely on Ray's token auth (docs/platform.md)
             runtime_env={"env_vars": env} if env else None,
         )
     configure_ray_data()

@@ -14,7 +14,7 @@ A study file is an experiment spec (the shared data, training and tracking setti
 - Model size follows a data-to-model rule: D = bytes_per_param x N with C = flops_per_byte(N) x D
   (``aunet.flops.compute_optimal``, width scaling of the variant's template). The default, 214
   bytes per parameter, is what we take as the paper's rule: the official 2B_1level config, which
-  lands exactly on 1e21 FLOPs (spec §5), trains 1.324e9 params on 283e9 bytes. The paper does not
+  uses exactly 1e21 FLOPs (docs/flops.md), trains 1.324e9 params on 283e9 bytes. The paper does not
   state the ratio in the mirror; ``study.bytes_per_param`` changes it (2B_2level sits at 259).
   ``size_factors`` multiply N (via bytes_per_param / f^2) to make iso-FLOP profiles.
 - Batch size and learning rate default to the paper's formulas (``aunet.flops``; units unverified).

@@ -14,7 +14,7 @@ Input: a DataFrame with a string column ``prompt`` and optional per-row ``max_ne
 given as ``params`` for the whole request. Output: one string per prompt, the continuation decoded
 as UTF-8 with errors="replace".
 
-Traps (platform-notes §5): an explicit signature, because a dict example is inferred as
+Traps (docs/platform.md): an explicit signature, because a dict example is inferred as
 ``Array(string)`` and then rejects DataFrames; ``name=`` not the deprecated ``artifact_path=``.
 """
 

@@ -4,7 +4,7 @@ A spec is validated completely at load time so that a typo fails in the driver, 
 and the dotted key, before Ray starts. The same dotted keys serve YAML, ``--set`` overrides, Tune
 search spaces (``ExperimentSpec.with_overrides``) and MLflow params (``flatten``). Relative paths
 are made absolute against the current working directory at load, because Ray workers run in
-another directory (platform-notes §1, §5).
+another directory (docs/platform.md, Paths).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 A sweep file is an experiment spec plus a ``sweep:`` section (see experiments/ablations/*.yaml).
 Why it is built this way:
 - A trial is a Tune function that fits ``pipelines.train.build_trainer``'s ``TorchTrainer`` named
-  after the trial (platform-notes §4): the training code is the same as a single run's, and a
+  after the trial (docs/platform.md, Sweeps): the training code is the same as a single run's, and a
   restored or retried trial resumes its own Train checkpoint instead of starting over.
 - Compute matching: with ``train.flop_budget`` every variant gets ``round(budget / FLOPs per
   step)`` steps (aunet.flops accounting, the dataset's measured bytes per token), so trials differ

@@ -1,7 +1,7 @@
 """Naive, loop-based reference implementations (slow and obvious) that the tests compare against.
 
-They follow the official algorithm description (spec §3) literally, one row and one position at a
-time, in float64 where arithmetic matters.
+They follow the official algorithm as described in docs/design.md (Pooling, Upsampling) literally,
+one row and one position at a time, in float64 where arithmetic matters.
 """
 
 from __future__ import annotations

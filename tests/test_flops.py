@@ -1,4 +1,5 @@
-"""FLOP and parameter accounting against torch's own counters, the model, and spec §5/§10 values."""
+"""FLOP and parameter accounting against torch's own counters, the model, and the reference
+values of docs/flops.md."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from aunet.layers import window_mask
 from aunet.model import AUNet
 from aunet.splitting import Splitter
 
-# spec §6 / §10: the official 2B configs (vocab 258, multiple_of 256, simple_indexed_matmul)
+# docs/flops.md (Reference numbers): the official 2B configs (vocab 258, multiple_of 256,
+# simple_indexed_matmul)
 TWO_B_1LEVEL = AUNetConfig(
     dimensions=[512, 2048],
     layers=[3, 25],
@@ -199,7 +201,7 @@ def test_num_params_equals_model(config: AUNetConfig) -> None:
 
 
 def test_two_b_configs_match_spec_table() -> None:
-    """spec §5/§10 values, measured on the official code."""
+    """docs/flops.md (Reference numbers): values measured on the official code."""
     assert num_params(TWO_B_1LEVEL) == 1_324_203_008
     assert num_params(TWO_B_2LEVEL) == 2_503_624_064
     assert official_param_estimate(TWO_B_1LEVEL) == 1_305_217_024
@@ -225,7 +227,8 @@ def test_official_estimator_by_hand() -> None:
 
 
 def test_scaling_laws() -> None:
-    """spec §5: at C = 1e21 LR 1.33e-3, BSZ 3.6M; at 1.37e21 LR 1.26e-3, BSZ 4.0M."""
+    """docs/flops.md (Scaling laws): at C = 1e21 LR 1.33e-3, BSZ 3.6M; at 1.37e21 LR 1.26e-3,
+    BSZ 4.0M."""
     assert batch_size_bytes(1.0) == pytest.approx(0.66)
     assert learning_rate(1.0) == pytest.approx(6.6)
     assert learning_rate(1e21) == pytest.approx(1.33e-3, rel=3e-3)

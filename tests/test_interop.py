@@ -215,7 +215,8 @@ def test_config_round_trip_block_options() -> None:
 
 
 def test_official_2b_configs_param_counts() -> None:
-    """The shipped 2B configs (values transcribed) give the official parameter totals (spec §10)."""
+    """The shipped 2B configs (values transcribed) give the official parameter totals
+    (docs/flops.md, Reference numbers)."""
 
     def cfg(dims, layers, heads, caps, strat):
         model = dict(

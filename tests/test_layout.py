@@ -2,7 +2,8 @@
 
 A ``platform`` package at the repo root would shadow the stdlib module that torch and ray import
 while loading, on every process that puts the root first on ``sys.path`` (``python -m``, Ray's
-``working_dir``), failing far from its cause (style.md §2).
+``working_dir``), failing far from its cause (docs/platform.md, Why platform/ is not a Python
+package).
 """
 
 from __future__ import annotations

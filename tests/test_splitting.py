@@ -1,4 +1,7 @@
-"""Splitter.levels: golden official masks, spec examples, and a plain-finditer oracle (spec §2)."""
+"""Splitter.levels: golden official masks, worked examples, and a plain-finditer oracle.
+
+The rules under test: docs/design.md (Splitting).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from aunet.splitting import Splitter, register_strategy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "splitting" / "official_levels.json"
 
-# The official patterns (spec §2.2), quoted as data for the naive oracle.
+# The official patterns (docs/design.md, Splitting), quoted as data for the naive oracle.
 START_WORD = r"\p{N}{1,3}|(?:[^\s\p{L}\p{N}]{1,3}[\r\n]*)|\s*[\r\n]"
 END_WORD = r"(\S+?\s){%d}"
 START_PRETOK = (
@@ -37,7 +40,7 @@ WORD_STRATEGIES = [{"word1": "1@1"}, {"word1": "1@1", "word2": "2@1"}, {"word": 
 
 
 def oracle_offsets(key: str, value: str, text: str) -> list[int]:
-    """Codepoint offsets of one strategy by plain regex.finditer (spec §2.3)."""
+    """Codepoint offsets of one strategy by plain regex.finditer (docs/design.md, Splitting)."""
     if key.startswith("word"):
         group = int(value.split("@")[0])
         moduli = [int(m) for m in value.split("@")[1].split("-")] if key == "word" else [1]
@@ -50,7 +53,8 @@ def oracle_offsets(key: str, value: str, text: str) -> list[int]:
 
 
 def oracle_levels(strategy: dict[str, str], text: str) -> np.ndarray:
-    """Spec §2.3-2.5 on valid text: max stage index + 1, on each codepoint's last UTF-8 byte."""
+    """The rules of docs/design.md (Splitting) on valid text: max stage index + 1, on each
+    codepoint's last UTF-8 byte."""
     per_char = [0] * len(text)
     for i, (key, value) in enumerate(strategy.items()):
         for o in oracle_offsets(key, value, text):
@@ -89,7 +93,7 @@ def test_fixture_provenance():
     assert GOLDEN["commit"].startswith("437d680")
     assert len(GOLDEN["cases"]) >= 25 and len(GOLDEN["strategies"]) == 7
     crashed_texts = {GOLDEN["cases"][c["text"]]["text"] for c in GOLDEN["crashed"]}
-    assert {"hello", ""} <= crashed_texts  # the official loader's failure cases (spec §2.5)
+    assert {"hello", ""} <= crashed_texts  # the official loader's failure cases (docs/design.md)
 
 
 @pytest.mark.parametrize("s", range(len(GOLDEN["strategies"])))
@@ -104,7 +108,7 @@ def test_golden_official_levels(s):
         assert digits(sp.levels(data)) == expected, (case["text"], strategy)
 
 
-# -- spec §2.9 worked examples (BOS and EOS columns removed) -------------------------------------
+# -- docs/design.md (Worked examples), BOS and EOS columns removed ------------------------------
 
 EXAMPLES = [
     ("Hello world, foo bar.", {"word1": "1@1"}, "000001000001100010001"),
@@ -166,7 +170,7 @@ def test_invalid_bytes_get_zero_and_cut_the_text():
     assert digits(sp.levels(b"!!\x00\x00")) == "1001"  # NUL is a symbol, like any control char
 
 
-# -- prefix stability (spec §2.8) ------------------------------------------------------------------
+# -- prefix stability (docs/design.md, Prefix stability) -------------------------------------------
 
 
 @pytest.mark.parametrize("strategy", WORD_STRATEGIES, ids=str)

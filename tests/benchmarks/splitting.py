@@ -39,7 +39,8 @@ def class_list() -> list[int]:
 
 
 def per_char_levels(text: str, groups: list[int]) -> np.ndarray:
-    """The word rules (spec §2.3) as a plain left-to-right scan, one Python step per char."""
+    """The word rules (docs/design.md, Splitting) as a plain left-to-right scan, one Python
+    step per char."""
     table = class_list()
     cls = [table[ord(c)] for c in text]
     n = len(text)
