@@ -44,11 +44,15 @@ def _lingua_dir(p: Path) -> bool:
     )
 
 
-def load_model(source: str | os.PathLike, map_location: str | torch.device = "cpu") -> AUNet:
-    """An ``AUNet`` (eval mode) from any supported source; CheckpointError names what is wrong."""
+def load_model(
+    source: str | os.PathLike, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> AUNet:
+    """An ``AUNet`` (eval mode) from any supported source; CheckpointError names what is wrong.
+
+    ``verify=False`` skips the weights' SHA-256 check (``aunet.checkpoint.verify_weights``)."""
     path = Path(source)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return load_pretrained(path, map_location)
+        return load_pretrained(path, map_location, verify=verify)
     if path.is_dir() and _lingua_dir(path):
         from aunet import interop
 
@@ -56,7 +60,7 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
     for resolve in _resolvers():
         local = resolve(str(source))
         if local is not None:
-            return load_model(local, map_location)
+            return load_model(local, map_location, verify=verify)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
@@ -83,10 +87,11 @@ class AUModel:
 
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike, device: str | torch.device = "cpu"
+        cls, source: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True
     ) -> AUModel:
-        """Load a checkpoint directory or MLflow URI (see the module docstring)."""
-        return cls(load_model(source, map_location=device))
+        """Load a checkpoint directory or MLflow URI (see the module docstring); ``verify=False``
+        skips the weights' digest check (very large files)."""
+        return cls(load_model(source, map_location=device, verify=verify))
 
     def generate(
         self,

@@ -3,10 +3,16 @@
 This is what training writes at the end and what generation, evaluation and the official-format
 converter read. Loading never unpickles: safetensors holds tensors only, and the config is JSON.
 A plain ``.pt`` state dict is accepted too, loaded with ``weights_only=True``.
+
+``config.json`` records the SHA-256 of the weights file, checked before the weights are used:
+safetensors validates its header but not the tensor bytes, so flipped or truncated data would
+otherwise load and generate silently. ``verify=False`` skips the check (it reads the whole file
+once, ~1 s per GB); a checkpoint written before the digest existed loads unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +31,15 @@ FORMAT = "aunet-consolidated-v1"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or does not match its config; the message names the path."""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MB chunks (weights can be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_pretrained(
@@ -49,8 +64,14 @@ def save_pretrained(
     with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
         tmp = f.name
     save_file(tensors, tmp, metadata={"format": FORMAT})
+    digest = file_sha256(tmp)
     os.replace(tmp, out / WEIGHTS_FILE)
-    payload = {"format": FORMAT, "model": config.to_dict(), "metadata": metadata or {}}
+    payload = {
+        "format": FORMAT,
+        "model": config.to_dict(),
+        "metadata": metadata or {},
+        "weights_sha256": digest,
+    }
     (out / (CONFIG_FILE + ".tmp")).write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(out / (CONFIG_FILE + ".tmp"), out / CONFIG_FILE)
     return out
@@ -111,10 +132,32 @@ def check_state_dict(model: AUNet, state: dict[str, torch.Tensor], where: str) -
         raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
 
 
-def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AUNet:
-    """Build the model from a checkpoint directory and load its weights (strictly)."""
+def verify_weights(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless the weights' SHA-256 is the one ``config.json`` records."""
+    weights = Path(path) / WEIGHTS_FILE
+    try:
+        expected = json.loads((Path(path) / CONFIG_FILE).read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        expected = None  # read_config reports a missing or corrupt config
+    if expected is None or not weights.is_file():
+        return
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise CheckpointError(
+            f"{weights}: SHA-256 {actual[:16]}... does not match {expected[:16]}... recorded in "
+            f"{CONFIG_FILE}: the weights are corrupt or were changed"
+        )
+
+
+def load_pretrained(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> AUNet:
+    """Build the model from a checkpoint directory and load its weights (strictly), after checking
+    the weights' digest unless ``verify=False``."""
     config, _ = read_config(path)
     weights = Path(path) / WEIGHTS_FILE
+    if verify:
+        verify_weights(path)
     state = load_state_dict(weights)
     model = AUNet(config)
     check_state_dict(model, state, str(weights))

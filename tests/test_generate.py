@@ -221,13 +221,42 @@ def test_from_pretrained_roundtrip_and_errors(tmp_path) -> None:
         AUModel.from_pretrained(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         AUModel.from_pretrained(tmp_path)
-    (ckpt / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
-        AUModel.from_pretrained(ckpt)
     other = save_pretrained(make_model(2, "multilinear"), tmp_path / "other")
     (other / "config.json").write_text((ckpt / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="model.safetensors: SHA-256 .* does not match"):
+        AUModel.from_pretrained(other)  # the digest is the first check to see other weights
     with pytest.raises(CheckpointError, match="do not match the config"):
-        AUModel.from_pretrained(other)
+        AUModel.from_pretrained(other, verify=False)
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors: SHA-256"):
+        AUModel.from_pretrained(ckpt)
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+        AUModel.from_pretrained(ckpt, verify=False)
+
+
+def test_flipped_weight_bytes_are_refused(tmp_path) -> None:
+    """Corrupt tensor data passes safetensors' header checks; the recorded SHA-256 catches it."""
+    import hashlib
+    import json
+
+    from aunet.checkpoint import file_sha256, load_pretrained
+
+    model = make_model(2, "repeat", seed=6)
+    ckpt = save_pretrained(model, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    recorded = json.loads((ckpt / "config.json").read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256(weights.read_bytes()).hexdigest() == file_sha256(weights)
+    data = bytearray(weights.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = bytes(b ^ 0xFF for b in data[mid : mid + 4096])  # 4 KB flipped
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{weights}: SHA-256 .* recorded in config.json"):
+        load_pretrained(ckpt)
+    loaded = load_pretrained(ckpt, verify=False)  # the opt-out loads the damaged weights as is
+    changed = [
+        k for k, v in model.state_dict().items() if not torch.equal(v, loaded.state_dict()[k])
+    ]
+    assert changed, "the flipped bytes should have changed some tensor"
 
 
 def test_from_pretrained_lingua_dir(tmp_path) -> None:
