@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.checkpointing import (
+    check_resumable,
+    latest_saved_state,
+    require_intact_checkpoint,
+)
 from pipelines.plan import TrainPlan, plan_training
 from pipelines.runtime import (
     artifact_location_for,
@@ -32,9 +37,12 @@ from pipelines.runtime import (
     init_ray,
     is_uri,
     join_path,
+    open_filesystem,
     resolve_tracking_uri,
 )
 from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
+
+LAUNCH_ID_FILE = "launch_id"
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
@@ -164,6 +172,13 @@ def train(
     uri = resolve_tracking_uri(spec.tracking)
     check_tracking_reachable(uri)  # fail in seconds, before any compute
     suite = eval_suite_for(spec)  # likewise a bad eval YAML
+    name = run_name or run_name_for(spec, variant)
+    run_dir = join_path(spec.resources.storage_path, name)
+    saved = latest_saved_state(run_dir)
+    require_intact_checkpoint(run_dir)  # a damaged run fails in one line, before Ray starts
+    explicit = {"seq_len": spec.data.seq_len}  # the batch may need the dataset: checked below
+    explicit.update({"batch_size": spec.train.batch_size} if spec.train.batch_size else {})
+    _check_resumable(saved, explicit, spec, name)  # before Ray starts
     init_ray(spec.resources, tracking_uri=uri)
     info = preprocess(spec)
     train_rows = info.sequences["train"]
@@ -173,7 +188,7 @@ def train(
             f"train.batch_size: {plan.batch_size} sequences per step, but the dataset "
             f"{info.path} has only {train_rows} training sequences"
         )
-    name = run_name or run_name_for(spec, variant)
+    _check_resumable(saved, plan.to_dict(), spec, name)  # before any worker starts
     print(
         f"train: run {name}: {plan.num_params:,} params, {plan.steps} steps x "
         f"{plan.batch_size} x {plan.seq_len} bytes, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
@@ -192,11 +207,11 @@ def train(
         spec_file=spec_file,
         variant=variant,
         fault=fault,
+        launch_id=launch_id_for(run_dir),
         eval_suite=suite,
     )
     result = trainer.fit()
     out = result.return_value or {}
-    run_dir = join_path(spec.resources.storage_path, name)
     return TrainResult(
         run_name=name,
         run_dir=run_dir,
@@ -208,6 +223,39 @@ def train(
         wall_s=time.perf_counter() - t0,
         metrics=result.metrics,
     )
+
+
+def _check_resumable(
+    saved: dict[str, Any] | None, plan: dict[str, Any], spec: ExperimentSpec, name: str
+) -> None:
+    """A run directory whose checkpoint another spec wrote fails here, in one line, instead of
+    in every retried worker."""
+    if saved is None:
+        return
+    try:
+        check_resumable(saved, plan, spec.model.to_dict(), name)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def launch_id_for(run_dir: str) -> str:
+    """The id that keys this run's MLflow run until the run directory is deleted.
+
+    Kept in ``<run_dir>/launch_id``, so the same command after a driver killed before the first
+    checkpoint reopens its MLflow run instead of leaving it RUNNING beside a new one.
+    """
+    fs, root = open_filesystem(run_dir)
+    path = f"{root}/{LAUNCH_ID_FILE}"
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode().strip()
+    except (FileNotFoundError, OSError):
+        pass
+    fs.create_dir(root, recursive=True)
+    launch = uuid.uuid4().hex
+    with fs.open_output_stream(path) as f:
+        f.write(launch.encode())
+    return launch
 
 
 def summary(result: TrainResult, experiment: str) -> str:

@@ -214,6 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         rank=rank,
         world_size=world,
         run_name=args.run_name,
+        run_dir=args.run_dir,
         plan=plan.to_dict(),
         model_config=spec.model.to_dict(),
     )

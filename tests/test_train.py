@@ -337,3 +337,125 @@ def test_user_restart_resumes_the_same_run(killed_run):
     client = MlflowClient(f"sqlite:///{root}/mlruns.db")
     exp = client.get_experiment_by_name("t")
     assert len(client.search_runs([exp.experiment_id], "tags.`aunet.run_dir` LIKE '%/killed'")) == 1
+
+
+# ------------------------------------------------------------------ damaged runs (issue 18)
+def _attempts(run: Path) -> list[list[int]]:
+    """Steps of each attempt in ``steps.jsonl``, in order."""
+    records = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    out: dict[str, list[int]] = {}
+    for r in records:
+        out.setdefault(r["attempt"], []).append(r["step"])
+    return list(out.values())
+
+
+def test_damaged_checkpoint_falls_back_or_fails_in_one_line(ray_session, tmp_path):
+    from aunet.checkpoint import CheckpointError
+    from pipelines.train import train
+
+    spec = _spec(tmp_path, steps=4, checkpoint_every=2)
+    spec = spec.with_overrides({"resources.num_workers": 1})
+    first = train(spec, run_name="damaged")
+    run = tmp_path / "runs" / "damaged"
+    meta = run / "step_0000004" / ".metadata"  # DCP's pickle: never read unverified
+    meta.write_bytes(meta.read_bytes()[:-16] + bytes(16))
+    result = train(spec.with_overrides({"train.steps": 6}), run_name="damaged")
+    assert _attempts(run) == [[1, 2, 3, 4], [3, 4, 5, 6]]  # resumed from step 2, not step 4
+    assert result.steps == 6 and result.mlflow_run_id == first.mlflow_run_id
+    kept = sorted(p.name for p in run.glob("step_*"))  # the two Ray keeps, saved after a fallback
+    assert [n[:12] for n in kept] == ["step_0000004", "step_0000006"]
+    assert all(n[12] == "_" for n in kept)  # not step_0000004 again: Ray retires that path
+    for name in kept:  # both damaged now
+        (run / name / "rng_rank0.pt").write_bytes(b"\x80\x04planted")
+    with pytest.raises(CheckpointError) as err:
+        train(spec.with_overrides({"train.steps": 8}), run_name="damaged")
+    msg = str(err.value)
+    assert "\n" not in msg and "no intact checkpoint" in msg
+    assert all(f"{run}/{name}/rng_rank0.pt: SHA-256" in msg for name in kept)
+    assert len(_attempts(run)) == 2  # no worker started
+
+
+def test_checkpoint_of_another_spec_is_refused_before_ray(ray_session, tmp_path):
+    from pipelines.train import train
+
+    spec = _spec(tmp_path, steps=2, checkpoint_every=2)
+    train(spec.with_overrides({"resources.num_workers": 1}), run_name="other")
+    with pytest.raises(SpecError, match="its checkpoint has batch_size=4, the spec 8"):
+        train(spec.with_overrides({"train.batch_size": 8}), run_name="other")
+    bigger = {"model.dimensions": [32, 96], "resources.num_workers": 1}
+    with pytest.raises(SpecError, match="another model config"):
+        train(spec.with_overrides(bigger), run_name="other")
+    assert len(_attempts(tmp_path / "runs" / "other")) == 1
+
+
+def _descendants(root: int) -> set[int]:
+    """Pids of every live descendant of ``root`` (from /proc: ppid is field 4 of stat)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == pid and p not in found]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+@pytest.mark.slow
+def test_driver_killed_before_the_first_checkpoint_keeps_one_mlflow_run(ray_session, tmp_path):
+    """The same command after a SIGKILLed driver reopens its MLflow run (a launch id kept in the
+    run directory), instead of leaving a RUNNING run beside a new one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import train
+
+    spec = _spec(tmp_path, steps=80, checkpoint_every=80, eval_every=80)
+    spec = spec.with_overrides({"resources.num_workers": 1})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict()))
+    run = tmp_path / "runs" / "t"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", "spec.yaml"],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            tree |= _descendants(proc.pid)
+            log = run / "steps.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the driver ended before it could be killed"
+        assert not list(run.glob("step_*")), "a checkpoint exists already: kill came too late"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: only what it started
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name("t")
+    query = "tags.`aunet.run_dir` LIKE '%/runs/t'"
+    (killed,) = client.search_runs([exp.experiment_id], query)
+    assert killed.info.status == "RUNNING"
+    with _chdir(tmp_path):
+        result = train(spec, run_name="t")
+    runs = client.search_runs([exp.experiment_id], query)
+    assert [r.info.run_id for r in runs] == [killed.info.run_id] == [result.mlflow_run_id]
+    assert runs[0].info.status == "FINISHED" and result.steps == 80
