@@ -8,35 +8,38 @@ dotted key, relative paths are made absolute against the current directory at lo
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aunet.evaluation import CHAR_TASKS
+from pipelines import schema
 from pipelines.eval_tasks import FORMATS
-from pipelines.runtime import absolute_path, absolute_tracking_uri
-from pipelines.spec import (
-    _NAME,
+from pipelines.paths import absolute_path, resolve_tracking_uri
+from pipelines.schema import (
+    AT_LEAST_1,
+    NAME,
+    NAME_PATTERN,
+    NONNEG,
     SpecError,
-    TrackingConfig,
-    _build,
-    _choice,
-    _rule,
     apply_overrides,
+    at_least,
+    choice,
     read_yaml_mapping,
+    setting,
 )
+from pipelines.spec import TrackingConfig
 
 KINDS = ("bpb", "choice", "cloze", "char")
 DEVICES = ("auto", "cpu", "cuda")
-_AT_LEAST_1 = _rule(lambda v: v >= 1, ">= 1")
-_NONNEG = _rule(lambda v: v >= 0, ">= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
 class HubConfig:
-    path: str  # Hugging Face data set, e.g. "Rowan/hellaswag"
-    name: str | None = None  # its configuration ("ARC-Easy")
-    split: str = "validation"
+    path: str = setting(doc='Hugging Face data set, e.g. "Rowan/hellaswag"')
+    name: str | None = setting(None, doc='its configuration ("ARC-Easy")')
+    split: str = setting("validation", doc="the split to read")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,20 +47,22 @@ class TaskConfig:
     """One suite. ``bpb``: held-out text; ``choice``: a multiple-choice file or hub set;
     ``cloze``: line endings generated from held-out text; ``char``: generated character tasks."""
 
-    kind: str = field(metadata=_choice(KINDS))
-    path: str | None = None  # JSONL (bpb, cloze, choice) or a word list (char)
-    hub: HubConfig | None = None  # choice only, instead of path
-    format: str = field(default="common", metadata=_choice(tuple(FORMATS)))
-    text_field: str = "text"
-    group_field: str | None = "lang"  # per-group breakdown (bpb, cloze) when records carry it
-    limit: int | None = field(default=None, metadata=_AT_LEAST_1)  # first records / items
-    n: int = field(default=20, metadata=_AT_LEAST_1)  # cloze items per group; char items per task
-    num_choices: int = field(default=4, metadata=_rule(lambda v: v >= 2, ">= 2"))
-    prefix_chars: int = field(default=128, metadata=_NONNEG)  # cloze: document text before the cut
-    min_chars: int = field(default=40, metadata=_AT_LEAST_1)  # cloze: shortest usable line
-    seed: int = field(default=0, metadata=_NONNEG)
-    tasks: list[str] = field(default_factory=lambda: list(CHAR_TASKS))
-    shots: int = field(default=3, metadata=_NONNEG)
+    kind: str = setting(rule=choice(KINDS), doc="which suite")
+    path: str | None = setting(None, doc="JSONL (bpb, cloze, choice) or a word list (char)")
+    hub: HubConfig | None = setting(None, doc="choice only, instead of path")
+    format: str = setting("common", rule=choice(tuple(FORMATS)), doc="choice: record layout")
+    text_field: str = setting("text", doc="record field holding the text")
+    group_field: str | None = setting(
+        "lang", doc="per-group breakdown (bpb, cloze) when records carry it"
+    )
+    limit: int | None = setting(None, rule=AT_LEAST_1, doc="first records / items only")
+    n: int = setting(20, rule=AT_LEAST_1, doc="cloze items per group; char items per task")
+    num_choices: int = setting(4, rule=at_least(2), doc="cloze: choices per item")
+    prefix_chars: int = setting(128, rule=NONNEG, doc="cloze: document text before the cut")
+    min_chars: int = setting(40, rule=AT_LEAST_1, doc="cloze: shortest usable line")
+    seed: int = setting(0, rule=NONNEG, doc="seed of generated items")
+    tasks: list[str] = setting(factory=lambda: list(CHAR_TASKS), doc="char: which tasks")
+    shots: int = setting(3, rule=NONNEG, doc="char: examples in the prompt")
 
     def __post_init__(self) -> None:
         if self.kind == "choice" and (self.path is None) == (self.hub is None):
@@ -68,24 +73,29 @@ class TaskConfig:
             raise SpecError(f"hub: only choice tasks load from the hub, not {self.kind}")
         bad = [t for t in self.tasks if t not in CHAR_TASKS]
         if bad:
-            raise SpecError(f"tasks: unknown character task {bad[0]!r} ({', '.join(CHAR_TASKS)})")
+            hint = schema.suggest(bad[0], CHAR_TASKS)
+            raise SpecError(
+                f"tasks: unknown character task {bad[0]!r} ({', '.join(CHAR_TASKS)}){hint}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    name: str = field(metadata=_rule(lambda v: bool(_NAME.match(v)), "of [A-Za-z0-9._-]"))
-    tasks: dict[str, TaskConfig]
-    context: int | None = field(default=None, metadata=_rule(lambda v: v >= 2, ">= 2"))
-    stride: int | None = field(default=None, metadata=_AT_LEAST_1)
-    batch_size: int = field(default=16, metadata=_AT_LEAST_1)
-    device: str = field(default="auto", metadata=_choice(DEVICES))
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = setting(rule=NAME, doc="names the MLflow run of a standalone evaluation")
+    tasks: dict[str, TaskConfig] = setting(doc="name -> suite (names are override keys)")
+    context: int | None = setting(
+        None, rule=at_least(2), doc="bytes of context; null: the checkpoint's seq_len"
+    )
+    stride: int | None = setting(None, rule=AT_LEAST_1, doc="bpb window stride; null: context / 2")
+    batch_size: int = setting(16, rule=AT_LEAST_1, doc="sequences per forward")
+    device: str = setting("auto", rule=choice(DEVICES), doc="auto: cuda when available")
+    tracking: TrackingConfig = setting(factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise SpecError("tasks: expected at least one task")
         for name in self.tasks:
-            if not _NAME.match(name):
+            if not NAME_PATTERN.match(name):
                 raise SpecError(f"tasks.{name}: task names must be of [A-Za-z0-9._-]")
 
 
@@ -93,20 +103,22 @@ def load_eval_config(
     path: str | Path, overrides: Sequence[str] = (), *, cwd: str | None = None
 ) -> EvalConfig:
     """Read an eval YAML, apply ``a.b=v`` overrides, validate, make paths absolute against
-    ``cwd`` (default: the current directory, as for experiment specs)."""
+    ``cwd`` (default: the current directory, as for experiment specs); env
+    ``MLFLOW_TRACKING_URI`` replaces ``tracking.tracking_uri`` here, as at spec load."""
     source = str(path)
     raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides, source)
-    try:
-        cfg = _build(EvalConfig, raw, "")
-    except SpecError as e:
-        msg = str(e)
-        raise SpecError(msg if msg.startswith(f"{source}: ") else f"{source}: {msg}") from None
+    with schema.attributed_to(source):
+        cfg = schema.build(EvalConfig, raw)
     tasks = {
         k: dataclasses.replace(t, path=None if t.path is None else absolute_path(t.path, cwd))
         for k, t in cfg.tasks.items()
     }
-    tracking = dataclasses.replace(
-        cfg.tracking, tracking_uri=absolute_tracking_uri(cfg.tracking.tracking_uri, cwd)
-    )
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cwd, os.environ)
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=uri)
     return dataclasses.replace(cfg, tasks=tasks, tracking=tracking)
+
+
+def help_text() -> str:
+    """The eval config's keys with types, defaults and docs, for ``--help``."""
+    return schema.help_text(EvalConfig, title="eval config keys (YAML, or key=value overrides):")

@@ -334,12 +334,30 @@ def _parse_argv(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
+HELP_FLAGS = (
+    ("key=value, --set key=value", "override an eval config key (tasks.<name>.n=5)"),
+    ("--run-id ID", "log into this MLflow run"),
+    ("--new-run", "log into a new run of the config's experiment"),
+    ("--no-mlflow", "log nothing"),
+    ("--tasks a,b", "only these tasks of the config"),
+    ("--output f.json", "also write the metrics here"),
+    ("-h, --help", "this text"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.eval_config import help_text
+    from pipelines.schema import cli_help, wants_help
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(cli_help(__doc__ or "", HELP_FLAGS, [help_text()]), end="")
+        return 0
     from aunet.api import load_model
     from aunet.checkpoint import CheckpointError
 
     try:
-        opts = _parse_argv(list(sys.argv[1:] if argv is None else argv))
+        opts = _parse_argv(argv)
         source, cfg_path = opts["pos"]
         cfg = load_eval_config(cfg_path, opts["overrides"])
         tasks = opts["tasks"].split(",") if opts["tasks"] else None

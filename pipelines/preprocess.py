@@ -436,10 +436,19 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from pipelines.spec import help_text
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pipelines.preprocess",
+        description=__doc__,
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("spec", help="experiment YAML")
     ap.add_argument("overrides", nargs="*", help="dotted overrides a.b=value")
-    ap.add_argument("--set", action="append", default=[], dest="sets", metavar="A.B=V")
+    ap.add_argument(
+        "--set", action="append", default=[], dest="sets", metavar="A.B=V", help="override a key"
+    )
     ap.add_argument(
         "--force", action="store_true", help="rebuild even if a complete dataset exists"
     )

@@ -7,7 +7,9 @@ and under ``ray job submit``. Two rules drive the code (docs/platform.md: Paths,
   them is absolute; and on a cluster they see only the env vars passed through ``runtime_env``.
 - A bare ``ray.init()`` joins whatever cluster is running on the box (or hangs on a stale
   cluster file), so the embedded case always asks for ``address="local"``, dashboard on loopback.
-Ray is imported inside functions: ``pipelines.spec`` imports this module and must stay cheap.
+Ray is imported inside functions so that importing this module stays cheap. Paths and URIs live in
+``pipelines.paths``; this module does not import ``pipelines.spec`` (its ``resources`` and
+``tracking`` arguments are the spec's sections, taken by their attributes).
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pipelines import paths
+from pipelines.paths import absolute_path, absolute_tracking_uri, redact
+
+# Re-exported for modules that still import them from here; new code imports pipelines.paths.
+from pipelines.paths import is_uri as is_uri
+from pipelines.paths import join_path as join_path
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
-    from pipelines.spec import ResourcesConfig, TrackingConfig
-
 LOOPBACK = "127.0.0.1"
 # Env vars a worker needs to reach the same services as the driver (values never logged).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for the entrypoint
 _GCS_ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d+$")  # host:port (not auto, ray://, http://)
 
@@ -42,42 +47,7 @@ class TrackingUnreachable(ConnectionError):
 
 
 # ---------------------------------------------------------------------------------- paths
-def is_uri(path: str) -> bool:
-    return bool(_URI.match(path))
-
-
-def absolute_path(path: str, cwd: str | None = None) -> str:
-    """A URI unchanged; a local path (or glob) absolute and normalised against ``cwd``."""
-    if is_uri(path):
-        return path
-    return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(path)))
-
-
-def join_path(base: str, *parts: str) -> str:
-    """Join under a local directory or a pyarrow URI (``s3://bucket/x``) alike."""
-    if is_uri(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return os.path.join(base, *parts)
-
-
-def absolute_tracking_uri(uri: str, cwd: str | None = None) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////<cwd>/rel.db``; a plain path -> a ``file://`` URI."""
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///") :]
-        if rest.startswith("/") or rest in ("", ":memory:"):
-            return uri
-        return "sqlite:///" + absolute_path(rest, cwd)
-    if ":" not in uri and uri not in ("databricks", "databricks-uc", "uc"):
-        return Path(absolute_path(uri, cwd)).as_uri()  # MLflow's file store
-    return uri
-
-
-def redact(uri: str) -> str:
-    """``http://user:secret@host`` -> ``http://***@host``: safe for messages and params."""
-    return _USERINFO.sub("***@", uri)
-
-
-def storage_root(resources: ResourcesConfig) -> str:
+def storage_root(resources: Any) -> str:
     """Absolute local path or URI under which runs, checkpoints and datasets are written."""
     return absolute_path(resources.storage_path)
 
@@ -90,10 +60,13 @@ def open_filesystem(path_or_uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 # ---------------------------------------------------------------------------------- MLflow
-def resolve_tracking_uri(tracking: TrackingConfig) -> str:
-    """The URI to use: env ``MLFLOW_TRACKING_URI`` wins, relative sqlite paths become absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
-    return absolute_tracking_uri(uri)
+def resolve_tracking_uri(tracking: Any) -> str:
+    """A spec's ``TrackingConfig`` URI through ``paths.resolve_tracking_uri``.
+
+    A loaded spec already holds the final URI; resolving again gives the same one, so callers that
+    receive a ``TrackingConfig`` built by hand still get the env override and an absolute path.
+    """
+    return paths.resolve_tracking_uri(tracking.tracking_uri)
 
 
 def artifact_location_for(tracking_uri: str, configured: str | None) -> str | None:
@@ -182,7 +155,7 @@ def _job_runtime_env() -> dict:
 
 
 def init_ray(
-    resources: ResourcesConfig,
+    resources: Any,
     num_cpus: int | None = None,
     *,
     include_dashboard: bool | None = None,

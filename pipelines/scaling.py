@@ -24,18 +24,20 @@ A study file is an experiment spec (the shared data, training and tracking setti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from pipelines import schema
+from pipelines.schema import AT_LEAST_1, NONNEG, POSITIVE, Rule, setting
 from pipelines.spec import (
     ExperimentSpec,
     SpecError,
@@ -44,42 +46,82 @@ from pipelines.spec import (
 )
 
 PAPER_BYTES_PER_PARAM = 214.0  # 283e9 bytes / 1.324e9 params of the official 2B_1level run
-STUDY_KEYS = (
-    "name",
-    "budgets",
-    "variants",
-    "bytes_per_param",
-    "scale",
-    "size_factors",
-    "lr",
-    "lr_factors",
-    "batch_size",
-    "evals_per_run",
-    "fit",
-    "sweep",
-)
-FIT_KEYS = ("r2_threshold", "min_budgets", "bootstrap", "seed")
-SWEEP_KEYS = ("max_concurrent_trials", "max_failures", "flop_tolerance")
 TAG_PREFIX = "aunet."
 
 
-@dataclasses.dataclass(frozen=True)
+def _distinct_positive(v: tuple[float, ...]) -> bool:
+    return len(v) > 0 and all(x > 0 for x in v) and len(set(v)) == len(v)
+
+
+_POSITIVE_LIST = Rule(_distinct_positive, "", expect="distinct positive numbers")
+_LAW = "'law' or a positive"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyFit:
+    """``study.fit``: how ``report`` fits loss against compute."""
+
+    r2_threshold: float = setting(0.9, doc="a fit below this R^2 makes no predictions")
+    min_budgets: int = setting(3, rule=AT_LEAST_1, doc="budgets a fit needs")
+    bootstrap: int = setting(1000, rule=NONNEG, doc="bootstrap draws for the error bars")
+    seed: int = setting(0, rule=NONNEG, doc="seed of the bootstrap")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudySweep:
+    """``study.sweep``: the settings of the sweep that trains the cells."""
+
+    max_concurrent_trials: int = setting(1, rule=AT_LEAST_1, doc="cells training at once")
+    max_failures: int = setting(
+        1, rule=Rule(lambda v: v >= -1, ">= -1"), doc="retries of a failed cell (-1: forever)"
+    )
+    flop_tolerance: float = setting(
+        0.05, rule=Rule(lambda v: 0 < v < 1, "in (0, 1)"), doc="largest FLOP deviation of a cell"
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Study:
-    name: str
-    budgets: tuple[float, ...]
-    variants: dict[str, dict[str, Any]]
-    bytes_per_param: float = PAPER_BYTES_PER_PARAM
-    scale: str = "width"
-    size_factors: tuple[float, ...] = (1.0,)
-    lr: str | float = "law"
-    lr_factors: tuple[float, ...] = (1.0,)
-    batch_size: str | int = "law"
-    evals_per_run: int = 5
-    fit: dict[str, Any] = dataclasses.field(default_factory=dict)
-    sweep: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The ``study:`` section. ``fit`` and ``sweep`` hold only the keys the file sets (checked
+    against ``StudyFit``/``StudySweep``); the defaults apply where they are used."""
+
+    name: str = setting(rule=schema.NAME, doc="names the study's directory, sweep and tags")
+    budgets: tuple[float, ...] = setting(rule=_POSITIVE_LIST, doc="training FLOPs of the cells")
+    variants: dict[str, dict[str, Any]] = setting(
+        rule=Rule(lambda v: len(v) > 0, "", expect="a non-empty mapping name -> overrides"),
+        doc="name -> {dotted.key: value} on the base spec",
+    )
+    bytes_per_param: float = setting(
+        PAPER_BYTES_PER_PARAM, rule=POSITIVE, doc="data-to-model rule D = bytes_per_param x N"
+    )
+    scale: str = setting("width", rule=schema.choice(("width", "depth")), doc="how N grows")
+    size_factors: tuple[float, ...] = setting(
+        (1.0,), rule=_POSITIVE_LIST, doc="multiply N at each budget (iso-FLOP profiles)"
+    )
+    lr: Literal["law"] | float = setting(
+        "law",
+        rule=Rule(lambda v: v == "law" or v > 0, "", expect=f"{_LAW} float"),
+        doc="law: the paper's formula",
+    )
+    lr_factors: tuple[float, ...] = setting(
+        (1.0,), rule=_POSITIVE_LIST, doc="multiply the lr of each cell (lr sweeps)"
+    )
+    batch_size: Literal["law"] | int = setting(
+        "law",
+        rule=Rule(lambda v: v == "law" or v > 0, "", expect=f"{_LAW} int"),
+        doc="sequences per step; law: the paper's formula",
+    )
+    evals_per_run: int = setting(5, rule=AT_LEAST_1, doc="validations per cell")
+    fit: dict[str, Any] = setting(factory=dict, partial=StudyFit, doc="report's fit settings")
+    sweep: dict[str, Any] = setting(factory=dict, partial=StudySweep, doc="the cells' sweep")
 
     def fit_settings(self) -> dict[str, Any]:
-        return {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 1000, "seed": 0, **self.fit}
+        return dataclasses.asdict(StudyFit(**self.fit))
+
+
+STUDY_KEYS = schema.keys(Study)
+FIT_KEYS = schema.keys(StudyFit)
+SWEEP_KEYS = schema.keys(StudySweep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,86 +138,23 @@ class Cell:
     lr: float
 
 
-def _positive_list(value: Any, key: str) -> tuple[float, ...]:
-    if not isinstance(value, list) or not value:
-        raise SpecError(f"study.{key}: expected a non-empty list of numbers, got {value!r}")
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise SpecError(f"study.{key}: expected numbers, got {value!r}") from None
-    if any(not math.isfinite(v) or v <= 0 for v in out) or len(set(out)) != len(out):
-        raise SpecError(f"study.{key}: expected distinct positive numbers, got {value!r}")
-    return out
-
-
-def _build_study(raw: Mapping[str, Any]) -> Study:
-    unknown = [k for k in raw if k not in STUDY_KEYS]
-    if unknown:
-        raise SpecError(f"study.{unknown[0]}: unknown key (valid: {', '.join(STUDY_KEYS)})")
-    for key in ("name", "budgets", "variants"):
-        if key not in raw:
-            raise SpecError(f"study.{key}: required key missing")
-    variants = raw["variants"]
-    if not isinstance(variants, Mapping) or not variants:
-        raise SpecError("study.variants: expected a non-empty mapping name -> overrides")
-    for k, v in variants.items():
-        if not isinstance(v, Mapping):
-            raise SpecError(f"study.variants.{k}: expected a mapping of dotted overrides")
-    kw: dict[str, Any] = {
-        "name": str(raw["name"]),
-        "budgets": _positive_list(raw["budgets"], "budgets"),
-        "variants": {str(k): dict(v or {}) for k, v in variants.items()},
-    }
-    for key in ("size_factors", "lr_factors"):
-        if key in raw:
-            kw[key] = _positive_list(raw[key], key)
-    if "bytes_per_param" in raw:
-        kw["bytes_per_param"] = _positive_list([raw["bytes_per_param"]], "bytes_per_param")[0]
-    if raw.get("scale", "width") not in ("width", "depth"):
-        raise SpecError(f"study.scale: expected width or depth, got {raw['scale']!r}")
-    kw["scale"] = raw.get("scale", "width")
-    for key, kind in (("lr", float), ("batch_size", int)):
-        v = raw.get(key, "law")
-        if v != "law" and (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or v <= 0
-            or (kind is int and v != int(v))
-        ):
-            raise SpecError(f"study.{key}: expected 'law' or a positive {kind.__name__}, got {v!r}")
-        kw[key] = v if v == "law" else kind(v)
-    ev = raw.get("evals_per_run", 5)
-    if not isinstance(ev, int) or ev < 1:
-        raise SpecError(f"study.evals_per_run: expected an integer >= 1, got {ev!r}")
-    kw["evals_per_run"] = ev
-    for key, valid in (("fit", FIT_KEYS), ("sweep", SWEEP_KEYS)):
-        sect = raw.get(key) or {}
-        bad = [k for k in sect if k not in valid] if isinstance(sect, Mapping) else ["<not a map>"]
-        if bad:
-            raise SpecError(f"study.{key}.{bad[0]}: unknown key (valid: {', '.join(valid)})")
-        kw[key] = dict(sect)
-    return Study(**kw)
-
-
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Study]:
     """The base spec (``train.flop_budget`` defaults to the first budget) and its study."""
     source = str(path)
     raw, st, spec_overrides = read_with_section(path, "study", overrides)
-    try:
-        study = _build_study(st)
-    except SpecError as e:
-        raise SpecError(f"{source}: {e}") from None
-    train = raw.setdefault("train", {}) or {}
-    raw["train"] = train
-    if train.get("steps") is None and train.get("flop_budget") is None:
-        train["flop_budget"] = study.budgets[0]
-    spec = ExperimentSpec.from_dict(raw, source=source)
-    try:
-        spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
-        for ov in study.variants.values():
-            spec.with_overrides(ov)
-    except SpecError as e:
-        raise SpecError(f"{source}: study.variants: {e}") from None
+    with schema.attributed_to(source):
+        study = schema.build(Study, st, "study")
+        train = raw.setdefault("train", {}) or {}
+        raw["train"] = train
+        if train.get("steps") is None and train.get("flop_budget") is None:
+            train["flop_budget"] = study.budgets[0]
+        spec = ExperimentSpec.from_dict(raw, source=source, env=os.environ)
+        try:
+            spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
+            for ov in study.variants.values():
+                spec.with_overrides(ov)
+        except SpecError as e:
+            raise SpecError(f"study.variants: {e}") from None
     return spec, study
 
 
@@ -391,9 +370,30 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
+HELP_FLAGS = (
+    ("key=value, --set key=value", "plan, run: override a spec key, or study.key=value"),
+    ("report --help", "the report's own flags"),
+    ("-h, --help", "this text"),
+)
+
+
+def _help(cmd: str) -> str:
+    from pipelines.spec import help_text
+
+    study = schema.help_text(Study, "study.", "study section keys (study: in the file):")
+    sections = [study] if cmd == "report" else [help_text(), study]
+    return schema.cli_help(__doc__ or "", HELP_FLAGS, sections)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if schema.wants_help(argv):
+        print(_help(cmd), end="")
+        if cmd == "report":  # then its argparse flags; argparse ends with SystemExit(0)
+            with contextlib.suppress(SystemExit):
+                report_main(["--help"])
+        return 0
     t0 = time.perf_counter()
     try:
         if cmd == "report":

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from pipelines import schema
+from pipelines.schema import AT_LEAST_1, Rule, choice, setting
 from pipelines.spec import (
     ExperimentSpec,
     SpecError,
@@ -43,20 +45,6 @@ from pipelines.spec import (
 
 SEARCHES = ("grid", "optuna")
 RANGES = ("loguniform", "uniform", "int")
-SWEEP_KEYS = (
-    "name",
-    "search",
-    "num_samples",
-    "seed",
-    "metric",
-    "mode",
-    "max_concurrent_trials",
-    "max_failures",
-    "flop_tolerance",
-    "scheduler",
-    "space",
-    "fault",
-)
 COLUMNS = (
     "rank",
     "variant",
@@ -103,20 +91,41 @@ class Dim:
         return {self.key: int(value) if self.kind == "int" else float(value)}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Sweep:
-    name: str
-    dims: tuple[Dim, ...]
-    search: str = "grid"
-    num_samples: int = 1
-    seed: int = 0
-    metric: str = "val_bits_per_byte"
-    mode: str = "min"
-    max_concurrent_trials: int = 1
-    max_failures: int = 1
-    flop_tolerance: float = 0.02
-    scheduler: dict[str, Any] | None = None
-    fault: dict[str, Any] | None = None  # tests: {step: n, match: {dim: label}} fails a trial once
+    """The ``sweep:`` section; ``dims`` is ``space`` parsed against the base spec."""
+
+    name: str | None = setting(None, doc="sweep directory and parent run; null: the spec's name")
+    search: str = setting("grid", rule=choice(SEARCHES), doc="grid: every combination")
+    num_samples: int = setting(1, rule=AT_LEAST_1, doc="trials (optuna); grid: repeats")
+    seed: int = setting(0, doc="seed of the search algorithm")
+    metric: str = setting("val_bits_per_byte", doc="reported metric that ranks the trials")
+    mode: str = setting("min", rule=choice(("min", "max")), doc="minimise or maximise metric")
+    max_concurrent_trials: int = setting(1, rule=AT_LEAST_1, doc="trials running at once")
+    max_failures: int = setting(
+        1, rule=Rule(lambda v: v >= -1, ">= -1"), doc="retries of a failed trial (-1: forever)"
+    )
+    flop_tolerance: float = setting(
+        0.02,
+        rule=Rule(lambda v: 0 < v < 1, "in (0, 1)"),
+        doc="largest FLOP deviation from train.flop_budget a trial may have",
+    )
+    scheduler: dict[str, Any] | None = setting(
+        None,
+        rule=Rule(lambda v: v.get("type") == "asha", "with type: asha"),
+        doc="early stopping: {type: asha, time_attr, max_t, grace_period, reduction_factor}",
+    )
+    space: dict[str, Any] = setting(
+        rule=schema.NONEMPTY,
+        doc="dotted.key -> {choices: [v, ...] | {label: overrides} | variants}"
+        f" or {{{'|'.join(RANGES)}: [low, high]}}",
+    )
+    fault: dict[str, Any] | None = setting(
+        None,
+        rule=Rule(lambda v: isinstance(v.get("step"), int), "with an int step"),
+        doc="tests: {step: n, match: {dim: label}} fails a trial once",
+    )
+    dims: tuple[Dim, ...] = dataclasses.field(default=(), metadata=schema.DERIVED)
 
     def overrides(self, config: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -128,6 +137,9 @@ class Sweep:
         """Variant name: the categorical choices (ranges are in the params columns)."""
         parts = [f"{d.key}={config[d.key]}" for d in self.dims if d.choices is not None]
         return ",".join(parts) or "trial"
+
+
+SWEEP_KEYS = schema.keys(Sweep)
 
 
 def _label(value: Any) -> str:
@@ -162,52 +174,31 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
         if key.startswith(("data.", "model.strategy")):
             raise SpecError(f"{where}: a range cannot change the dataset; use choices")
         return Dim(key, kind=kind, bounds=(lo, hi))
-    raise SpecError(f"{where}: unknown kind {kind!r} (valid: choices, {', '.join(RANGES)})")
+    kinds = ["choices", *RANGES]
+    hint = schema.suggest(str(kind), kinds)
+    raise SpecError(f"{where}: unknown kind {kind!r} (valid: {', '.join(kinds)}){hint}")
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Sweep]:
     """Read ``<sweep.yaml>``: the base spec (validated) and its ``sweep:`` section."""
     source = str(path)
     raw, sw, spec_overrides = read_with_section(path, "sweep", overrides)
-    spec = ExperimentSpec.from_dict(raw, source=source)
-    try:
+    spec = ExperimentSpec.from_dict(raw, source=source, env=os.environ)
+    with schema.attributed_to(source):
         spec = spec.with_overrides(spec_overrides) if spec_overrides else spec
         return spec, _build_sweep(sw, spec)
-    except SpecError as e:
-        raise SpecError(f"{source}: {e}") from None
 
 
 def _build_sweep(sw: dict[str, Any], spec: ExperimentSpec) -> Sweep:
-    unknown = [k for k in sw if k not in SWEEP_KEYS]
-    if unknown:
-        raise SpecError(f"sweep.{unknown[0]}: unknown key (valid: {', '.join(SWEEP_KEYS)})")
-    space = sw.get("space")
-    if not isinstance(space, Mapping) or not space:
-        raise SpecError("sweep.space: expected a non-empty mapping of dimensions")
-    dims = tuple(_parse_dim(str(k), v, spec) for k, v in space.items())
-    kw = {k: sw[k] for k in SWEEP_KEYS if k in sw and k not in ("space", "name")}
-    checks = {
-        "search": lambda v: v in SEARCHES,
-        "mode": lambda v: v in ("min", "max"),
-        "num_samples": lambda v: isinstance(v, int) and v >= 1,
-        "max_concurrent_trials": lambda v: isinstance(v, int) and v >= 1,
-        "max_failures": lambda v: isinstance(v, int) and v >= -1,
-        "seed": lambda v: isinstance(v, int),
-        "metric": lambda v: isinstance(v, str),
-        "flop_tolerance": lambda v: isinstance(v, (int, float)) and 0 < v < 1,
-        "scheduler": lambda v: isinstance(v, dict) and v.get("type") == "asha",
-        "fault": lambda v: isinstance(v, dict) and isinstance(v.get("step"), int),
-    }
-    for k, v in kw.items():
-        if not checks[k](v):
-            raise SpecError(f"sweep.{k}: invalid value {v!r}")
+    sweep = schema.build(Sweep, sw, "sweep")
+    dims = tuple(_parse_dim(str(k), v, spec) for k, v in sweep.space.items())
     tr = spec.train
-    if kw.get("scheduler") and tr.checkpoint_every % tr.eval_every:
+    if sweep.scheduler and tr.checkpoint_every % tr.eval_every:
         raise SpecError(
             "train.checkpoint_every: must be a multiple of train.eval_every under "
             "ASHA (every report must carry validation bits/byte)"
         )
-    return Sweep(name=str(sw.get("name") or spec.name), dims=dims, **kw)
+    return dataclasses.replace(sweep, name=sweep.name or spec.name, dims=dims)
 
 
 def categorical_grid(sweep: Sweep) -> list[dict[str, Any]]:
@@ -759,8 +750,22 @@ def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str,
     return rank(rows)
 
 
+HELP_FLAGS = (
+    ("key=value, --set key=value", "override a spec key, or a sweep key as sweep.key=value"),
+    ("--summary TARGET", "print the results of a sweep dir or MLflow parent run, run nothing"),
+    ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlruns.db)"),
+    ("-h, --help", "this text"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if schema.wants_help(argv):
+        from pipelines.spec import help_text
+
+        sweep_keys = schema.help_text(Sweep, "sweep.", "sweep section keys (sweep: in the file):")
+        print(schema.cli_help(__doc__ or "", HELP_FLAGS, [help_text(), sweep_keys]), end="")
+        return 0
     if argv[:1] == ["--summary"]:
         if len(argv) < 2:
             print(

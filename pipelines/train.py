@@ -293,8 +293,22 @@ def _pop_flags(argv: list[str]) -> tuple[list[str], str | None, bool]:
     return rest, variant, fresh
 
 
+HELP_FLAGS = (
+    ("variant=NAME, --variant NAME", "train only this entry of variants:"),
+    ("--fresh", "start a new, time-stamped run instead of resuming"),
+    ("key=value, --set key=value", "override a spec key"),
+    ("-h, --help", "this text"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from pipelines.schema import cli_help, wants_help
+    from pipelines.spec import help_text
+
+    if wants_help(argv):
+        print(cli_help(__doc__ or "", HELP_FLAGS, [help_text()]), end="")
+        return 0
     try:
         rest, variant, fresh = _pop_flags(argv)
         path, overrides = parse_cli(rest)

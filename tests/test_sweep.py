@@ -125,7 +125,10 @@ def test_space_parsing_and_errors(tmp_path):
             "sweep.space.s.choices",
         ),
         ({"serach": "grid", "space": {"s": {"choices": [1]}}}, "sweep.serach: unknown key"),
-        ({"search": "random", "space": {"s": {"choices": [1]}}}, "sweep.search: invalid"),
+        (
+            {"search": "random", "space": {"s": {"choices": [1]}}},
+            r"sweep\.search: expected str in \(grid, optuna\), got 'random'",
+        ),
     ]
     for sweep, msg in bad:
         with pytest.raises(SpecError, match=msg):
