@@ -241,11 +241,9 @@ class Tracker:
         its URI tagged ``aunet.model_uri``. Never fatal (a warning and None): the run's metrics
         and its checkpoint artifact are already safe."""
         try:
-            import mlflow
-
             from pipelines.tracking_model import log_generation_model
 
-            mlflow.set_tracking_uri(self.uri)
+            set_default_uri(self.uri)
             uri = log_generation_model(final_dir, run_id=self.run_id)
             self.set_tags({MODEL_URI_TAG: uri})
             return uri
@@ -521,7 +519,7 @@ def download_artifacts(
     import mlflow
 
     if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
+        set_default_uri(tracking_uri)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
 
 
