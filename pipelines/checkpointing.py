@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 from aunet.checkpoint import CheckpointError, file_sha256, save_pretrained
 from aunet.parallel import all_reduce_sum
 from pipelines.data import DataPosition
-from pipelines.runtime import is_uri, open_filesystem  # (is_uri moves to pipelines.paths)
+from pipelines.paths import is_uri
+from pipelines.runtime import open_filesystem
 
 STATE_FILE = "trainer_state.json"
 DIGESTS = "digests_rank{rank}.json"

@@ -17,7 +17,6 @@ the training context, byte log-likelihoods for choices, greedy generation for ch
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -39,6 +38,7 @@ from aunet.evaluation import (
     score_texts,
 )
 from aunet.model import AUNet
+from pipelines import tracking
 from pipelines.eval_config import EvalConfig, TaskConfig, load_eval_config
 from pipelines.eval_tasks import (
     PartialItem,
@@ -48,12 +48,8 @@ from pipelines.eval_tasks import (
     read_texts,
     read_words,
 )
-from pipelines.runtime import (
-    absolute_tracking_uri,
-    artifact_location_for,
-    check_tracking_reachable,
-    ray_job_id,
-)
+from pipelines.paths import absolute_tracking_uri
+from pipelines.runtime import check_tracking_reachable
 from pipelines.spec import SpecError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -192,19 +188,6 @@ class Source:
     metadata: dict[str, Any]
 
 
-def _find_run_by_key(uri: str, ckpt: Path) -> str | None:
-    """The training run whose ``aunet.run_key`` is the run directory of ``<run dir>/final``."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import RUN_KEY_TAG
-
-    key = os.path.normpath(str(ckpt.parent)).replace("\\", "\\\\").replace("'", "\\'")
-    client = MlflowClient(tracking_uri=uri)
-    exps = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(exps, f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
-    return found[0].info.run_id if found else None
-
-
 def resolve_source(source: str, uri: str | None) -> Source:
     """A checkpoint directory, MLflow run id (its ``final`` artifact) or MLflow URI, made local."""
     from aunet.checkpoint import CONFIG_FILE, CheckpointError, read_config
@@ -214,20 +197,17 @@ def resolve_source(source: str, uri: str | None) -> Source:
     if is_mlflow_uri(source) or (_RUN_ID.match(source) and not Path(source).exists()):
         if uri is None:
             raise CheckpointError(f"{source}: an MLflow source needs tracking (drop --no-mlflow)")
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
         if source.startswith("runs:/"):
             run_id = source[len("runs:/") :].split("/")[0]
         elif not is_mlflow_uri(source):
             run_id, source = source, f"runs:/{source}/final"
-        path = download_mlflow(source)
+        path = download_mlflow(source, tracking_uri=uri)
     else:
         path = Path(os.path.abspath(source))
     metadata = read_config(path)[1] if (path / CONFIG_FILE).is_file() else {}
     run_id = run_id or metadata.get("mlflow_run_id")
-    if run_id is None and uri is not None and path.name == "final":
-        run_id = _find_run_by_key(uri, path)
+    if run_id is None and uri is not None and path.name == "final":  # <run dir>/final
+        run_id = tracking.find_run_by_key(uri, os.path.normpath(str(path.parent)))
     return Source(path, run_id, metadata)
 
 
@@ -242,14 +222,10 @@ def log_to_mlflow(
     params: dict[str, Any],
 ) -> str:
     """Log into ``run_id`` (left in its state) or a new run of the eval experiment; its id."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
     check_tracking_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
     if run_id is not None:
         try:
-            client.get_run(run_id)
+            tracking.get_run(uri, run_id)
         except Exception as e:
             print(
                 f"evaluate: run {run_id} not in {uri} ({type(e).__name__}); logging to a new run",
@@ -258,36 +234,21 @@ def log_to_mlflow(
             run_id = None
     new = run_id is None
     if new:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else client.create_experiment(
-                cfg.tracking.experiment,
-                artifact_location=artifact_location_for(uri, cfg.tracking.artifact_location),
-            )
+        exp_id = tracking.get_or_create_experiment(
+            uri, cfg.tracking.experiment, cfg.tracking.artifact_location
         )
-        job = ray_job_id()
         name = cfg.tracking.run_name or f"{cfg.name}-{Path(source.rstrip('/')).name}"
-        run_id = client.create_run(
-            exp_id,
-            run_name=name,
-            tags={"aunet.checkpoint": source, **({"ray_job_id": job} if job else {})},
-        ).info.run_id
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        run_id = tracking.create_run(uri, exp_id, name, {"aunet.checkpoint": source})
+        tracking.log_params(uri, run_id, params)
     else:  # params of a training run cannot change: record the eval settings as tags
-        for k, v in params.items():
-            client.set_tag(run_id, f"eval.{cfg.name}.{k}", str(v))
-    now = int(time.time() * 1000)
-    ms = [Metric(k, v, now, step) for k, v in metrics.items() if math.isfinite(v)]
-    for i in range(0, len(ms), 1000):
-        client.log_batch(run_id, metrics=ms[i : i + 1000])
+        tracking.tag_run(uri, run_id, {f"eval.{cfg.name}.{k}": v for k, v in params.items()})
+    tracking.log_metrics(uri, run_id, metrics, step)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{cfg.name}-step{step}.json"
         out.write_text(json.dumps({"step": step, "source": source, **params, "metrics": metrics}))
-        client.log_artifact(run_id, str(out), "eval")
+        tracking.log_artifacts(uri, run_id, [out], "eval")
     if new:
-        client.set_terminated(run_id, "FINISHED")
+        tracking.end_run(uri, run_id)
     return run_id
 
 

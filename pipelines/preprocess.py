@@ -40,6 +40,7 @@ import pyarrow as pa
 from aunet.packing import Packer, contraction_ratios, windows
 from pipelines import corpus
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete, write_shard
+from pipelines.paths import is_uri
 
 REJECT_SAMPLE = 20  # rejected document ids kept in the manifest
 # Blocks a map task may yield before the driver's executor has pulled them (Ray Data's default,
@@ -378,7 +379,7 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
 
     inputs = corpus.resolve_inputs(spec.data.sources)
     chash = config_hash(spec, inputs)
-    if "://" in spec.dataset_dir():
+    if is_uri(spec.dataset_dir()):
         raise ValueError(f"data.dataset_dir: {spec.dataset_dir()}: datasets are written locally")
     final = Path(spec.dataset_dir()).absolute()
     if not force and is_complete(final):

@@ -19,26 +19,19 @@ from typing import Any
 import numpy as np
 
 from pipelines import fitting as ft
+from pipelines import tracking
 from pipelines.fitting import TABLE_KEYS, PowerLawFit, cell_text
+from pipelines.results import pyplot
 
 TAG_PREFIX = "aunet."
 
 
 # ---------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss_vs_compute(
     points: Sequence[Mapping[str, Any]], fits: Mapping[str, PowerLawFit], path: Path, title: str
 ) -> None:
     """Final validation bits/byte vs training FLOPs (log-log), fits to 100x the largest C."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     C_all = [float(p["C"]) for p in points]
@@ -83,7 +76,7 @@ def plot_loss_vs_compute(
 
 def plot_contraction(contraction: Mapping[str, Sequence[float]], path: Path) -> None:
     """Bytes per stage-s token, per variant (stage 0 = bytes = 1)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(contraction)
     depth = max((len(v) for v in contraction.values()), default=0)
@@ -110,7 +103,7 @@ def plot_training_curves(
 ) -> None:
     """One panel per budget: train loss (bits/byte, thin) and validation bits/byte (markers) vs
     FLOPs spent, one colour per variant."""
-    plt = _plt()
+    plt = pyplot()
     budgets = sorted({float(c["budget"]) for c in curves})
     variants = list(variants or dict.fromkeys(c["variant"] for c in curves))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -213,39 +206,18 @@ def render_html(
 
 
 # ---------------------------------------------------------------------------------- report
-def _experiment_id(client: Any, experiment: str) -> str:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise LookupError(f"MLflow experiment {experiment!r} not found")
-    return exp.experiment_id
-
-
 def find_studies(uri: str, experiment: str) -> list[str]:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(
-        experiment_names=[experiment],
-        output_format="list",
-        filter_string=f"tags.`{TAG_PREFIX}role` = 'cell'",
-    )
+    filt = f"tags.`{TAG_PREFIX}role` = 'cell'"
+    runs = tracking.search_runs(uri, filt, experiment_names=[experiment])
     return sorted({r.data.tags.get(f"{TAG_PREFIX}study", "") for r in runs} - {""})
 
 
 def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], list[dict]]:
     """(points, curves) of the study's finished runs; the latest run per cell wins."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
     filt = f"tags.`{TAG_PREFIX}study` = '{study}' and tags.`{TAG_PREFIX}role` = 'cell'"
-    runs = mlflow.search_runs(
-        experiment_names=[experiment],
-        filter_string=filt,
-        output_format="list",
-        order_by=["attributes.end_time DESC"],
+    runs = tracking.search_runs(
+        uri, filt, experiment_names=[experiment], order_by=["attributes.end_time DESC"]
     )
-    client = MlflowClient(tracking_uri=uri)
     points, curves, seen = [], [], set()
     for r in runs:
         t, p, m = r.data.tags, r.data.params, r.data.metrics
@@ -273,7 +245,7 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
         points.append(point)
         per_step = C / steps
         hist = {
-            k: [(h.step * per_step, h.value) for h in client.get_metric_history(r.info.run_id, k)]
+            k: [(step * per_step, v) for step, v in tracking.metric_history(uri, r.info.run_id, k)]
             for k in ("loss", "val/bits_per_byte")
         }
         curves.append(
@@ -374,24 +346,16 @@ def build_report(
 
 
 def _log_report(uri: str, experiment: str, study: str, out: Path, rows: Sequence[Mapping]) -> str:
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.runtime import ray_job_id
-
-    client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(
-        _experiment_id(client, experiment),
-        run_name=f"report-{study}",
-        tags={
-            f"{TAG_PREFIX}study": study,
-            f"{TAG_PREFIX}role": "report",
-            **({"ray_job_id": job} if (job := ray_job_id()) else {}),
-        },
-    )
-    for r in rows:
-        for k in ("E", "A", "alpha", "r2"):
-            if isinstance(r.get(k), float) and math.isfinite(r[k]):
-                client.log_metric(run.info.run_id, f"{r['variant']}/{k}", r[k])
-    client.log_artifacts(run.info.run_id, str(out), "report")
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    exp_id = tracking.find_experiment(uri, experiment)
+    if exp_id is None:
+        raise LookupError(f"MLflow experiment {experiment!r} not found")
+    tags = {f"{TAG_PREFIX}study": study, f"{TAG_PREFIX}role": "report"}
+    run_id = tracking.create_run(uri, exp_id, f"report-{study}", tags)
+    metrics = {
+        f"{r['variant']}/{k}": r[k]
+        for r in rows
+        for k in ("E", "A", "alpha", "r2")
+        if isinstance(r.get(k), float) and math.isfinite(r[k])
+    }
+    tracking.log_summary(uri, run_id, files=[out], metrics=metrics, artifact_path="report")
+    return run_id

@@ -1,8 +1,9 @@
 """Where Ray, MLflow and storage live: the one module that decides it.
 
-Every pipeline calls ``init_ray`` and ``resolve_tracking_uri`` instead of ``ray.init()`` or
-``mlflow.set_tracking_uri`` so that the same entry point behaves alike in an embedded local Ray
-and under ``ray job submit``. Two rules drive the code (docs/platform.md: Paths, Starting Ray):
+Every pipeline calls ``init_ray`` instead of ``ray.init()``, and takes the tracking URI that the
+spec resolved at load (``pipelines.paths.resolve_tracking_uri``), so that the same entry point
+behaves alike in an embedded local Ray and under ``ray job submit``. Two rules drive the code
+(docs/platform.md: Paths, Starting Ray):
 - Ray workers run in a session directory, not in our cwd, so every path and sqlite URI handed to
   them is absolute; and on a cluster they see only the env vars passed through ``runtime_env``.
 - A bare ``ray.init()`` joins whatever cluster is running on the box (or hangs on a stale
@@ -25,12 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import paths
 from pipelines.paths import absolute_path, absolute_tracking_uri, redact
-
-# Re-exported for modules that still import them from here; new code imports pipelines.paths.
-from pipelines.paths import is_uri as is_uri
-from pipelines.paths import join_path as join_path
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -47,11 +43,6 @@ class TrackingUnreachable(ConnectionError):
 
 
 # ---------------------------------------------------------------------------------- paths
-def storage_root(resources: Any) -> str:
-    """Absolute local path or URI under which runs, checkpoints and datasets are written."""
-    return absolute_path(resources.storage_path)
-
-
 def open_filesystem(path_or_uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or any ``pyarrow.fs`` URI (s3://, gs://)."""
     import pyarrow.fs
@@ -60,15 +51,6 @@ def open_filesystem(path_or_uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 # ---------------------------------------------------------------------------------- MLflow
-def resolve_tracking_uri(tracking: Any) -> str:
-    """A spec's ``TrackingConfig`` URI through ``paths.resolve_tracking_uri``.
-
-    A loaded spec already holds the final URI; resolving again gives the same one, so callers that
-    receive a ``TrackingConfig`` built by hand still get the env override and an absolute path.
-    """
-    return paths.resolve_tracking_uri(tracking.tracking_uri)
-
-
 def artifact_location_for(tracking_uri: str, configured: str | None) -> str | None:
     """Artifact root for a new experiment: ``configured``, else the store's own choice.
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from pipelines import schema
+from pipelines.paths import absolute_tracking_uri, is_uri
 from pipelines.schema import AT_LEAST_1, NONNEG, POSITIVE, Rule, setting
 from pipelines.spec import (
     ExperimentSpec,
@@ -245,7 +246,7 @@ def format_cells(cells: Sequence[Cell], seq_len: int) -> str:
 
 
 def study_dir(spec: ExperimentSpec, study: Study) -> Path:
-    if "://" in spec.resources.storage_path:
+    if is_uri(spec.resources.storage_path):
         raise SpecError("resources.storage_path: studies need a local (or mounted) path")
     return Path(spec.resources.storage_path) / "scaling" / study.name
 
@@ -271,10 +272,8 @@ def write_sweep_file(spec: ExperimentSpec, study: Study, cells: Sequence[Cell], 
 
 def tag_runs(uri: str, study: Study, cells: Sequence[Cell], rows: Sequence[Mapping]) -> int:
     """Tag every finished trial's MLflow run with its study, variant and budget (idempotent)."""
-    from mlflow.entities import RunTag
-    from mlflow.tracking import MlflowClient
+    from pipelines import tracking
 
-    client = MlflowClient(tracking_uri=uri)
     by_label = {c.label: c for c in cells}
     n = 0
     for r in rows:
@@ -290,16 +289,14 @@ def tag_runs(uri: str, study: Study, cells: Sequence[Cell], rows: Sequence[Mappi
             "cell": c.label,
             "role": "cell",
         }
-        client.log_batch(
-            r["mlflow_run_id"], tags=[RunTag(TAG_PREFIX + k, v) for k, v in tags.items()]
-        )
+        tracking.tag_run(uri, r["mlflow_run_id"], {TAG_PREFIX + k: v for k, v in tags.items()})
         n += 1
     return n
 
 
 def run_study(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
     """Write the study's sweep file, run (or resume) the sweep, tag the finished runs."""
-    from pipelines.runtime import resolve_tracking_uri
+    from pipelines import tracking
     from pipelines.sweep import run_sweep
 
     spec, study = load_study(path, overrides)
@@ -313,14 +310,12 @@ def run_study(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
     sweep_file = d / "sweep.yaml"
     write_sweep_file(spec, study, cells, sweep_file)
     rows, complete = run_sweep(str(sweep_file))
-    uri = resolve_tracking_uri(spec.tracking)
+    uri = spec.tracking.tracking_uri
     n = tag_runs(uri, study, cells, rows)
-    parent = Path(spec.resources.storage_path, "sweeps", f"scaling-{study.name}", "parent_run.json")
-    if parent.is_file():
-        from mlflow.tracking import MlflowClient
-
-        run_id = json.loads(parent.read_text())["run_id"]
-        MlflowClient(tracking_uri=uri).set_tag(run_id, "aunet.study", study.name)
+    sweep_dir = Path(spec.resources.storage_path, "sweeps", f"scaling-{study.name}")
+    parent = tracking.parent_run_id(sweep_dir / tracking.PARENT_RUN_FILE)
+    if parent is not None:
+        tracking.tag_run(uri, parent, {"aunet.study": study.name})
     print(f"scaling: tagged {n} finished runs with aunet.study={study.name}", file=sys.stderr)
     return rows, complete
 
@@ -329,7 +324,7 @@ def report_main(argv: list[str]) -> int:
     import argparse
 
     from pipelines.report import build_report, find_studies
-    from pipelines.runtime import absolute_tracking_uri, resolve_tracking_uri
+    from pipelines.tracking import cli_uri
 
     ap = argparse.ArgumentParser(prog="python -m pipelines.scaling report")
     ap.add_argument("target", help="study YAML, or the MLflow experiment holding the study")
@@ -340,14 +335,13 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("--min-budgets", type=int)
     ap.add_argument("--bootstrap", type=int)
     args = ap.parse_args(argv)
-    fit = {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 1000, "seed": 0}
+    fit = dataclasses.asdict(StudyFit())
     if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():
         spec, study = load_study(args.target)
-        uri, experiment = resolve_tracking_uri(spec.tracking), spec.tracking.experiment
+        uri, experiment = spec.tracking.tracking_uri, spec.tracking.experiment
         name, fit, out = study.name, study.fit_settings(), study_dir(spec, study) / "report"
     else:
-        env = os.environ.get("MLFLOW_TRACKING_URI")
-        uri = absolute_tracking_uri(args.tracking_uri or env or "sqlite:///mlruns.db")
+        uri = cli_uri(args.tracking_uri)
         experiment, name = args.target, args.study
         found = [] if name else find_studies(uri, experiment)
         if not name and len(found) != 1:

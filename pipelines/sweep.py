@@ -8,9 +8,10 @@ Why it is built this way:
 - A trial is a Tune function that fits ``pipelines.train.build_trainer``'s ``TorchTrainer`` named
   after the trial (docs/platform.md, Sweeps): the training code is the same as a single run's, and a
   restored or retried trial resumes its own Train checkpoint instead of starting over.
-- Compute matching: with ``train.flop_budget`` every variant gets ``round(budget / FLOPs per
-  step)`` steps (aunet.flops accounting, the dataset's measured bytes per token), so trials differ
-  by at most half a step of FLOPs; the driver refuses a sweep where that exceeds the tolerance.
+- Compute matching: with ``train.flop_budget`` every variant is planned by
+  ``pipelines.plan.plan_training`` (the nearest whole step, the dataset's measured bytes per
+  token), so trials differ by at most half a step of FLOPs; the driver refuses a sweep where that
+  exceeds the tolerance (docs/flops.md).
 - The split strategy changes the level masks, so every distinct dataset is preprocessed once on
   the driver before any trial starts: concurrent trials never race on a dataset directory.
 - Everything of a sweep lives in ``<storage_path>/sweeps/<name>`` (Tune state, Train runs, one
@@ -19,7 +20,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -33,7 +33,18 @@ from typing import Any
 
 import yaml
 
-from pipelines import schema
+from pipelines import schema, tracking
+from pipelines.paths import is_uri
+from pipelines.results import (
+    best_row,
+    collect,
+    format_table,
+    summary_metrics,
+    summary_rows,
+    trial_file,
+    write_json,
+    write_results,
+)
 from pipelines.schema import AT_LEAST_1, Rule, choice, setting
 from pipelines.spec import (
     ExperimentSpec,
@@ -45,21 +56,6 @@ from pipelines.spec import (
 
 SEARCHES = ("grid", "optuna")
 RANGES = ("loguniform", "uniform", "int")
-COLUMNS = (
-    "rank",
-    "variant",
-    "trial",
-    "num_params",
-    "steps",
-    "batch_size",
-    "flops",
-    "flops_vs_budget",
-    "val_bits_per_byte",
-    "status",
-    "attempts",
-    "wall_s",
-    "mlflow_run_id",
-)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -211,34 +207,13 @@ def categorical_grid(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- planning
-def matched_plan(spec: ExperimentSpec, manifest: Mapping[str, Any] | None):
-    """``plan_training``, with steps rounded to the nearest whole step under a FLOP budget."""
-    from aunet.flops import learning_rate
-    from aunet.optim import warmup_steps
-    from pipelines.train import plan_training
-
-    plan = plan_training(spec, dict(manifest or {}))
-    budget, tr = spec.train.flop_budget, spec.train
-    if budget is None:
-        return plan
-    steps = max(1, round(budget / plan.flops_per_step))
-    lr = tr.lr if tr.lr is not None else learning_rate(plan.flops_per_step * steps)
-    return dataclasses.replace(
-        plan, steps=steps, lr=lr, warmup_steps=warmup_steps(tr.warmup, steps)
-    )
-
-
-def _read_manifest(spec: ExperimentSpec) -> dict[str, Any]:
-    from pipelines.data import MANIFEST, is_complete
-
-    d = Path(spec.dataset_dir())
-    if not is_complete(d):
-        raise RuntimeError(f"dataset {d} is missing or incomplete (the sweep driver builds it)")
-    return json.loads((d / MANIFEST).read_text())
-
-
 def prepare(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
-    """Preprocess each distinct dataset once; plan every categorical variant; check the FLOPs."""
+    """Preprocess each distinct dataset once; plan every categorical variant; check the FLOPs.
+
+    The split strategy is part of a dataset's identity (its level masks), so a sweep over
+    strategies builds one dataset per strategy, each once, before any trial starts."""
+    from pipelines.data import read_manifest
+    from pipelines.plan import plan_training
     from pipelines.preprocess import preprocess
 
     rows, built = [], set()
@@ -251,13 +226,13 @@ def prepare(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
         if v.dataset_dir() not in built:
             preprocess(v)
             built.add(v.dataset_dir())
-        manifest = _read_manifest(v)
+        manifest = read_manifest(v.dataset_dir())
         if not manifest["splits"]["val"]["sequences"]:
             raise SpecError(
                 f"data.val_fraction: the validation split of {v.dataset_dir()} is "
                 "empty; a sweep ranks trials by validation bits/byte"
             )
-        plan = matched_plan(v, manifest)
+        plan = plan_training(v, manifest)
         dev = plan.total_flops / v.train.flop_budget - 1 if v.train.flop_budget else None
         if dev is not None and abs(dev) > sweep.flop_tolerance:
             raise SpecError(
@@ -292,28 +267,21 @@ class Context:
     cwd: str  # the driver's: relative paths inside train.eval_suite's YAML are the user's
 
 
-def _trial_file(sweep_dir: str, trial_id: str, suffix: str) -> Path:
-    return Path(sweep_dir) / "trials" / f"{trial_id}{suffix}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)  # a reader never sees half a record
-
-
 def run_trial(config: dict[str, Any], ctx: Context) -> None:
     """One Tune trial: train the variant ``config`` names; record it; report the final metrics."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipelines.data import read_manifest
+    from pipelines.plan import plan_training
     from pipelines.train import build_trainer, eval_suite_for
+    from pipelines.train_worker import FaultInjection
 
     t0 = time.time()
     tune_ctx = tune.get_context()
     trial_id, name = tune_ctx.get_trial_id(), tune_ctx.get_trial_name()
     sweep = ctx.sweep
-    record_file = _trial_file(ctx.sweep_dir, trial_id, ".json")
+    record_file = trial_file(ctx.sweep_dir, trial_id, ".json")
     if record_file.is_file():  # Tune's saved state can lag a SIGKILL: never train a trial twice
         done = json.loads(record_file.read_text())
         if done["status"] == "finished":
@@ -327,7 +295,7 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
                 }
             )
             return
-    attempts_file = _trial_file(ctx.sweep_dir, trial_id, ".attempts")
+    attempts_file = trial_file(ctx.sweep_dir, trial_id, ".attempts")
     attempts_file.parent.mkdir(parents=True, exist_ok=True)
     with open(attempts_file, "a") as f:  # one line per start: restores and retries are visible
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
@@ -335,8 +303,8 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
     label = sweep.label(config)
     spec = ExperimentSpec.from_dict(ctx.spec, source="sweep base spec")
     spec = spec.with_overrides(sweep.overrides(config))
-    manifest = _read_manifest(spec)
-    plan = matched_plan(spec, manifest)
+    manifest = read_manifest(spec.dataset_dir())
+    plan = plan_training(spec, manifest)
     record = {
         "trial_id": trial_id,
         "trial": name,
@@ -351,13 +319,13 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
         "flops": plan.total_flops,
         "flop_budget": spec.train.flop_budget,
     }
-    _write_json(record_file, record)
+    write_json(record_file, record)
     fault = None
     if sweep.fault and all(
         str(config.get(k)) == str(v) for k, v in (sweep.fault.get("match") or {}).items()
     ):
-        marker = str(_trial_file(ctx.sweep_dir, trial_id, ".fault"))
-        fault = {"step": sweep.fault["step"], "rank": 0, "marker": marker}
+        marker = str(trial_file(ctx.sweep_dir, trial_id, ".fault"))
+        fault = FaultInjection(step=sweep.fault["step"], rank=0, marker=marker)
     trainer = build_trainer(
         spec,
         name,
@@ -384,7 +352,7 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
     )
     if record["mlflow_run_id"]:
         _tag_child(ctx, record)
-    _write_json(record_file, record)
+    write_json(record_file, record)
     bpb = record["val_bits_per_byte"]
     tune.report(
         {
@@ -398,55 +366,21 @@ def run_trial(config: dict[str, Any], ctx: Context) -> None:
 
 def _tag_child(ctx: Context, record: dict[str, Any]) -> None:
     """The sweep's own params on the trial's MLflow run (train.py logs the spec and plan)."""
-    from mlflow.entities import Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    have = client.get_run(record["mlflow_run_id"]).data.params
     params = {f"sweep.{k}": _label(v) for k, v in record["config"].items()}
     params["sweep.variant"] = record["variant"]
-    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
-    tags = [RunTag("aunet.sweep", ctx.sweep.name), RunTag("aunet.sweep_trial", record["trial"])]
-    client.log_batch(record["mlflow_run_id"], params=new, tags=tags)
+    tags = {"aunet.sweep": ctx.sweep.name, "aunet.sweep_trial": record["trial"]}
+    tracking.tag_run(ctx.tracking_uri, record["mlflow_run_id"], tags, params)
 
 
 # ---------------------------------------------------------------------------------- driver
 def sweep_dir_for(spec: ExperimentSpec, sweep: Sweep) -> str:
-    if "://" in spec.resources.storage_path:
+    if is_uri(spec.resources.storage_path):
         raise SpecError("resources.storage_path: sweeps need a local (or mounted) path")
     return os.path.join(spec.resources.storage_path, "sweeps", sweep.name)
 
 
 def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) -> str:
     """The sweep's MLflow parent run: created once, its id kept in the sweep dir for resumes."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.runtime import artifact_location_for, ray_job_id
-
-    client = MlflowClient(tracking_uri=uri)
-    id_file = Path(sweep_dir) / "parent_run.json"
-    if id_file.is_file():
-        run_id = json.loads(id_file.read_text())["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    location = artifact_location_for(uri, spec.tracking.artifact_location)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(spec.tracking.experiment, artifact_location=location)
-    )
-    job = ray_job_id()
-    run = client.create_run(
-        exp_id,
-        run_name=f"sweep-{sweep.name}",
-        tags={
-            "aunet.sweep": sweep.name,
-            "aunet.sweep_dir": sweep_dir,
-            **({"ray_job_id": job} if job else {}),
-        },
-    )
     space = {
         f"sweep.space.{d.key}": json.dumps(d.choices or [d.kind, d.bounds]) for d in sweep.dims
     }
@@ -455,12 +389,15 @@ def _parent_run(sweep_dir: str, uri: str, spec: ExperimentSpec, sweep: Sweep) ->
         for k in SWEEP_KEYS
         if k not in ("space", "name")
     }
-    params = {**{f"base.{k}": v for k, v in flatten(spec).items()}, **space, **settings}
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
-    id_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}))
-    return run.info.run_id
+    return tracking.parent_run(
+        Path(sweep_dir) / tracking.PARENT_RUN_FILE,
+        uri,
+        spec.tracking.experiment,
+        run_name=f"sweep-{sweep.name}",
+        tags={"aunet.sweep": sweep.name, "aunet.sweep_dir": sweep_dir},
+        params={**{f"base.{k}": v for k, v in flatten(spec).items()}, **space, **settings},
+        artifact_location=spec.tracking.artifact_location,
+    )
 
 
 def _tuner(ctx: Context):
@@ -512,12 +449,12 @@ def _tuner(ctx: Context):
 
 def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
     """Run (or resume) a sweep to the end; returns its results table and whether it completed."""
-    from pipelines.runtime import check_tracking_reachable, init_ray, resolve_tracking_uri
+    from pipelines.runtime import check_tracking_reachable, init_ray
 
     spec, sweep = load_sweep(path, overrides)
     sweep_dir = sweep_dir_for(spec, sweep)
     Path(sweep_dir, "trials").mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(spec.tracking)
+    uri = spec.tracking.tracking_uri
     check_tracking_reachable(uri)
     init_ray(spec.resources, tracking_uri=uri)
     planned = prepare(spec, sweep)
@@ -540,135 +477,11 @@ def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------- results
-def collect(sweep_dir: str, trials: Sequence[Any] | None, sweep: Sweep | None) -> list[dict]:
-    """One row per trial from the per-trial records, Tune's statuses when given; ranked."""
-    records = {
-        p.stem: json.loads(p.read_text()) for p in sorted(Path(sweep_dir, "trials").glob("*.json"))
-    }
-    items = (
-        [(t.trial_id, t) for t in trials] if trials is not None else [(k, None) for k in records]
-    )
-    rows = []
-    for trial_id, t in items:
-        rec = records.get(trial_id, {})
-        last = (t.last_result or {}) if t is not None else {}
-        config = dict(t.config) if t is not None else rec.get("config", {})
-        status = rec.get("status", "pending")
-        if t is not None and t.status == "ERROR":
-            status = "error"
-        elif t is not None and t.status == "TERMINATED" and status != "finished":
-            status = "stopped early"  # ASHA
-        attempts = _trial_file(sweep_dir, trial_id, ".attempts")
-        budget = rec.get("flop_budget")
-        flops = rec.get("flops") if status == "finished" else last.get("flops", rec.get("flops"))
-        rows.append(
-            {
-                "variant": sweep.label(config) if sweep else rec.get("variant"),
-                "trial": rec.get("trial", trial_id),
-                "num_params": rec.get("num_params"),
-                "steps": rec.get("final_step") or last.get("step") or rec.get("steps"),
-                "batch_size": rec.get("batch_size"),
-                "flops": flops,
-                "flops_vs_budget": flops / budget - 1 if flops and budget else None,
-                "val_bits_per_byte": rec.get("val_bits_per_byte", last.get("val_bits_per_byte")),
-                "status": status,
-                "wall_s": rec.get("wall_s"),
-                "mlflow_run_id": rec.get("mlflow_run_id"),
-                "attempts": len(attempts.read_text().splitlines()) if attempts.is_file() else 0,
-                "params": json.dumps({k: v for k, v in sorted(config.items())}),
-            }
-        )
-    return rank(rows, (sweep.mode if sweep else "min"))
-
-
-def rank(rows: list[dict[str, Any]], mode: str = "min") -> list[dict[str, Any]]:
-    """Finished trials ranked by final validation bits/byte (1 = best); the rest unranked."""
-    done = [r for r in rows if r["status"] == "finished" and r["val_bits_per_byte"] is not None]
-    done.sort(key=lambda r: float(r["val_bits_per_byte"]) * (1 if mode == "min" else -1))
-    for i, r in enumerate(done, 1):
-        r["rank"] = i
-    rest = [r for r in rows if r not in done]
-    for r in rest:
-        r["rank"] = None
-    return done + rest
-
-
-def _fmt(key: str, v: Any) -> str:
-    if v is None or v == "":
-        return "-"
-    if key == "flops":
-        return f"{float(v):.4g}"
-    if key == "flops_vs_budget":
-        return f"{float(v):+.2%}"
-    if key == "val_bits_per_byte":
-        return f"{float(v):.4f}"
-    if key == "num_params":
-        return f"{int(float(v)):,}"
-    return str(v)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys = [k for k in (*COLUMNS, "params") if any(k in r for r in rows)]
-    keys = [k for k in keys if k != "mlflow_run_id"]
-    cells = [[_fmt(k, r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(keys), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "params"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
-    """Bar chart of final validation bits/byte per variant (finished trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["rank"] is not None]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(done) + 2), 3.5))
-    names = [f"{r['variant']}\n{r['trial'][-5:]}" for r in done]
-    vals = [float(r["val_bits_per_byte"]) for r in done]
-    bars = ax.bar(range(len(done)), vals, color="tab:blue")
-    for b, r in zip(bars, done):
-        ax.annotate(
-            f"{float(r['val_bits_per_byte']):.3f}\n{float(r['flops']):.2g} FLOPs",
-            (b.get_x() + b.get_width() / 2, b.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
-    ax.set_xticks(range(len(done)), names, fontsize=7)
-    ax.set_ylabel("final validation bits/byte")
-    ax.set_title(title, fontsize=9)
-    if vals:
-        lo, hi = min(vals), max(vals)
-        ax.set_ylim(max(0.0, lo - 0.2 * (hi - lo + 0.05)), hi + 0.3 * (hi - lo + 0.05))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def finalize(ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: bool) -> None:
     """Results CSV/JSON, plot and best config into the sweep dir and onto the parent run."""
-    from mlflow.tracking import MlflowClient
-
     out = Path(ctx.sweep_dir)
-    write_csv(rows, out / "results.csv")
-    _write_json(out / "results.json", rows)
-    plot(rows, out / "results.png", f"sweep {ctx.sweep.name}: final validation bits/byte")
-    files = [out / "results.csv", out / "results.json", out / "results.png"]
-    best = next((r for r in rows if r["rank"] == 1), None)
+    files = write_results(rows, out, f"sweep {ctx.sweep.name}: final validation bits/byte")
+    best = best_row(rows)
     if best is not None:
         config = json.loads(best["params"])
         best_spec = spec.with_overrides(ctx.sweep.overrides(config))
@@ -678,76 +491,13 @@ def finalize(ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: boo
         )
         (out / "best.yaml").write_text(text + yaml.safe_dump(best_spec.to_dict(), sort_keys=False))
         files.append(out / "best.yaml")
-    client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    for f in files:
-        client.log_artifact(ctx.parent_run_id, str(f))
-    devs = [
-        abs(r["flops_vs_budget"])
-        for r in rows
-        if r["status"] == "finished" and r["flops_vs_budget"] is not None
-    ]
-    metrics = {
-        "trials_finished": sum(r["status"] == "finished" for r in rows),
-        "trials_error": sum(r["status"] == "error" for r in rows),
-    }
-    if best is not None:
-        metrics["best_val_bits_per_byte"] = best["val_bits_per_byte"]
-    if devs:
-        metrics["flops_max_deviation"] = max(devs)
-    for k, v in metrics.items():
-        client.log_metric(ctx.parent_run_id, k, float(v))
-    client.set_terminated(ctx.parent_run_id, "FINISHED" if complete else "KILLED")
-
-
-# ---------------------------------------------------------------------------------- summary
-def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """The table of a sweep dir (its results.csv, else its trial records) or a parent run id."""
-    d = Path(target)
-    if d.is_dir():
-        if (d / "results.csv").is_file():
-            return read_csv(d / "results.csv")
-        if (d / "trials").is_dir():
-            return collect(str(d), None, None)
-        raise FileNotFoundError(f"{d}: not a sweep directory (no results.csv, no trials/)")
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.runtime import absolute_tracking_uri
-
-    uri = absolute_tracking_uri(
-        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    tracking.log_summary(
+        ctx.tracking_uri,
+        ctx.parent_run_id,
+        files=files,
+        metrics=summary_metrics(rows),
+        status="FINISHED" if complete else "KILLED",
     )
-    client = MlflowClient(tracking_uri=uri)
-    run = client.get_run(target)
-    names = [a.path for a in client.list_artifacts(target)]
-    if "results.csv" in names:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return read_csv(Path(client.download_artifacts(target, "results.csv", tmp)))
-    rows = []  # the sweep has not finished: build the table from its child runs
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{target}'")
-    for c in children:
-        p, m = c.data.params, c.data.metrics
-        config = {
-            k[len("sweep.") :]: v
-            for k, v in p.items()
-            if k.startswith("sweep.") and k != "sweep.variant"
-        }
-        bpb = m.get("final/val_bits_per_byte")
-        flops = float(p["plan.total_flops"]) if "plan.total_flops" in p else None
-        rows.append(
-            {
-                "variant": p.get("sweep.variant") or c.info.run_name,
-                "trial": c.info.run_name,
-                "num_params": p.get("plan.num_params"),
-                "steps": p.get("plan.steps"),
-                "flops": flops,
-                "val_bits_per_byte": bpb,
-                "status": "finished" if bpb is not None else c.info.status.lower(),
-                "params": json.dumps(config),
-            }
-        )
-    return rank(rows)
 
 
 HELP_FLAGS = (

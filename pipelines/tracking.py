@@ -1,4 +1,5 @@
-"""MLflow logging for training: one run per training run, written by rank 0 only.
+"""The MLflow layer: every call the pipelines make to MLflow goes through this module (and
+``pipelines.tracking_model``, the pyfunc model); ``tests/test_layout.py`` holds the rest to it.
 
 Why it looks like this:
 - A training run keeps one MLflow run across restarts: a run resumed from a checkpoint reopens
@@ -10,21 +11,37 @@ Why it looks like this:
   sent when the store answers again) and prints a warning; it never stops training.
 - Start-up is strict instead: an unreachable server fails in seconds, naming the URI
   (``pipelines.runtime.check_tracking_reachable``), before any compute is spent.
+- One module for runs, experiments, params, tags, metrics, artifacts and searches (about 500
+  lines: the training-loop ``Tracker``, then the driver calls) so that what the platform asks
+  of MLflow, and the store limits it works around, are in one place.
+- The functions below the ``Tracker`` serve the drivers (sweeps, studies, reports, evaluation),
+  which log a few values once: they take the tracking URI and call the store synchronously.
+  Experiments are created by whoever comes first (concurrent trials, a second sweep on the same
+  store): a creation that loses the race reads the winner's experiment back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-from pipelines.runtime import artifact_location_for, check_tracking_reachable, redact
+from pipelines.paths import redact
+from pipelines.runtime import artifact_location_for, check_tracking_reachable, ray_job_id
 
 RUN_KEY_TAG = "aunet.run_key"
+MODEL_URI_TAG = "aunet.model_uri"
+PARENT_RUN_FILE = "parent_run.json"  # in a sweep directory: the parent run's id, for resumes
+MAX_PARAM_CHARS = 6000  # the store refuses longer param values
+PARAMS_PER_REQUEST = 100  # the store's limit per log_batch
+METRICS_PER_REQUEST = 1000
+DEFAULT_CLI_URI = "sqlite:///mlruns.db"
 T = TypeVar("T")
 _MAX_PENDING = 200_000  # metric values kept while the store is down; older ones are dropped
 
@@ -54,6 +71,83 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def cli_uri(explicit: str | None) -> str:
+    """The store of a command that reads runs without a spec (``--summary``, ``report``): the
+    flag, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` (where a spec's default points)."""
+    from pipelines.paths import absolute_tracking_uri
+
+    return absolute_tracking_uri(
+        explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_CLI_URI
+    )
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=artifact_location_for(uri, artifact_location)
+        )
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _run_by_key(client: Any, experiment_ids: list[str], key: str) -> Any | None:
+    """The run tagged ``aunet.run_key`` = ``key``, or None.
+
+    MLflow's filter parser takes a string literal verbatim (a backslash escapes nothing), so the
+    key is quoted with a quote it does not contain; a key with both kinds is matched by LIKE with
+    ``_`` in their places, and the candidates are checked here.
+    """
+    quote = '"' if "'" in key else "'"
+    if quote not in key:
+        cond, limit = f"tags.`{RUN_KEY_TAG}` = {quote}{key}{quote}", 1
+    else:
+        pattern = key.replace("'", "_").replace('"', "_")
+        cond, limit = f"tags.`{RUN_KEY_TAG}` LIKE '{pattern}'", 1000
+    runs = client.search_runs(experiment_ids, cond, max_results=limit)
+    return next((r for r in runs if r.data.tags.get(RUN_KEY_TAG) == key), None)
+
+
+def _new_run(client: Any, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """Every run the platform creates names the Ray job that made it, when there is one."""
+    job = ray_job_id()
+    tags = {**tags, **({"ray_job_id": job} if job else {})}
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+def param_chunks(params: Mapping[str, Any], logged: Iterable[str] = ()) -> list[list[Any]]:
+    """``params`` not in ``logged`` (MLflow refuses to change a param; a resumed run re-sends
+    them), as strings cut to the store's limit, in requests of at most 100."""
+    from mlflow.entities import Param
+
+    have = set(logged)
+    new = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in have]
+    return [new[i : i + PARAMS_PER_REQUEST] for i in range(0, len(new), PARAMS_PER_REQUEST)]
+
+
+def metric_list(metrics: Mapping[str, float | None], step: int) -> list[Any]:
+    """Finite values as MLflow metrics at ``step`` (None, NaN and inf are left out)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and math.isfinite(float(v))
+    ]
+
+
 class Tracker:
     """The MLflow run of one training run (create or re-open), and a non-blocking metric queue."""
 
@@ -75,13 +169,12 @@ class Tracker:
         # MLflow's own HTTP retries last minutes; ours (bounded) replace them.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        from mlflow.tracking import MlflowClient
-
         check_tracking_reachable(uri)
         self.uri, self.attempts, self.backoff_s = uri, attempts, backoff_s
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _client(uri)
         self.experiment_id = self._call(
-            lambda: self._experiment(experiment, artifact_location), "experiment set-up"
+            lambda: _experiment_id(self.client, uri, experiment, artifact_location),
+            "experiment set-up",
         )
         self.run_id, self.resumed = self._call(
             lambda: self._open_run(run_key, run_name, parent_run_id, dict(tags or {}), run_id),
@@ -101,20 +194,6 @@ class Tracker:
     def _call(self, fn: Callable[[], T], what: str) -> T:
         return retry(fn, f"MLflow {what} on {redact(self.uri)}", self.attempts, self.backoff_s)
 
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(
-                name, artifact_location=artifact_location_for(self.uri, artifact_location)
-            )
-        except Exception:  # created concurrently by another process
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
-
     def _open_run(
         self, key: str, name: str, parent: str | None, tags: dict[str, str], run_id: str | None
     ) -> tuple[str, bool]:
@@ -129,29 +208,21 @@ class Tracker:
                 return run_id, True
             except MlflowException as e:  # deleted, or another store: start a new run
                 _warn(f"MLflow run {run_id} of the checkpoint not found ({e}); new run")
-        escaped = key.replace("\\", "\\\\").replace("'", "\\'")
-        found = self.client.search_runs(
-            [self.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1
-        )
-        if found:
-            run_id = found[0].info.run_id
+        found = _run_by_key(self.client, [self.experiment_id], key)
+        if found is not None:
+            run_id = found.info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
         tags = {**tags, RUN_KEY_TAG: key, MLFLOW_RUN_NAME: name}
         if parent:
             tags[MLFLOW_PARENT_RUN_ID] = parent
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return run.info.run_id, False
+        return _new_run(self.client, self.experiment_id, name, tags), False
 
     # ------------------------------------------------------------------ synchronous logging
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params not logged yet (MLflow refuses to change a param; a resumed run re-sends them)."""
-        from mlflow.entities import Param
-
         have = self._call(lambda: self.client.get_run(self.run_id).data.params, "get run")
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
-        for i in range(0, len(new), 100):  # the store's limit per request
-            chunk = new[i : i + 100]
+        for chunk in param_chunks(params, have):
             self._call(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -166,17 +237,25 @@ class Tracker:
         except Exception as e:
             _warn(f"artifact {path} not logged ({type(e).__name__}: {e})")
 
+    def log_model(self, final_dir: str) -> str | None:
+        """The final checkpoint as the run's pyfunc generation model (``mlflow models serve``),
+        its URI tagged ``aunet.model_uri``. Never fatal (a warning and None): the run's metrics
+        and its checkpoint artifact are already safe."""
+        try:
+            from pipelines.tracking_model import log_generation_model
+
+            set_default_uri(self.uri)
+            uri = log_generation_model(final_dir, run_id=self.run_id)
+            self.set_tags({MODEL_URI_TAG: uri})
+            return uri
+        except Exception as e:
+            _warn(f"pyfunc model not logged ({type(e).__name__}: {e})")
+            return None
+
     # ------------------------------------------------------------------ asynchronous metrics
     def log_metrics(self, metrics: Mapping[str, float | None], step: int) -> None:
         """Queue finite values; returns at once. Sent by the background thread in batches."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if v is not None and math.isfinite(float(v))
-        ]
+        batch = metric_list(metrics, step)
         with self._lock:
             self._pending.extend(batch)
             if len(self._pending) > _MAX_PENDING:
@@ -190,8 +269,8 @@ class Tracker:
                 batch, self._pending = self._pending, []
             sent = 0
             try:
-                while sent < len(batch):  # the store takes at most 1000 values per request
-                    chunk = batch[sent : sent + 1000]
+                while sent < len(batch):
+                    chunk = batch[sent : sent + METRICS_PER_REQUEST]
                     self._call(
                         lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "metrics"
                     )
@@ -240,3 +319,213 @@ class Tracker:
             self._call(lambda: self.client.set_terminated(self.run_id, status), "end run")
         except Exception as e:
             _warn(f"run {self.run_id} not marked {status} ({type(e).__name__}: {e})")
+
+
+# ---------------------------------------------------------------------------------- runs
+def get_or_create_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created (artifacts at ``artifact_location``, else where
+    ``runtime.artifact_location_for`` puts them) if it does not exist yet."""
+    return _experiment_id(_client(uri), uri, name, artifact_location)
+
+
+def find_experiment(uri: str, name: str) -> str | None:
+    """The id of experiment ``name``, None if there is none (readers must not create one)."""
+    exp = _client(uri).get_experiment_by_name(name)
+    return None if exp is None else exp.experiment_id
+
+
+def create_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> str:
+    """A new run (status RUNNING), tagged ``tags`` and the Ray job id when in a job; its id."""
+    return _new_run(_client(uri), experiment_id, run_name, {k: str(v) for k, v in tags.items()})
+
+
+def get_run(uri: str, run_id: str) -> Any:
+    """The run (``mlflow.entities.Run``); MLflow's error if the store has no such run."""
+    return _client(uri).get_run(run_id)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status)
+
+
+def parent_run_id(id_file: str | os.PathLike) -> str | None:
+    """The run id a ``parent_run`` call stored in ``id_file``, None before the first one."""
+    p = Path(id_file)
+    return json.loads(p.read_text())["run_id"] if p.is_file() else None
+
+
+def parent_run(
+    id_file: str | os.PathLike,
+    uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, Any],
+    params: Mapping[str, Any],
+    artifact_location: str | None = None,
+) -> str:
+    """A parent run created once and reopened (status RUNNING) on every resume.
+
+    Its id lives in ``id_file`` (a sweep directory's ``parent_run.json``) rather than being
+    searched by tags, so a resumed sweep reopens exactly its own run even when an earlier sweep
+    of the same name is in the store; ``params`` are logged only when the run is created.
+    """
+    client = _client(uri)
+    run_id = parent_run_id(id_file)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp_id = _experiment_id(client, uri, experiment, artifact_location)
+    run_id = _new_run(client, exp_id, run_name, {k: str(v) for k, v in tags.items()})
+    for chunk in param_chunks(params):
+        client.log_batch(run_id, params=chunk)
+    Path(id_file).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id
+
+
+# ---------------------------------------------------------------------------------- logging
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """The params ``run_id`` does not have yet (cut to 6000 characters, 100 per request)."""
+    client = _client(uri)
+    have = client.get_run(run_id).data.params
+    for chunk in param_chunks(params, have):
+        client.log_batch(run_id, params=chunk)
+
+
+def tag_run(
+    uri: str, run_id: str, tags: Mapping[str, Any], params: Mapping[str, Any] | None = None
+) -> None:
+    """Mark an existing run (a sweep's child, a study's cell, an evaluated training run) with
+    ``tags``, and with the ``params`` it does not have yet (a training run's params are fixed)."""
+    if params:
+        log_params(uri, run_id, params)
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+    """The finite values at ``step``, 1000 per request."""
+    client, ms = _client(uri), metric_list(metrics, step)
+    for i in range(0, len(ms), METRICS_PER_REQUEST):
+        client.log_batch(run_id, metrics=ms[i : i + METRICS_PER_REQUEST])
+
+
+def log_artifacts(
+    uri: str, run_id: str, paths: Iterable[str | os.PathLike], artifact_path: str | None = None
+) -> None:
+    """Files, or the contents of directories, under ``artifact_path`` of the run."""
+    client = _client(uri)
+    for p in map(str, paths):
+        if os.path.isdir(p):
+            client.log_artifacts(run_id, p, artifact_path)
+        else:
+            client.log_artifact(run_id, p, artifact_path)
+
+
+def log_summary(
+    uri: str,
+    run_id: str,
+    *,
+    files: Iterable[str | os.PathLike] = (),
+    metrics: Mapping[str, float] | None = None,
+    artifact_path: str | None = None,
+    status: str | None = "FINISHED",
+) -> None:
+    """What a driver leaves on its own run at the end (a sweep's results, a report's files and
+    fit numbers), then the run's final ``status`` (None leaves it running)."""
+    log_artifacts(uri, run_id, files, artifact_path)
+    log_metrics(uri, run_id, metrics or {})
+    if status is not None:
+        end_run(uri, run_id, status)
+
+
+# ---------------------------------------------------------------------------------- reading
+def search_runs(
+    uri: str,
+    filter_string: str = "",
+    *,
+    experiment_names: Sequence[str] | None = None,
+    experiment_ids: Sequence[str] | None = None,
+    order_by: Sequence[str] | None = None,
+    max_results: int | None = None,
+) -> list[Any]:
+    """Runs matching ``filter_string``, every page of them (or the first ``max_results``).
+
+    Experiments by name (names not in the store are skipped), by id, or, with neither, every
+    active experiment of the store.
+    """
+    client = _client(uri)
+    ids = list(experiment_ids or [])
+    if experiment_names is not None:
+        exps = [client.get_experiment_by_name(n) for n in experiment_names]
+        ids += [e.experiment_id for e in exps if e is not None]
+        if not ids:
+            return []
+    elif experiment_ids is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs: list[Any] = []
+    token = None
+    while max_results is None or len(runs) < max_results:
+        page = client.search_runs(
+            ids,
+            filter_string,
+            max_results=min(1000, max_results - len(runs)) if max_results else 1000,
+            order_by=list(order_by) if order_by else None,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def find_run_by_key(uri: str, key: str) -> str | None:
+    """The run tagged ``aunet.run_key`` = ``key`` (a training run's directory), any experiment."""
+    client = _client(uri)
+    found = _run_by_key(client, [e.experiment_id for e in client.search_experiments()], key)
+    return None if found is None else found.info.run_id
+
+
+def child_runs(uri: str, parent_id: str) -> list[Any]:
+    """The runs nested under ``parent_id`` (a sweep's trials); MLflow's error if it is unknown."""
+    exp_id = get_run(uri, parent_id).info.experiment_id
+    return search_runs(uri, f"tags.mlflow.parentRunId = '{parent_id}'", experiment_ids=[exp_id])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every (step, value) logged for ``key``."""
+    return [(m.step, m.value) for m in _client(uri).get_metric_history(run_id, key)]
+
+
+def download_run_artifact(uri: str, run_id: str, path: str, dst: str | os.PathLike) -> Path | None:
+    """A top-level artifact of the run copied into ``dst``; None if the run has none by that
+    name (MLflow's error if there is no such run)."""
+    client = _client(uri)
+    client.get_run(run_id)
+    if path not in [a.path for a in client.list_artifacts(run_id)]:
+        return None
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
+def download_artifacts(
+    artifact_uri: str, dst: str | os.PathLike | None = None, tracking_uri: str | None = None
+) -> Path:
+    """A local copy of an artifact or model URI (``runs:/``, ``models:/``, ...).
+
+    ``tracking_uri`` becomes the process's default store first, so that a ``models:/`` URI
+    resolves against the registry of that same store.
+    """
+    import mlflow
+
+    if tracking_uri is not None:
+        set_default_uri(tracking_uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
+
+
+def set_default_uri(uri: str) -> None:
+    """The store the fluent API (``mlflow.pyfunc.log_model``, ``load_model``) uses."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)

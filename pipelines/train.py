@@ -30,15 +30,13 @@ from pipelines.checkpointing import (
     latest_saved_state,
     require_intact_checkpoint,
 )
+from pipelines.paths import is_uri, join_path
 from pipelines.plan import TrainPlan, plan_training
 from pipelines.runtime import (
     artifact_location_for,
     check_tracking_reachable,
     init_ray,
-    is_uri,
-    join_path,
     open_filesystem,
-    resolve_tracking_uri,
 )
 from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
 
@@ -111,7 +109,7 @@ def build_trainer(
 
     res = spec.resources
     storage = storage_path or res.storage_path
-    uri = tracking_uri or resolve_tracking_uri(spec.tracking)
+    uri = tracking_uri or spec.tracking.tracking_uri
     args = WorkerArgs(
         spec=spec,
         plan=plan,
@@ -169,7 +167,7 @@ def train(
     t0 = time.perf_counter()
     if variant is not None:
         spec = spec.with_variant(variant)
-    uri = resolve_tracking_uri(spec.tracking)
+    uri = spec.tracking.tracking_uri  # resolved once, at load (env override, absolute)
     check_tracking_reachable(uri)  # fail in seconds, before any compute
     suite = eval_suite_for(spec)  # likewise a bad eval YAML
     name = run_name or run_name_for(spec, variant)

@@ -31,8 +31,8 @@ from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
 from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
 from pipelines.data import DataPosition, TrainBatches, val_batches
+from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
-from pipelines.runtime import is_uri  # (moves to pipelines.paths)
 from pipelines.spec import ExperimentSpec
 
 if TYPE_CHECKING:
@@ -347,7 +347,7 @@ def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: i
         tracker.log_metrics({"final/val_bits_per_byte": bpb}, step)
         tracker.log_artifact(final_dir, "final")
         if spec.tracking.log_model and not is_uri(final_dir):
-            _log_model(final_dir, tracker)
+            tracker.log_model(final_dir)
     if args.eval_suite is not None:
         metrics = _suite_eval(args.eval_suite, spec, full, device, rank)
         if tracker is not None:
@@ -406,20 +406,6 @@ def _open_tracker(args: WorkerArgs, world: int, resumed_id: str | None) -> Track
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
     return tracker
-
-
-def _log_model(final_dir: str, tracker) -> None:
-    """The final checkpoint as an MLflow pyfunc model (``mlflow models serve``); never fatal."""
-    try:
-        import mlflow
-
-        from pipelines.serve import log_generation_model
-
-        mlflow.set_tracking_uri(tracker.uri)
-        uri = log_generation_model(final_dir, run_id=tracker.run_id)
-        tracker.set_tags({"aunet.model_uri": uri})
-    except Exception as e:  # the run's metrics and checkpoint artifact are already safe
-        print(f"train: pyfunc model not logged ({type(e).__name__}: {e})", flush=True)
 
 
 def _suite_eval(

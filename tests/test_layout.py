@@ -114,3 +114,34 @@ def test_import_aunet_pulls_in_no_platform_dependency():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# The MLflow layer: the only modules of pipelines/ that may import mlflow (pipelines/tracking.py
+# documents why there is one layer).
+MLFLOW_LAYER = {"pipelines/tracking.py", "pipelines/tracking_model.py"}
+
+
+def _mlflow_importers(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in (root / "pipelines").glob("*.py")
+        if "mlflow" in _imported_modules(p)
+    )
+
+
+def test_only_the_mlflow_layer_imports_mlflow():
+    found = _mlflow_importers(ROOT)
+    assert set(found) & MLFLOW_LAYER, "the MLflow layer imports no mlflow: the scan is broken"
+    outside = [f for f in found if f not in MLFLOW_LAYER]
+    assert not outside, f"{outside} import mlflow: go through pipelines.tracking"
+
+
+def test_mlflow_layer_check_can_fail(tmp_path):
+    """Control: a pipelines module with a lazy ``from mlflow...`` import is found."""
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "tracking.py").write_text("import mlflow\n")
+    (tmp_path / "pipelines" / "sweep.py").write_text("def f():\n    from mlflow import x\n")
+    (tmp_path / "pipelines" / "data.py").write_text("import json\n")
+    found = _mlflow_importers(tmp_path)
+    assert found == ["pipelines/sweep.py", "pipelines/tracking.py"]
+    assert [f for f in found if f not in MLFLOW_LAYER] == ["pipelines/sweep.py"]

@@ -13,16 +13,13 @@ import time
 import pyarrow.fs
 import pytest
 
+from pipelines.paths import absolute_path, join_path, resolve_tracking_uri
 from pipelines.runtime import (
     TrackingUnreachable,
-    absolute_path,
     check_tracking_reachable,
     init_ray,
-    join_path,
     open_filesystem,
     ray_job_id,
-    resolve_tracking_uri,
-    storage_root,
 )
 from pipelines.spec import ResourcesConfig, TrackingConfig
 
@@ -40,9 +37,9 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch):
         "databricks": "databricks",
     }
     for given, expected in cases.items():
-        assert resolve_tracking_uri(TrackingConfig(tracking_uri=given)) == expected
+        assert resolve_tracking_uri(TrackingConfig(tracking_uri=given).tracking_uri) == expected
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")  # env wins, made absolute too
-    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{cwd}/env.db"
+    assert resolve_tracking_uri(TrackingConfig().tracking_uri) == f"sqlite:///{cwd}/env.db"
 
 
 def test_paths_and_uris(tmp_path, monkeypatch):
@@ -51,7 +48,6 @@ def test_paths_and_uris(tmp_path, monkeypatch):
     assert absolute_path("s3://bucket/a/../b") == "s3://bucket/a/../b"  # URIs untouched
     assert join_path("gs://b/x/", "datasets", "d") == "gs://b/x/datasets/d"
     assert join_path("/r", "datasets", "d") == "/r/datasets/d"
-    assert storage_root(ResourcesConfig(storage_path="out")) == str(tmp_path / "out")
     fs, path = open_filesystem("out")
     assert isinstance(fs, pyarrow.fs.LocalFileSystem) and path == str(tmp_path / "out")
     fs.create_dir(path)
