@@ -15,6 +15,11 @@ count or block size, and their names (``shard-00000.parquet``) depend only on th
 the stream.
 
 Reading, rejection reasons, source weights and the train/val split: ``pipelines.corpus``.
+
+Length: the planning of work units, the Ray Data pipeline, the driver's packing and writer
+threads, and the atomic publish (with stale-version clean-up) are one program whose pieces
+share the dataset's invariants (order, names, counts); split apart, each would need the others'
+internals. About 450 lines.
 """
 
 from __future__ import annotations

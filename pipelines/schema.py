@@ -17,8 +17,9 @@ are not ours, such as ``aunet.config.AUNetConfig``, document themselves). A sect
 static ``normalize(raw) -> dict`` that rewrites shorthand forms before validation, and
 ``__post_init__`` checks across fields that raise ``SpecError("<field>: <problem>")``.
 
-Reading, overrides and help stay in one module (about 500 lines, over the usual 400) because
-the help must describe exactly what the reader accepts: both walk the same fields and metadata.
+Length: reading, overrides and help stay in one module (about 500 lines, over the usual 400)
+because the help must describe exactly what the reader accepts: both walk the same fields and
+metadata.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Why it looks like this:
   sent when the store answers again) and prints a warning; it never stops training.
 - Start-up is strict instead: an unreachable server fails in seconds, naming the URI
   (``pipelines.runtime.check_tracking_reachable``), before any compute is spent.
-- One module for runs, experiments, params, tags, metrics, artifacts and searches (about 500
-  lines: the training-loop ``Tracker``, then the driver calls) so that what the platform asks
-  of MLflow, and the store limits it works around, are in one place.
+- Length: one module for runs, experiments, params, tags, metrics, artifacts and searches
+  (about 500 lines: the training-loop ``Tracker``, then the driver calls) so that what the
+  platform asks of MLflow, and the store limits it works around, are in one place.
 - The functions below the ``Tracker`` serve the drivers (sweeps, studies, reports, evaluation),
   which log a few values once: they take the tracking URI and call the store synchronously.
   Experiments are created by whoever comes first (concurrent trials, a second sweep on the same

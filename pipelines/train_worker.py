@@ -2,9 +2,9 @@
 
 The loop reads top to bottom; its collaborators each own one concern: ``WorkerArgs`` (what the
 driver sends), ``TrainState`` and ``Checkpointer`` (what is saved, when, and the restore:
-``pipelines.checkpointing``), ``StepMeter`` (timings and the per-step metrics), ``validate``,
-``StepLog`` (rank 0's ``steps.jsonl``), the MLflow ``Tracker`` (rank 0), and ``FaultInjection``
-(tests only).
+``pipelines.checkpointing``), ``StepMeter`` (timings and the per-step metrics) and ``StepLog``
+(rank 0's ``steps.jsonl``: ``pipelines.train_metrics``), ``validate``, the MLflow ``Tracker``
+(rank 0), and ``FaultInjection`` (tests only).
 
 Every rank runs the same sequence of collectives (FSDP, the metric all-reduce, validation, DCP,
 ``ray.train.report``), so the loop never branches on the rank except for writing files and MLflow.
@@ -30,10 +30,11 @@ from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
 from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
-from pipelines.data import DataPosition, TrainBatches, val_batches
+from pipelines.data import TrainBatches, val_batches
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
 from pipelines.spec import ExperimentSpec
+from pipelines.train_metrics import StepLog, StepMeter
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
@@ -92,91 +93,6 @@ class WorkerArgs:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> WorkerArgs:
         return cls(**config)
-
-
-class StepMeter:
-    """Per-step timings and the metrics rank 0 logs.
-
-    A step's time is data + compute + the previous step's leftover work (``other_s``: logging,
-    the step log, reports); periodic work (validation, suites, checkpoints) is timed on its own
-    and not charged as per-step overhead.
-    """
-
-    def __init__(self, plan: TrainPlan, world: int, peak: float | None) -> None:
-        self.plan, self.world, self.peak = plan, world, peak
-        self.other_s = 0.0
-
-    def begin(self) -> None:
-        self.t_start = time.perf_counter()
-
-    def data_loaded(self) -> None:
-        self.t_data = time.perf_counter()
-
-    def computed(self) -> None:
-        self.t_comp = time.perf_counter()
-
-    def metrics(
-        self,
-        step: int,
-        sums: list[float],
-        lr: float,
-        grad_norm: float,
-        epoch: int,
-        state: TrainState,
-    ) -> dict[str, float]:
-        """``sums`` = all-reduced [loss, ce, tokens per stage...]; adds them to ``state.tokens``."""
-        plan, world = self.plan, self.world
-        step_tokens = [int(x) for x in sums[2:]]
-        state.tokens = [a + b for a, b in zip(state.tokens, step_tokens)]
-        data_s, compute_s = self.t_data - self.t_start, self.t_comp - self.t_data
-        step_s = data_s + compute_s + self.other_s
-        metrics = {
-            "loss": sums[0] / world,
-            "bits_per_byte": sums[1] / world / LN2,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "bytes_per_s": plan.bytes_per_step / step_s,
-            "flops_per_s": plan.flops_per_step / step_s,
-            "flops": plan.flops_per_step * step,
-            "time/data_s": data_s,
-            "time/compute_s": compute_s,
-            "time/other_s": self.other_s,
-            "time/overhead_fraction": (data_s + self.other_s) / step_s,
-            "epoch": epoch,
-        }
-        if self.peak:
-            metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
-        for s, n in enumerate(step_tokens):
-            metrics[f"tokens/stage{s}"] = n
-            metrics[f"tokens_total/stage{s}"] = state.tokens[s]
-        return metrics
-
-    def end(self, metrics: dict[str, float], periodic: bool) -> None:
-        """Charge what happened after the compute to the next step, unless it was periodic."""
-        other = time.perf_counter() - self.t_comp - metrics.get("time/eval_s", 0.0)
-        other -= metrics.get("time/eval_suite_s", 0.0)
-        self.other_s = 0.0 if periodic else other
-
-
-class StepLog:
-    """Rank 0's ``steps.jsonl``: one JSON line per step, appended (restarts add lines)."""
-
-    def __init__(self, run_dir: str, rank: int):
-        self.path = None
-        if rank == 0 and not is_uri(run_dir):
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.path = Path(run_dir) / "steps.jsonl"
-
-    def write(
-        self, step: int, attempt: str, position: DataPosition, ids, metrics: dict[str, Any]
-    ) -> None:
-        """``position``: where the step's batch came from; ``ids``: its global sequence ids."""
-        if self.path is None:
-            return
-        record = {"step": step, "attempt": attempt, "time": time.time()}
-        record.update(position=position.to_dict(), ids=ids.tolist(), **metrics)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from pipelines import schema
 from pipelines.eval_config import EvalConfig, load_eval_config
 from pipelines.scaling import Study, load_study
 from pipelines.spec import ExperimentSpec, SpecError, load_spec
-from pipelines.sweep import Sweep, load_sweep
+from pipelines.sweep_spec import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {

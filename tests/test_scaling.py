@@ -117,7 +117,7 @@ def test_size_and_lr_factors_make_a_grid_with_explicit_lr(tmp_path):
 
 
 def test_sweep_file_is_deterministic_and_loads_as_a_sweep(tmp_path):
-    from pipelines.sweep import load_sweep
+    from pipelines.sweep_spec import load_sweep
 
     spec, study = scaling.load_study(study_file(tmp_path))
     cells = scaling.plan_cells(spec, study)

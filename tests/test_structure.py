@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_LINES = 400
+MAX_LINES = 420  # "about 400"
 REASON = "Length:"  # a long module says why in its docstring, in a paragraph starting so
 
 

@@ -20,7 +20,8 @@ import yaml
 from aunet.config import AUNetConfig
 from aunet.flops import flops_per_byte
 from pipelines.spec import SpecError
-from pipelines.sweep import categorical_grid, format_table, load_sweep, main, summary_rows
+from pipelines.sweep import format_table, main, summary_rows
+from pipelines.sweep_spec import categorical_grid, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "experiments" / "data" / "quickstart.jsonl.gz")
