@@ -295,11 +295,23 @@ def tag_runs(uri: str, study: Study, cells: Sequence[Cell], rows: Sequence[Mappi
 
 
 def run_study(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
-    """Write the study's sweep file, run (or resume) the sweep, tag the finished runs."""
+    """Build the datasets, write the study's sweep file, run (or resume) the sweep, tag the
+    finished runs. The datasets come first so that the cells are planned with their measured
+    bytes per token: the sweep file is then the same on every run of the command (resume)."""
     from pipelines import tracking
+    from pipelines.preprocess import preprocess
+    from pipelines.runtime import check_tracking_reachable, init_ray
     from pipelines.sweep import run_sweep
 
     spec, study = load_study(path, overrides)
+    check_tracking_reachable(spec.tracking.tracking_uri)
+    init_ray(spec.resources, tracking_uri=spec.tracking.tracking_uri)
+    datasets: dict[str, ExperimentSpec] = {}  # one per split strategy
+    for vo in study.variants.values():
+        variant = spec.with_overrides(vo)
+        datasets.setdefault(variant.dataset_dir(), variant)
+    for variant in datasets.values():
+        preprocess(variant)
     cells = plan_cells(spec, study)
     print(
         f"scaling: study {study.name}: {len(cells)} cells\n"
