@@ -31,7 +31,11 @@ from aunet.model import AUNet
 FIX = Path(__file__).parent / "fixtures" / "lingua"
 INDEX = json.loads((FIX / "index.json").read_text())
 NAMES = [f["name"] for f in INDEX["fixtures"]]
-LOGIT_TOL, LOSS_TOL = 1e-5, 1e-6  # issue 11: fp32, max abs
+# fp32, max abs. The fixtures' own fp32 logits are up to 2.9e-5 from the exact (float64) logits of
+# the same weights (k3_multilinear_gqa), so a tolerance under that passes only on a CPU whose BLAS
+# picks the fixture machine's kernels (1e-5 failed on AMD EPYC + MKL at 2.1e-5). 5e-5 is a few
+# fp32 ulps of logits ~4 through the deepest fixture; a wrong weight moves them by > 1e-3.
+LOGIT_TOL, LOSS_TOL = 5e-5, 1e-6
 
 
 def fixture(name: str) -> dict:
@@ -86,6 +90,10 @@ def test_official_logits_and_loss(name: str) -> None:
     print(msg)
     assert logits.dtype == torch.float32 and logits.shape == fx["logits"].shape
     assert dl <= LOGIT_TOL, msg
+    with torch.no_grad():  # the math agrees, not just the rounding: exact logits, same bound
+        exact = model.double()(fx["tokens"], fx["levels"])
+    assert (exact - fx["logits"].double()).abs().max().item() <= LOGIT_TOL, msg
+    model.float()
     assert dce <= LOSS_TOL, msg
     # the per-transition counts after capping equal the official nb_toks (batch totals)
     assert out.stage_tokens[1:] == fx["nb_toks"]

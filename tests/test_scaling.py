@@ -170,6 +170,16 @@ def test_tiny_study_end_to_end(tmp_path, ray_local, monkeypatch):
     for r in cells:  # compute-matched to the budget (the sweep's tolerance)
         C = float(r.data.params["plan.total_flops"])
         assert abs(C / float(r.data.tags["aunet.budget"]) - 1) <= 0.1
+    spec, study = scaling.load_study(str(path))  # `scaling plan` now: the datasets exist
+    planned = {c.label: (c.steps, c.batch_size) for c in scaling.plan_cells(spec, study)}
+    trained = {
+        r.data.tags["aunet.cell"]: (
+            int(r.data.params["plan.steps"]),
+            int(r.data.params["plan.batch_size"]),
+        )
+        for r in cells
+    }
+    assert trained == planned  # the printed plan is what the sweep trained, cell by cell
 
     out = tmp_path / "report"
     result = build_report(
