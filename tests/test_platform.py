@@ -3,12 +3,18 @@ a real start/stop of the local Ray head + MLflow server (platform/local/up, down
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ipaddress
 import json
 import os
+import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -217,7 +223,7 @@ def _non_loopback_ip() -> str | None:
 
 @pytest.mark.e2e
 def test_local_up_idempotent_down(tmp_path: Path) -> None:
-    gcs, dash, client, agent, mlf = _free_ports(5)
+    gcs, dash, client, agent, mlf, autoscaler_metrics, dashboard_metrics = _free_ports(7)
     env = {
         **os.environ,
         "AUNET_PLATFORM_DIR": str(tmp_path / "state"),
@@ -292,3 +298,239 @@ def test_local_up_idempotent_down(tmp_path: Path) -> None:
     cluster_file = Path(tmp_root) / "ray" / "ray_current_cluster"
     assert not cluster_file.exists() or not cluster_file.read_text().endswith(f":{gcs}")
     assert time.monotonic() - t0 < 120
+
+
+def _platform_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for platform/local/{up,down} with its state in tmp and free ports."""
+    gcs, dash, client, agent, mlf, autoscaler_metrics, dashboard_metrics = _free_ports(7)
+    env = {
+        **os.environ,
+        "AUNET_PLATFORM_DIR": str(tmp_path / "state"),
+        "AUNET_RAY_PORT": str(gcs),
+        "AUNET_RAY_DASHBOARD_PORT": str(dash),
+        "AUNET_RAY_CLIENT_PORT": str(client),
+        "AUNET_RAY_AGENT_PORT": str(agent),
+        "AUNET_MLFLOW_PORT": str(mlf),
+        # Ray's defaults (44217, 44227) may be held by another Ray instance on the machine.
+        "AUNET_RAY_AUTOSCALER_METRIC_PORT": str(autoscaler_metrics),
+        "AUNET_RAY_DASHBOARD_METRIC_PORT": str(dashboard_metrics),
+        "AUNET_RAY_NUM_CPUS": "1",
+        **extra,
+    }
+    for var in ("AUNET_BIND_HOST", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    return env
+
+
+def _listening(pids: set[int]) -> list[tuple[str, str, int]]:
+    """(netid, local address, pid) of every listening TCP and bound UDP socket of `pids`, as
+    `ss` reports them (a socket shared by several processes is listed once per process)."""
+    if not shutil.which("ss"):
+        pytest.fail("`ss` not found: install iproute2 to check the platform's sockets")
+    out = subprocess.run(
+        ["ss", "-H", "-l", "-t", "-u", "-n", "-p"], capture_output=True, text=True, check=True
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        cols = line.split()
+        for pid in map(int, re.findall(r"pid=(\d+)", line)):
+            if pid in pids:
+                found.append((cols[0], cols[4], pid))
+    return found
+
+
+def _host_port(local: str) -> tuple[str, int]:
+    """`127.0.0.1:80`, `[::ffff:127.0.0.1]:80`, `*:80`, `127.0.0.1%lo:80` -> (host, port)."""
+    host, _, port = local.rpartition(":")
+    return host.strip("[]").split("%")[0], int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # "*" (every address) or a name
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _started_by(state: Path) -> set[int]:
+    """Live processes whose command line or environment names `state` (the platform's state
+    dir): what `up` started, whether or not a pid file still records it."""
+    needle = str(state).encode()
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if (
+                needle in (proc / "cmdline").read_bytes()
+                or needle in (proc / "environ").read_bytes()
+            ):
+                found.add(int(proc.name))
+        except (OSError, IndexError):
+            continue  # gone, or not ours to read
+    return found
+
+
+def _clean_up(env: dict[str, str], state: Path) -> set[int]:
+    """After a platform test: `down` if anything `up` started is still alive, then SIGKILL for
+    what is left (found by _started_by only) and Ray's current-cluster file if it names the
+    killed head. Returns what was left after `down`."""
+    if _started_by(state):
+        subprocess.run([str(LOCAL / "down")], env=env, capture_output=True, timeout=150)
+    left = _started_by(state)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    tmp_root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    cluster_file = Path(tmp_root) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if left and cluster_file.read_text().endswith(f":{env['AUNET_RAY_PORT']}"):
+            cluster_file.unlink()
+    return left
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_local_up_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Every socket of the head's and MLflow's process trees, a job driver's and its actor's
+    included, is bound to loopback (docs/platform.md, ray job submit, ports and token auth)."""
+    env = _platform_env(tmp_path)
+    state = tmp_path / "state"
+    up = subprocess.run(
+        [str(LOCAL / "up")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150
+    )
+    driver = None
+    try:
+        assert up.returncode == 0, f"up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}"
+        leaders = [int((state / f"{n}/{n}.pid").read_text().split()[0]) for n in ("ray", "mlflow")]
+        exports = subprocess.run(
+            [str(LOCAL / "env")], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        driver_env = dict(env)
+        for line in exports.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            driver_env[key] = value
+        # A driver in a user's shell (the exports of `env`) joins the head and starts an actor,
+        # so that worker and driver sockets exist while the sockets are listed.
+        code = (
+            "import sys, ray\n"
+            "ray.init(logging_level='ERROR')\n"
+            "@ray.remote\n"
+            "class A:\n"
+            "    def node(self):\n"
+            "        return ray.util.get_node_ip_address()\n"
+            "a = A.remote()\n"
+            "print('actor on', ray.get(a.node.remote(), timeout=90), flush=True)\n"
+            "sys.stdin.read()\n"
+        )
+        driver = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=driver_env,
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert driver.stdout is not None and driver.stderr is not None
+        ready, _, _ = select.select([driver.stdout], [], [], 120)
+        first = driver.stdout.readline() if ready else ""
+        if not first.startswith("actor on "):
+            driver.kill()
+            pytest.fail(f"driver did not start an actor in 120 s: {first}{driver.stderr.read()}")
+
+        pids = _tree(leaders) | {driver.pid}
+        sockets = _listening(pids)
+        names = {p: Path(f"/proc/{p}/comm").read_text().strip() for _, _, p in sockets}
+        exposed = [
+            (net, local, names[pid])
+            for net, local, pid in sockets
+            if not _is_loopback(_host_port(local)[0])
+        ]
+        assert not exposed, f"sockets not on loopback: {exposed}"
+        assert first.split()[-1] == "127.0.0.1", first  # the node's IP, as Ray reports it
+        ports = {_host_port(local)[1] for _, local, _ in sockets}
+        settings = ("RAY_PORT", "RAY_DASHBOARD_PORT", "RAY_CLIENT_PORT", "RAY_AGENT_PORT")
+        settings += ("MLFLOW_PORT", "RAY_AUTOSCALER_METRIC_PORT", "RAY_DASHBOARD_METRIC_PORT")
+        expected = {int(env[f"AUNET_{name}"]) for name in settings}
+        assert expected <= ports, f"not listening: {sorted(expected - ports)}"
+        # More than the fixed ports: raylet, object manager, agents, worker and driver servers.
+        assert len(ports) >= len(expected) + 5, sorted(ports)
+        ip = _non_loopback_ip()
+        if ip:
+            for port in sorted(ports):
+                with pytest.raises(OSError), socket.create_connection((ip, port), timeout=2):
+                    pass
+    finally:
+        if driver is not None:
+            driver.kill()
+            driver.wait(timeout=30)
+        down = subprocess.run(
+            [str(LOCAL / "down")], env=env, capture_output=True, text=True, timeout=150
+        )
+    left = _clean_up(env, state)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not left, f"left running after down: {left}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "when, setting",
+    [
+        ("before", "AUNET_RAY_DASHBOARD_PORT"),
+        # `ray start` finds the dashboard port taken and exits, stopping its children.
+        ("during", "AUNET_RAY_DASHBOARD_PORT"),
+        # The client server dies and `ray start` exits, leaving orphans in its session (one of
+        # which ignores SIGTERM until AUNET_STOP_TIMEOUT).
+        pytest.param("during", "AUNET_RAY_CLIENT_PORT", marks=pytest.mark.slow),
+    ],
+)
+def test_local_up_on_busy_port_stops_what_it_started(
+    tmp_path: Path, when: str, setting: str
+) -> None:
+    """A port held by another process (from the start, or taken after `up` checked it and
+    before Ray bound it) fails `up` in one line naming that port, and nothing `up` started
+    stays alive."""
+    env = _platform_env(tmp_path, AUNET_START_TIMEOUT="90", AUNET_STOP_TIMEOUT="10")
+    state = tmp_path / "state"
+    port = int(env[setting])
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        if when == "before":
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        proc = subprocess.Popen(
+            [str(LOCAL / "up")],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if when == "during":
+            # MLflow is started first; take the Ray port once it has been.
+            deadline = time.monotonic() + 60
+            while not (state / "mlflow/mlflow.pid").exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "up did not start MLflow within 60 s"
+                time.sleep(0.02)
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        try:
+            out, err = proc.communicate(timeout=150)
+        finally:
+            proc.kill()
+        left = _started_by(state)
+    finally:
+        holder.close()
+        _clean_up(env, state)
+    assert proc.returncode != 0, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert f"port {port}" in lines[0], lines[0]
+    assert not left, f"left running after the failed up: {left}\n{out}"
+    assert not (state / "ray/ray.pid").exists() and not (state / "mlflow/mlflow.pid").exists()

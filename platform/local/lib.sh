@@ -1,9 +1,10 @@
 # shellcheck shell=bash
 # Shared settings and process helpers for platform/local/{up,down,env}. Sourced, never run.
 #
-# Everything is bound to 127.0.0.1 unless AUNET_BIND_HOST is set explicitly. Processes are
-# tracked by recorded pid + start time (not by name), because `ray stop` / `pkill ray` would
-# also kill Ray processes that other users or test sessions started on the same machine.
+# Everything is bound to 127.0.0.1; AUNET_BIND_HOST opens the dashboard and MLflow only (Ray's
+# own ports stay on loopback). Processes are tracked by recorded pid + start time (not by name),
+# because `ray stop` / `pkill ray` would also kill Ray processes that other users or test
+# sessions started on the same machine.
 
 set -euo pipefail
 
@@ -16,6 +17,8 @@ RAY_GCS_PORT="${AUNET_RAY_PORT:-6379}"
 RAY_DASHBOARD_PORT="${AUNET_RAY_DASHBOARD_PORT:-8265}"
 RAY_CLIENT_PORT="${AUNET_RAY_CLIENT_PORT:-10001}"
 RAY_AGENT_PORT="${AUNET_RAY_AGENT_PORT:-52365}"
+RAY_AUTOSCALER_METRIC_PORT="${AUNET_RAY_AUTOSCALER_METRIC_PORT:-44217}"
+RAY_DASHBOARD_METRIC_PORT="${AUNET_RAY_DASHBOARD_METRIC_PORT:-44227}"
 MLFLOW_PORT="${AUNET_MLFLOW_PORT:-5000}"
 START_TIMEOUT="${AUNET_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${AUNET_STOP_TIMEOUT:-30}"
@@ -66,6 +69,12 @@ live_pid() {
   return 0
 }
 
+# True if process $1 was started by this platform: spawn puts AUNET_PLATFORM_DIR=$STATE_DIR in
+# the environment of both services, and every process below them inherits it.
+ours() {
+  { tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -qxF "AUNET_PLATFORM_DIR=$STATE_DIR"
+}
+
 # Alive (non-zombie) processes among: the given pids, every process in session $1 (the
 # setsid leader), and all their descendants. Ray workers get their own process group and
 # job drivers their own session, so neither the group nor the session alone covers them.
@@ -108,37 +117,73 @@ print_exports() {
   # RAY_ADDRESS must be the GCS address: ray.init() rejects an http:// RAY_ADDRESS, and the
   # job CLI prefers RAY_API_SERVER_ADDRESS anyway.
   [[ -n "$gcs" ]] && echo "export RAY_ADDRESS=$gcs"
+  # The head's node IP is 127.0.0.1; without this, ray.init() rewrites a 127.0.0.1 address to
+  # the machine's IP, where nothing listens (docs/platform.md).
+  echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
   echo "export RAY_AUTH_MODE=token"
   echo "export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE"
   echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"
 }
 
+# Processes of the tree of the recorded leader $1 (see proc_closure), given the ones known so
+# far. A leader that died (e.g. `ray start` failing half-way) can leave orphans in its session:
+# its pid is not reused while they hold it as their session id, and those that are ours()
+# are stopped too.
+tree_of() {
+  local pid="$1" alive="$2" p
+  shift 2
+  if [[ -n "$alive" ]]; then
+    proc_closure "$pid" "$@"
+  else
+    for p in $(proc_closure "$pid" "$@"); do
+      ours "$p" && echo "$p"
+    done
+  fi
+  return 0
+}
+
 # Stops the process tree of a recorded setsid leader: SIGTERM to the leader only (Ray's
 # `ray start --block` then drains and stops its children in ~4 s; signalling the whole group
-# at once kills the GCS first and stalls the drain for 30 s), wait up to STOP_TIMEOUT for the
-# whole tree to exit, then SIGKILL whatever is left. Prints how it went.
+# at once kills the GCS first and stalls the drain for 30 s), or to the orphans of a dead
+# leader, wait up to STOP_TIMEOUT for the whole tree to exit, then SIGKILL whatever is left.
+# Prints how it went (on stdout).
 stop_tree() {
-  local name="$1" pidfile="$2" pid known deadline t0
-  pid="$(live_pid "$pidfile")"
-  if [[ -z "$pid" ]]; then
-    [[ -f "$pidfile" ]] && echo "$name: not running (removing stale $pidfile)"
+  local name="$1" pidfile="$2" pid alive known deadline t0
+  [[ -f "$pidfile" ]] || return 0
+  pid="$(sed -n 1p "$pidfile")"
+  alive="$(live_pid "$pidfile")"
+  known=""
+  if [[ -n "$alive" ]]; then
+    known="$(tree_of "$pid" "$alive" "$pid" | tr '\n' ' ')"
+  elif [[ "$pid" =~ ^[0-9]+$ && -z "$(proc_start "$pid")" ]]; then
+    known="$(tree_of "$pid" "" | tr '\n' ' ')"
+  fi
+  if [[ -z "$known" ]]; then
+    echo "$name: not running (removing stale $pidfile)"
     rm -f "$pidfile"
     return 0
   fi
   t0=$SECONDS
-  known="$(proc_closure "$pid" "$pid" | tr '\n' ' ')"
-  kill -TERM "$pid" 2>/dev/null || true
+  if [[ -n "$alive" ]]; then
+    kill -TERM "$pid" 2>/dev/null || true
+  else
+    echo "$name: leader $pid is gone, stopping what it left: $known"
+    # shellcheck disable=SC2086
+    kill -TERM $known 2>/dev/null || true
+  fi
   deadline=$((SECONDS + STOP_TIMEOUT))
   while [[ -n "$known" && $SECONDS -lt $deadline ]]; do
     sleep 0.2
-    known="$(proc_closure "$pid" $known | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    known="$(tree_of "$pid" "$alive" $known | tr '\n' ' ')"
   done
   if [[ -n "$known" ]]; then
     echo "$name: still running after ${STOP_TIMEOUT}s, sending SIGKILL to: $known"
     # shellcheck disable=SC2086
     kill -KILL $known 2>/dev/null || true
     sleep 1
-    known="$(proc_closure "$pid" $known | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    known="$(tree_of "$pid" "$alive" $known | tr '\n' ' ')"
   fi
   if [[ -n "$known" ]]; then
     echo "$name: processes still alive: $known" >&2
