@@ -7,7 +7,9 @@ behaves alike in an embedded local Ray and under ``ray job submit``. Two rules d
 - Ray workers run in a session directory, not in our cwd, so every path and sqlite URI handed to
   them is absolute; and on a cluster they see only the env vars passed through ``runtime_env``.
 - A bare ``ray.init()`` joins whatever cluster is running on the box (or hangs on a stale
-  cluster file), so the embedded case always asks for ``address="local"``, dashboard on loopback.
+  cluster file), so the embedded case always asks for ``address="local"``, dashboard on loopback,
+  on a GCS port chosen here so that its workers get their own cluster's address as
+  ``RAY_ADDRESS``, and with the auth token file private to the user (``ensure_private_auth_token``).
 Ray is imported inside functions so that importing this module stays cheap. Paths and URIs live in
 ``pipelines.paths``; this module does not import ``pipelines.spec`` (its ``resources`` and
 ``tracking`` arguments are the spec's sections, taken by their attributes).
@@ -15,14 +17,19 @@ Ray is imported inside functions so that importing this module stays cheap. Path
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import socket
+import stat
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +43,9 @@ LOOPBACK = "127.0.0.1"
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for the entrypoint
 _GCS_ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d+$")  # host:port (not auto, ray://, http://)
+_GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray's Node when it starts a head (node.py)
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # Ray's token settings
+_GCS_START_TRIES = 3  # a chosen port taken before the GCS binds it: try another one
 
 
 class TrackingUnreachable(ConnectionError):
@@ -168,14 +178,132 @@ def init_ray(
         env = {k: v for k, v in env.items() if k not in job_env}
         ray.init(address=address, runtime_env={"env_vars": env} if env else None)
     else:
-        ray.init(
-            address="local",  # never join a cluster that happens to run on this box
-            num_cpus=num_cpus,
-            include_dashboard=include_dashboard,
-            dashboard_host=LOOPBACK,  # core ports rely on Ray's token auth (docs/platform.md)
-            runtime_env={"env_vars": env} if env else None,
-        )
+        ensure_private_auth_token()
+        _start_embedded(num_cpus, include_dashboard, env)
     configure_ray_data()
+
+
+def _start_embedded(num_cpus: int | None, include_dashboard: bool | None, env: dict) -> None:
+    """Start a private head whose workers know its GCS address (docs/platform.md: Starting Ray).
+
+    Ray's workers find "their" cluster for the State API (Train's ``PlacementGroupCleaner``) by
+    ``RAY_ADDRESS``, else ``ray_current_cluster`` or a scan of running GCS processes: with another
+    Ray on the machine that fails ("Found multiple active Ray instances") or picks the other one.
+    The address is only known before ``ray.init`` if we choose the GCS port, so we do, through
+    Ray's ``RAY_GCS_SERVER_PORT`` (a port set there by the user is kept). The variable is set for
+    the start only and blanked for the workers, which must not start heads on that port.
+    """
+    import ray
+
+    chosen = os.environ.get(_GCS_PORT_ENV)
+    for attempt in range(1, _GCS_START_TRIES + 1):
+        port = int(chosen) if chosen else _free_port()
+        own = _gcs_address(ray.util.get_node_ip_address(), port)
+        worker_vars = {**env, "RAY_ADDRESS": own, _GCS_PORT_ENV: ""}
+        try:
+            with _environ(_GCS_PORT_ENV, str(port)):
+                context = ray.init(
+                    address="local",  # never join a cluster that happens to run on this box
+                    num_cpus=num_cpus,
+                    include_dashboard=include_dashboard,
+                    dashboard_host=LOOPBACK,  # core ports rely on token auth (docs/platform.md)
+                    runtime_env={"env_vars": worker_vars},
+                )
+        except Exception:
+            ray.shutdown()
+            # Another process took the port between our probe and the GCS bind: choose again.
+            if chosen or attempt == _GCS_START_TRIES or _port_is_free(port):
+                raise
+            continue
+        started = context.address_info.get("gcs_address")
+        if started != own:  # the workers would look for the wrong GCS: refuse, loudly
+            ray.shutdown()
+            raise RuntimeError(
+                f"embedded Ray started its GCS at {started}, not at {own} as asked through "
+                f"{_GCS_PORT_ENV}; its workers could not find their own cluster"
+            )
+        return
+
+
+def _free_port() -> int:
+    """A TCP port free on every interface now (the GCS listens on all of them)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+        return True
+
+
+def _gcs_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set one env var for the duration of the block, then restore it (or its absence)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def ray_auth_token_path() -> Path:
+    """Where Ray keeps the token of local clusters (Ray's ``_get_default_token_path``)."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def ensure_private_auth_token() -> Path | None:
+    """Make the token file an embedded Ray will use readable by its owner only (0600).
+
+    A new local Ray turns token auth on and, when no token exists, writes one with a plain
+    ``open(path, "w")`` (Ray's ``generate_and_save_token``): mode 0644 under the usual umask, so
+    any local user could read the token that lets one run code on the cluster. We write it
+    first, in Ray's format (64 hex characters, ``secrets.token_hex(32)``), created 0600 and
+    linked into place atomically so that a concurrent start never reads half a token. A token
+    file we own that others can read is tightened, never loosened; a symlink or another user's
+    file is left alone. Nothing is done where Ray would not read that file (``RAY_AUTH_MODE``
+    other than ``token``, ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` set). Returns the file
+    managed, or None.
+    """
+    mode, token, token_path = (os.environ.get(k) for k in _AUTH_ENV)
+    if os.name != "posix" or (mode is not None and mode.lower() != "token"):
+        return None
+    if token or token_path:  # the user chose where the token lives: theirs to protect
+        return None
+    path = ray_auth_token_path()
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # written meanwhile: check its mode
+                os.link(staging, path)
+        finally:
+            os.unlink(staging)
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+        print(
+            f"runtime: {path} was readable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); now {stat.S_IMODE(os.lstat(path).st_mode):o}",
+            file=sys.stderr,
+        )
+    return path
 
 
 def ray_job_id() -> str | None:
