@@ -48,7 +48,7 @@ from pipelines.eval_tasks import (
     read_texts,
     read_words,
 )
-from pipelines.paths import absolute_tracking_uri
+from pipelines.paths import absolute_tracking_uri, redact
 from pipelines.runtime import check_tracking_reachable
 from pipelines.spec import SpecError
 
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = log_to_mlflow(
             uri, cfg, metrics, run_id=run_id, step=step, source=source, params=params
         )
-        print(f"evaluate: logged to MLflow run {run_id} (step {step}) in {uri}")
+        print(f"evaluate: logged to MLflow run {run_id} (step {step}) in {redact(uri)}")
     return 0
 
 

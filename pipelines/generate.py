@@ -2,17 +2,23 @@
 
     python -m pipelines.generate <checkpoint dir | runs:/... | models:/...> --prompt "Once upon"
         [--max-new-bytes N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
+        [--tracking-uri URI]
 
 Prints the continuation (UTF-8, invalid bytes replaced) on stdout. A progress bar goes to stderr,
-only when stderr is a terminal and the generation is long enough to be worth one.
+only when stderr is a terminal and the generation is long enough to be worth one. An MLflow URI
+is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` if it exists
+(``pipelines.serve.store_for``); a checkpoint that cannot be found or read is one line
+``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from aunet.api import AUModel
+from aunet.checkpoint import CheckpointError
 
 PROGRESS_MIN_BYTES = 256
 
@@ -30,13 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", default=None, help="stop after this string (not printed)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--tracking-uri", default=None, help="MLflow store of a runs:/ or models:/ source"
+    )
     return ap
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run the CLI; returns the printed continuation."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI: print the continuation; 2 (one line on stderr) if the source is bad."""
     args = build_parser().parse_args(argv)
-    model = AUModel.from_pretrained(args.source, device=args.device)
+    if args.tracking_uri:  # read by the MLflow source plugin (pipelines.serve.store_for)
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    try:
+        model = AUModel.from_pretrained(args.source, device=args.device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar = None
     if sys.stderr.isatty() and args.max_new_bytes >= PROGRESS_MIN_BYTES:
         from tqdm import tqdm
@@ -56,10 +71,9 @@ def main(argv: list[str] | None = None) -> str:
     finally:
         if bar is not None:
             bar.close()
-    text = out.decode("utf-8", errors="replace")
-    print(text, flush=True)
-    return text
+    print(out.decode("utf-8", errors="replace"), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,6 +17,7 @@ Ray is imported inside functions so that importing this module stays cheap. Path
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -77,11 +78,34 @@ def artifact_location_for(tracking_uri: str, configured: str | None) -> str | No
     return None
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(URI without userinfo, user, password) of ``http://user:pass@host``, percent-decoded.
+
+    Neither ``urllib`` nor MLflow's client should see credentials inside a URL: ``urlopen``
+    takes them for a port, and a URL is what error messages and logs print. They travel as
+    HTTP Basic auth instead, the way MLflow's client sends ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (docs/platform.md: The MLflow tracking URI).
+    """
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if not uri.startswith(("http://", "https://")):
+        return uri, None, None
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    clean = urlunsplit(parts._replace(netloc=host))
+    return clean, unquote(user), unquote(password) if password else None
+
+
 def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, naming the URI, if an http(s) server does not answer ``GET /health``.
 
-    Without this, MLflow's client retries for minutes before a run fails. For sqlite the parent
-    directory is created so that the first write cannot fail on a missing folder.
+    Without this, MLflow's client retries for minutes before a run fails. Credentials in the URI
+    (or ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) go as HTTP Basic auth, never in the URL
+    (``split_credentials``). For sqlite the parent directory is created so that the first write
+    cannot fail on a missing folder.
     """
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
@@ -90,12 +114,18 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         return
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    clean, user, password = split_credentials(uri)
+    user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    request = urllib.request.Request(clean.rstrip("/") + "/health")
+    if user:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     outcome: list[BaseException | int] = []
 
     def probe() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 outcome.append(response.status)
         except BaseException as e:  # reported below, in the caller's thread
             outcome.append(e)
@@ -109,10 +139,13 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingUnreachable(f"{where}: no answer to GET /health within {timeout_s:g} s")
     result = outcome[0]
     if isinstance(result, urllib.error.HTTPError):
-        raise TrackingUnreachable(f"{where}: GET /health answered HTTP {result.code}")
+        hint = {401: " (credentials missing or wrong)", 403: " (credentials refused)"}
+        raise TrackingUnreachable(
+            f"{where}: GET /health answered HTTP {result.code}{hint.get(result.code, '')}"
+        )
     if isinstance(result, BaseException):
         reason = getattr(result, "reason", result)
-        raise TrackingUnreachable(f"{where}: not reachable ({reason})")
+        raise TrackingUnreachable(f"{where}: not reachable ({redact(str(reason))})")
     if not 200 <= result < 300:
         raise TrackingUnreachable(f"{where}: GET /health answered HTTP {result}")
 

@@ -18,7 +18,7 @@ import yaml
 
 from aunet.checkpoint import CheckpointError
 from pipelines import tracking
-from pipelines.paths import absolute_tracking_uri
+from pipelines.paths import DEFAULT_TRACKING_URI, TRACKING_ENV, absolute_tracking_uri
 from pipelines.tracking_model import (  # noqa: F401  (re-exported: the served model's home)
     CHECKPOINT_ARTIFACT,
     AUNetGenerationModel,
@@ -32,10 +32,31 @@ def is_mlflow_uri(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and source.startswith(MLFLOW_SCHEMES)
 
 
+def store_for(uri: str) -> str:
+    """The tracking store an MLflow URI is read from: ``MLFLOW_TRACKING_URI``, else the
+    platform's default ``./mlruns.db`` when that file exists.
+
+    Else CheckpointError, creating nothing: MLflow's own default would create ``./mlflow.db`` in
+    whatever directory the command runs in, and then report the run as missing (issue 18).
+    """
+    env = os.environ.get(TRACKING_ENV)
+    if env:
+        return absolute_tracking_uri(env)
+    if Path(DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).is_file():
+        return absolute_tracking_uri(DEFAULT_TRACKING_URI)
+    raise CheckpointError(
+        f"{uri}: no MLflow tracking store: set MLFLOW_TRACKING_URI or --tracking-uri"
+    )
+
+
 def download_mlflow(
     uri: str, dst: str | os.PathLike | None = None, tracking_uri: str | None = None
 ) -> Path:
-    """Local copy of an MLflow artifact or model URI; CheckpointError names the URI."""
+    """Local copy of an MLflow artifact or model URI; CheckpointError names the URI.
+
+    ``tracking_uri`` None: the store ``store_for`` finds, never MLflow's implicit default.
+    """
+    tracking_uri = tracking_uri or store_for(uri)
     try:
         return tracking.download_artifacts(uri, dst, tracking_uri)
     except Exception as e:  # MlflowException, missing run or model, unreachable store

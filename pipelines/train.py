@@ -257,6 +257,8 @@ def launch_id_for(run_dir: str) -> str:
 
 
 def summary(result: TrainResult, experiment: str) -> str:
+    """What the CLI prints after a run; the store's URI with its credentials redacted."""
+    from pipelines.paths import redact
     from pipelines.tracking import ui_command
 
     bpb = result.val_bits_per_byte
@@ -265,7 +267,7 @@ def summary(result: TrainResult, experiment: str) -> str:
         f"{'n/a' if bpb is None else f'{bpb:.4f}'}, {result.wall_s:.0f} s",
         f"  final checkpoint: {result.final_checkpoint}",
         f"  MLflow: experiment {experiment!r}, run {result.mlflow_run_id}, "
-        f"store {result.tracking_uri}",
+        f"store {redact(result.tracking_uri)}",
     ]
     if not is_uri(result.tracking_uri) or result.tracking_uri.startswith(("sqlite:", "file:")):
         lines.append(

@@ -31,7 +31,7 @@ from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
 from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
 from pipelines.data import TrainBatches, val_batches
-from pipelines.paths import is_uri
+from pipelines.paths import is_uri, redact
 from pipelines.plan import TrainPlan
 from pipelines.spec import ExperimentSpec
 from pipelines.train_metrics import StepLog, StepMeter
@@ -136,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     if checkpointer.restore(model, opt, sched, state) and rank == 0:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
-    tracker = _open_tracker(args, world, state.mlflow_run_id) if rank == 0 else None
+    tracker = _open_tracker(args, world, state) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
@@ -162,8 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         sums = all_reduce_sum([loss, ce, *stage_tokens])
         metrics = meter.metrics(step, sums, lr, grad_norm, position.epoch, state)
         metrics.update(_periodic_evals(args, model, state, last, rank, world, device))
-        if tracker is not None and (step % tr.log_every == 0 or last or _SUITE_S in metrics):
-            tracker.log_metrics(metrics, step)
+        if tracker is not None and _logged(args, step, metrics):
+            tracker.log_metrics(metrics, step, replayable=True)  # steps.jsonl holds them too
         log.write(step, attempt, position, data.global_ids(position), metrics)
         report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"]}
         report["val_bits_per_byte"] = state.val_bits_per_byte
@@ -200,6 +200,7 @@ def train_step(
 
 
 _VAL, _SUITE_S = "val/bits_per_byte", "time/eval_suite_s"
+MLFLOW_MARKER = "mlflow_unsent.json"  # metrics Tracker.close could not send (issue 18)
 
 
 def _periodic_evals(
@@ -278,8 +279,20 @@ def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: i
     }
 
 
-def _open_tracker(args: WorkerArgs, world: int, resumed_id: str | None) -> Tracker:
-    """Rank 0's MLflow run: reopened by the checkpoint's run id or the run key, else created."""
+def _logged(args: WorkerArgs, step: int, metrics: dict[str, Any]) -> bool:
+    """Whether step ``step`` goes to MLflow: every ``train.log_every`` steps, the last one, and
+    those with an eval suite. The loop and the replay of ``steps.jsonl`` both ask here."""
+    last = step == args.plan.steps
+    return step % args.spec.train.log_every == 0 or last or _SUITE_S in metrics
+
+
+def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
+    """Rank 0's MLflow run: reopened by the checkpoint's run id or the run key, else created.
+
+    A reopened run is backfilled from ``steps.jsonl`` up to the restored step, and from the
+    marker an earlier ``Tracker.close`` left when the store did not answer (issue 18): the same
+    command run again completes the run's metrics and finishes it.
+    """
     from pipelines.preprocess import code_version
     from pipelines.runtime import ray_job_id
     from pipelines.spec import flatten
@@ -302,7 +315,9 @@ def _open_tracker(args: WorkerArgs, world: int, resumed_id: str | None) -> Track
         artifact_location=t.artifact_location,
         parent_run_id=t.parent_run_id,
         tags=tags,
-        run_id=resumed_id,
+        run_id=state.mlflow_run_id,
+        **_tracker_files(args),
+        resumed_step=state.step,
     )
     tracker.log_params(
         {
@@ -318,10 +333,23 @@ def _open_tracker(args: WorkerArgs, world: int, resumed_id: str | None) -> Track
         import yaml
 
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+            config = spec.to_dict()  # the logged copy holds no credentials
+            config["tracking"]["tracking_uri"] = redact(spec.tracking.tracking_uri)
+            (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
     return tracker
+
+
+def _tracker_files(args: WorkerArgs) -> dict[str, Any]:
+    """The Tracker's replay source and marker: rank 0's files in a local run directory."""
+    from pipelines.tracking import StepReplay
+
+    if is_uri(args.run_dir):
+        return {}
+    run = Path(args.run_dir)
+    replay = StepReplay(run / "steps.jsonl", lambda step, record: _logged(args, step, record))
+    return {"replay": replay, "marker": run / MLFLOW_MARKER}
 
 
 def _suite_eval(

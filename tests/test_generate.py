@@ -266,3 +266,42 @@ def test_from_pretrained_lingua_dir(tmp_path) -> None:
     loaded = AUModel.from_pretrained(out)
     want = generate(model, PROMPTS[1], 16, temperature=0.0)
     assert loaded.generate(PROMPTS[1], max_new_bytes=16, temperature=0.0) == want
+
+
+def test_mlflow_uri_without_a_store_fails_in_one_line_and_creates_nothing(tmp_path) -> None:
+    """No tracking URI and no ./mlruns.db: rc 2 and one line, not MLflow's ./mlflow.db default
+    created in the current directory (issue 18 item 12); the library call alike."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aunet.api import AUModel
+    from aunet.checkpoint import CheckpointError
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    source = "runs:/0123456789abcdef0123456789abcdef/final"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.generate", source, "--prompt", "hi"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"error: {source}: no MLflow tracking store: set MLFLOW_TRACKING_URI or --tracking-uri\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    old, cwd = os.environ.pop("MLFLOW_TRACKING_URI", None), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(CheckpointError, match="no MLflow tracking store"):
+            AUModel.from_pretrained(source)
+    finally:
+        os.chdir(cwd)
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    assert list(tmp_path.iterdir()) == []

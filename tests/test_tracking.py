@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.client
+import http.server
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -100,22 +109,108 @@ def test_outage_mid_run_delays_metrics_but_never_raises(store, capsys):
     assert sorted(m.step for m in values) == list(range(1, 21))  # nothing lost, nothing doubled
 
 
-def test_permanent_outage_warns_and_close_still_returns(store, capsys):
-    t = _tracker(store, "/outage/b")
+def test_permanent_outage_leaves_a_marker_and_the_next_open_completes_the_run(
+    store, tmp_path, capsys
+):
+    """close() cannot send: the run stays RUNNING (not a FINISHED run with holes), the values
+    steps.jsonl does not hold go to the marker, and reopening the run sends them and finishes."""
+    marker = tmp_path / "mlflow_unsent.json"
+    t = _tracker(store, "/outage/b", marker=marker)
 
     def broken(*args, **kwargs):
         raise ConnectionError("store gone")
 
     t.client.log_batch = broken
     t.log_metrics({"loss": 1.0}, 1)
+    t.log_metrics({"time/checkpoint_s": 0.25}, 1)
     t0 = time.monotonic()
     assert not t.flush(timeout_s=0.5)
-    assert t._pending  # kept for a later attempt, not silently dropped
-    t.close(timeout_s=0.5)  # the run is still marked finished
+    assert len(t._pending) == 2  # kept for a later attempt, not silently dropped
+    assert t.close(timeout_s=0.5) is False
     assert time.monotonic() - t0 < 10
     err = capsys.readouterr().err
     assert "cannot log metrics" in err and "could not be logged" in err
-    assert MlflowClient(store[0]).get_run(t.run_id).info.status == "FINISHED"
+    assert "stays RUNNING: run the same command again" in err
+    client = MlflowClient(store[0])
+    assert client.get_run(t.run_id).info.status == "RUNNING"
+    saved = json.loads(marker.read_text())
+    assert saved["run_id"] == t.run_id
+    assert [(k, v, step) for k, v, _, step in saved["metrics"]] == [
+        ("loss", 1.0, 1),
+        ("time/checkpoint_s", 0.25, 1),
+    ]
+    again = _tracker(store, "/outage/b", marker=marker)  # the same command, store back
+    assert again.run_id == t.run_id and again.close() is True
+    assert not marker.exists()
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"loss": 1.0, "time/checkpoint_s": 0.25}
+
+
+def test_steps_replayed_after_a_restart_are_logged_once(store):
+    """A worker group restarted from an older checkpoint logs steps 3..5 again: the run's
+    history keeps each (key, step) once (the reopened Tracker reads the highest logged step)."""
+    t = _tracker(store, "/replay/a")
+    for step in range(1, 6):
+        t.log_metrics({"loss": 10.0 - step, "lr": 0.1}, step)
+    t.log_metrics({"time/checkpoint_s": 0.5}, 3)
+    t.flush()  # the first attempt dies here, without close()
+    again = _tracker(store, "/replay/a")
+    assert again.resumed and again.run_id == t.run_id
+    for step in range(3, 9):  # resumed after the step-2 checkpoint: 3..5 are replayed
+        again.log_metrics({"loss": 10.0 - step + 0.001, "lr": 0.1}, step)
+        if step in (3, 6):
+            again.log_metrics({"time/checkpoint_s": 0.7}, step)
+    assert again.close()
+    client = MlflowClient(store[0])
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(t.run_id, "loss"))
+    assert loss == [(s, 10.0 - s) for s in range(1, 6)] + [(s, 10.0 - s + 0.001) for s in (6, 7, 8)]
+    assert sorted(m.step for m in client.get_metric_history(t.run_id, "lr")) == list(range(1, 9))
+    ck = sorted((m.step, m.value) for m in client.get_metric_history(t.run_id, "time/checkpoint_s"))
+    assert ck == [(3, 0.5), (6, 0.7)]
+
+
+def test_memory_bound_rereads_older_steps_from_the_step_log(store, tmp_path):
+    """Past ``max_pending`` the values of older steps are let go and re-read from steps.jsonl
+    when the store answers again (a torn last line, from a killed writer, is skipped)."""
+    from pipelines.tracking import StepReplay
+
+    log = tmp_path / "steps.jsonl"
+    replay = StepReplay(log, lambda step, record: step % 2 == 0)  # train.log_every = 2
+    t = _tracker(store, "/bounded/a", replay=replay, max_pending=12)
+    down = {"on": True}
+    real = t.client.log_batch
+
+    def flaky(*args, **kwargs):
+        if down["on"]:
+            raise ConnectionError("store down")
+        return real(*args, **kwargs)
+
+    t.client.log_batch = flaky
+    sizes = []
+    with open(log, "a") as f:
+        for step in range(1, 41):
+            metrics = {"loss": 100.0 - step, "lr": 0.5, "epoch": 0}
+            if step % 2 == 0:
+                t.log_metrics(metrics, step, replayable=True)
+                if step == 20:
+                    t.log_metrics({"time/checkpoint_s": 1.5}, step)  # not in steps.jsonl
+            record = {"step": step, "attempt": "a", "time": 1e9 + step, "ids": [1, 2], **metrics}
+            if step == 10:  # an attempt that died after step 10: its steps 9-10 are replayed
+                f.write(json.dumps({**record, "loss": -1.0, "attempt": "x"}) + "\n")
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            sizes.append(len(t._pending))
+        f.write('{"step": 41, "loss": 1')  # torn
+    assert max(sizes) <= 12 + 3  # bounded: at most the cap plus one step's values
+    down["on"] = False
+    assert t.close()
+    client = MlflowClient(store[0])
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(t.run_id, "loss"))
+    assert loss == [(s, 100.0 - s) for s in range(2, 41, 2)]  # each logged step once, latest
+    assert len(client.get_metric_history(t.run_id, "epoch")) == 20
+    assert [m.step for m in client.get_metric_history(t.run_id, "time/checkpoint_s")] == [20]
+    assert client.get_run(t.run_id).info.status == "FINISHED"
 
 
 def test_unreachable_server_fails_fast_naming_the_uri():
@@ -276,3 +371,153 @@ def test_log_model_tags_the_run_and_is_never_fatal(store, tmp_path, capsys):
     t.close()
     assert uri is not None and uri.startswith("models:/")
     assert MlflowClient(store[0]).get_run(t.run_id).data.tags[tracking.MODEL_URI_TAG] == uri
+
+
+# ---------------------------------------------------------------------------------- a real server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1, in its own process group: ``kill`` ends it and its
+    uvicorn workers (by that group's id, nothing else), ``start`` again reuses port and store."""
+
+    def __init__(self, root, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 150.0) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--workers", "1"]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root}/server.db"]
+        cmd += ["--default-artifact-root", (self.root / "server-artifacts").as_uri()]
+        with open(self.root / "server.log", "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.kill()
+        raise AssertionError(f"mlflow server on {self.uri} did not start in {timeout_s} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self.proc = None
+
+
+class BasicAuthProxy:
+    """A loopback reverse proxy that requires HTTP Basic auth, in front of a plain server (the
+    way a real deployment puts nginx in front of MLflow; MLflow's own basic-auth app needs
+    Flask-WTF, which the platform does not install)."""
+
+    def __init__(self, upstream_port: int, user: str, password: str) -> None:
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                seen.append((self.command, self.path, self.headers.get("Authorization")))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                skip = ("host", "authorization", "connection", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.slow  # a fresh mlflow server migrates its database: up to a minute on a busy box
+def test_credentials_in_the_uri_go_as_basic_auth_and_are_never_printed(
+    mlflow_server, monkeypatch, capsys
+):
+    """``http://user:pass@host``: the probe and MLflow's client authenticate with HTTP Basic
+    (the password never in a URL), and no printed line holds the password (issue 18 item 4)."""
+    from pipelines.runtime import check_tracking_reachable
+    from pipelines.train import TrainResult, summary
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "x")  # restored (unset) after the test: Tracker sets them
+        monkeypatch.delenv(var)
+    proxy = BasicAuthProxy(mlflow_server.port, "alice", "s3cr3t pw")
+    try:
+        host = f"127.0.0.1:{proxy.port}"
+        for bad in (f"http://{host}", f"http://alice:wrong@{host}"):
+            with pytest.raises(TrackingUnreachable) as err:
+                check_tracking_reachable(bad)
+            assert str(err.value) == (
+                f"MLflow tracking server {'http://***@' if '@' in bad else 'http://'}{host}: "
+                "GET /health answered HTTP 401 (credentials missing or wrong)"
+            )
+        good = f"http://alice:s3cr3t%20pw@{host}"  # percent-encoded, as in any URL
+        check_tracking_reachable(good)
+        t = Tracker(
+            good, "creds", run_key="/creds/a", run_name="a", flush_every_s=0.05, backoff_s=0.01
+        )
+        t.log_params({"tracking.tracking_uri": "x"})
+        t.log_metrics({"loss": 1.5}, 1)
+        assert t.close()
+        assert tracking.metric_history(good, t.run_id, "loss") == [(1, 1.5)]
+        assert all(auth == proxy.seen[-1][2] for _, _, auth in proxy.seen[2:])  # all with auth
+        assert all("s3cr3t" not in path for _, path, _ in proxy.seen)
+        result = TrainResult("a", "/runs/a", "/runs/a/final", 8, 1.25, t.run_id, good, 3.0, None)
+        text = summary(result, "creds")
+        print(text)
+        assert f"store http://***@{host}" in text and f"open http://***@{host}" in text
+        proxy.close()  # the store goes away: the warnings name it, redacted
+        t.log_metrics({"loss": 1.0}, 2)
+        assert t.flush(timeout_s=0.1) is False
+    finally:
+        with contextlib.suppress(Exception):
+            proxy.close()
+    out = capsys.readouterr()
+    assert "cannot log metrics to http://***@" in out.err
+    assert "s3cr3t" not in out.out + out.err

@@ -1,0 +1,100 @@
+"""Issue 18 item 6, end to end: real training (``pipelines.train.train``) against a real
+``mlflow server`` on 127.0.0.1 that is killed mid-run and comes back only after the run ended,
+then a worker killed on a continuation; the MLflow run ends FINISHED with each step once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from test_tracking import MlflowServer
+from test_train import _spec
+
+from pipelines.train_worker import MLFLOW_MARKER, FaultInjection
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from pipelines.runtime import init_ray
+    from pipelines.spec import ResourcesConfig
+
+    init_ray(ResourcesConfig(), num_cpus=2, include_dashboard=True)
+    yield
+    ray.shutdown()
+
+
+def _steps(run: Path) -> list[dict]:
+    path = run / "steps.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_outage_then_worker_kill_end_in_one_complete_run(ray_session, tmp_path, capsys):
+    from pipelines.train import train
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    spec = _spec(tmp_path, steps=12, checkpoint_every=4, eval_every=12)
+    spec = spec.with_overrides(
+        {
+            "resources.num_workers": 1,
+            "tracking.tracking_uri": server.uri,
+            "tracking.log_model": False,
+        }
+    )
+    run = tmp_path / "runs" / "t"
+    killed_at: list[int] = []
+
+    def kill_after_step_3() -> None:  # the store dies a few steps into training
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(_steps(run)) < 3:
+            time.sleep(0.05)
+        killed_at.append(len(_steps(run)))
+        server.kill()
+
+    killer = threading.Thread(target=kill_after_step_3, daemon=True)
+    try:
+        killer.start()
+        first = train(spec, run_name="t")
+        killer.join(10)
+        assert killed_at and killed_at[0] < 12 and first.steps == 12
+        err = capsys.readouterr().err
+        assert "cannot log metrics" in err and "stays RUNNING" in err
+        assert (run / MLFLOW_MARKER).is_file()  # close() could not reach the store
+
+        server.start()  # back, same port and database: the same command completes the run
+        client = MlflowClient(server.uri)
+        assert client.get_run(first.mlflow_run_id).info.status == "RUNNING"
+        again = train(spec, run_name="t")
+        assert again.mlflow_run_id == first.mlflow_run_id
+        assert not (run / MLFLOW_MARKER).exists()
+        history = client.get_metric_history(first.mlflow_run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 13))  # each step once
+        assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+
+        # a worker dies after step 18 (checkpoint 16): steps 17-18 are trained again
+        fault = FaultInjection(step=18, rank=0, marker=str(tmp_path / "killed"))
+        longer = spec.with_overrides({"train.steps": 20})
+        last = train(longer, run_name="t", fault=fault)
+        assert (tmp_path / "killed").read_text() == "18"
+        assert [r["step"] for r in _steps(run)].count(17) == 2  # replayed in steps.jsonl
+        chain = {r["step"]: r for r in _steps(run)}
+        exp = client.get_experiment_by_name("t").experiment_id
+        (only,) = client.search_runs([exp], "tags.`aunet.run_dir` LIKE '%/runs/t'")
+        assert only.info.run_id == last.mlflow_run_id == first.mlflow_run_id
+        assert only.info.status == "FINISHED"
+        history = client.get_metric_history(only.info.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 21))  # 20 values, 20 steps
+        assert {m.step: m.value for m in history} == pytest.approx(
+            {s: r["loss"] for s, r in chain.items()}, abs=1e-6
+        )
+        for key in ("lr", "bits_per_byte", "tokens/stage0"):
+            assert len(client.get_metric_history(only.info.run_id, key)) == 20, key
+    finally:
+        server.kill()
