@@ -38,7 +38,7 @@ from pipelines.train_metrics import StepLog, StepMeter
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
-    from pipelines.tracking import Tracker
+    from pipelines.tracking_run import Tracker
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
     from pipelines.preprocess import code_version
     from pipelines.runtime import ray_job_id
     from pipelines.spec import flatten
-    from pipelines.tracking import Tracker
+    from pipelines.tracking_run import Tracker
 
     spec, t = args.spec, args.tracking
     tags = {
@@ -343,7 +343,7 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
 
 def _tracker_files(args: WorkerArgs) -> dict[str, Any]:
     """The Tracker's replay source and marker: rank 0's files in a local run directory."""
-    from pipelines.tracking import StepReplay
+    from pipelines.tracking_run import StepReplay
 
     if is_uri(args.run_dir):
         return {}

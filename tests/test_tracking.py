@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.runtime import TrackingUnreachable
-from pipelines.tracking import RUN_KEY_TAG, Tracker, retry, ui_command
+from pipelines.tracking import RUN_KEY_TAG, retry, ui_command
+from pipelines.tracking_run import Tracker
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def test_steps_replayed_after_a_restart_are_logged_once(store):
 def test_memory_bound_rereads_older_steps_from_the_step_log(store, tmp_path):
     """Past ``max_pending`` the values of older steps are let go and re-read from steps.jsonl
     when the store answers again (a torn last line, from a killed writer, is skipped)."""
-    from pipelines.tracking import StepReplay
+    from pipelines.tracking_run import StepReplay
 
     log = tmp_path / "steps.jsonl"
     replay = StepReplay(log, lambda step, record: step % 2 == 0)  # train.log_every = 2
