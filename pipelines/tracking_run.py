@@ -42,6 +42,7 @@ from pipelines.tracking import (
 )
 
 T = TypeVar("T")
+CLOSE_TIMEOUT_ENV = "AUNET_MLFLOW_CLOSE_TIMEOUT_S"
 _MAX_PENDING = 200_000  # metric values kept in memory while the store is down (Tracker._shed)
 
 
@@ -356,13 +357,19 @@ class Tracker:
                 return False
             time.sleep(min(2.0, left))
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> bool:
+    def close(self, status: str = "FINISHED", timeout_s: float | None = None) -> bool:
         """Flush, stop the thread and mark the run ``status`` (FINISHED / FAILED / KILLED).
+
+        Waits up to ``timeout_s`` for an unreachable store (default: env
+        ``AUNET_MLFLOW_CLOSE_TIMEOUT_S``, else 60 s): the end of a run is the last chance to send
+        cheaply, but waiting longer only delays the run's exit; nothing is lost either way.
 
         True when the run is complete and marked. Otherwise the run is left RUNNING, the values
         ``replay`` cannot read back are kept in the ``marker`` file, and a warning says how to
         complete it: run the same command again once the store answers.
         """
+        if timeout_s is None:
+            timeout_s = float(os.environ.get(CLOSE_TIMEOUT_ENV) or 60.0)
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=timeout_s)

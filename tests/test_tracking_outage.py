@@ -5,6 +5,7 @@ then a worker killed on a continuation; the MLflow run ends FINISHED with each s
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,10 +24,17 @@ def ray_session():
 
     from pipelines.runtime import init_ray
     from pipelines.spec import ResourcesConfig
+    from pipelines.tracking_run import CLOSE_TIMEOUT_ENV
 
-    init_ray(ResourcesConfig(), num_cpus=2, include_dashboard=True)
+    before = os.environ.get(CLOSE_TIMEOUT_ENV)
+    os.environ[CLOSE_TIMEOUT_ENV] = "5"  # the store is down at the end: wait 5 s, not 60
+    init_ray(ResourcesConfig(), num_cpus=2, include_dashboard=True)  # workers inherit it
     yield
     ray.shutdown()
+    if before is None:
+        os.environ.pop(CLOSE_TIMEOUT_ENV, None)
+    else:
+        os.environ[CLOSE_TIMEOUT_ENV] = before
 
 
 def _steps(run: Path) -> list[dict]:
