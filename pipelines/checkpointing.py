@@ -165,7 +165,13 @@ class Checkpointer:
         )
         rng = d / f"rng_rank{self.rank}.pt"
         if rng.is_file():  # absent when the world size grew: keep the fresh seed
-            _set_rng_state(torch.load(rng, weights_only=True))
+            try:
+                rng_state = torch.load(rng, weights_only=True)
+            except Exception as e:  # weights_only refuses any global: code is never run
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [repr(e)]
+                why = next((x for x in lines if "Unsupported global" in x), lines[0])[:200]
+                raise CheckpointError(f"{rng}: refused, not a plain RNG state ({why})") from None
+            _set_rng_state(rng_state)
         sched.load_state_dict(saved["scheduler"])
         state.load_state_dict(saved)
 

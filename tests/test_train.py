@@ -459,3 +459,57 @@ def test_driver_killed_before_the_first_checkpoint_keeps_one_mlflow_run(ray_sess
     runs = client.search_runs([exp.experiment_id], query)
     assert [r.info.run_id for r in runs] == [killed.info.run_id] == [result.mlflow_run_id]
     assert runs[0].info.status == "FINISHED" and result.steps == 80
+
+
+class _Planted:
+    """A pickle that, when unpickled, creates the file it names (what an attacker would plant)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_pickle_in_a_checkpoint_does_not_run(ray_session, tmp_path):
+    """rng_rank*.pt is read with weights_only=True (a pickle of code is refused even with a
+    forged digest); DCP's .metadata, a pickle torch reads with full unpickling, is never read
+    unless it matches its digest (docs/checkpoints.md: storage must be trusted beyond that)."""
+    import hashlib
+
+    import ray
+
+    from aunet.checkpoint import CheckpointError
+    from pipelines.train import train
+
+    spec = _spec(tmp_path, steps=2, checkpoint_every=2, eval_every=2)
+    spec = spec.with_overrides({"resources.num_workers": 1, "resources.max_failures": 0})
+    train(spec, run_name="planted")
+    ckpt = tmp_path / "runs" / "planted" / "step_0000002"
+    pwned = tmp_path / "pwned"
+    longer = spec.with_overrides({"train.steps": 4})
+
+    rng = ckpt / "rng_rank0.pt"
+    original = rng.read_bytes()
+    torch.save({"torch": _Planted(pwned)}, rng)  # and the attacker forges its digest too
+    digests = json.loads((ckpt / "digests_rank0.json").read_text())
+    digests["rng_rank0.pt"] = hashlib.sha256(rng.read_bytes()).hexdigest()
+    (ckpt / "digests_rank0.json").write_text(json.dumps(digests))
+    with pytest.raises(ray.train.TrainingFailedError, match="rng_rank0.pt: refused, not a plain"):
+        train(longer, run_name="planted")
+    assert not pwned.exists()
+
+    rng.write_bytes(original)
+    digests["rng_rank0.pt"] = hashlib.sha256(original).hexdigest()
+    (ckpt / "digests_rank0.json").write_text(json.dumps(digests))
+    meta = ckpt / ".metadata"
+    meta.write_bytes(pickle_bytes(_Planted(pwned)))  # digest not forged: refused before reading
+    with pytest.raises(CheckpointError, match=r"\.metadata: SHA-256 does not match"):
+        train(longer, run_name="planted")
+    assert not pwned.exists()
+
+
+def pickle_bytes(obj) -> bytes:
+    import pickle
+
+    return pickle.dumps(obj)
