@@ -42,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(cwd: Path, *args: str, ray_dir: Path | None = None, **env: str):
+def run_cli(cwd: Path, *args: str, ray_dir: Path | None = None, timeout: int = 600, **env: str):
     """``python -m <args>`` in ``cwd``; with ``ray_dir``, Ray's temp dir (to see it unused)."""
     full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AUNET_DEBUG"):
@@ -57,7 +57,7 @@ def run_cli(cwd: Path, *args: str, ray_dir: Path | None = None, **env: str):
         env=full,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     return out, time.perf_counter() - t0
 
@@ -136,7 +136,7 @@ def work(tmp_path: Path) -> Path:
 def no_ray(work: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """Run a CLI that must fail before Ray starts: fast, and Ray's temp dir never created."""
     ray_dir = Path("/tmp") / f"rt-{uuid.uuid4().hex[:8]}"
-    out, seconds = run_cli(work, *args, ray_dir=ray_dir, **env)
+    out, seconds = run_cli(work, *args, ray_dir=ray_dir, timeout=2 * NO_RAY_SECONDS, **env)
     assert not ray_dir.exists(), f"{args}: Ray started ({out.stderr[-1500:]})"
     assert seconds < NO_RAY_SECONDS, seconds
     return out
