@@ -15,6 +15,8 @@ import argparse
 import copy
 import json
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,7 +321,9 @@ def save_lingua_checkpoint(model: AUNet, out_dir: str | os.PathLike, seq_len: in
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The converter's command line: a missing or damaged checkpoint is one line, ``error: ...``,
+    and exit code 2 (``--debug`` or ``AUNET_DEBUG=1``: with its traceback), as the pipelines'."""
     ap = argparse.ArgumentParser(
         prog="python -m aunet.interop",
         description="Convert an official lingua AU-Net consolidated checkpoint to ours (or back).",
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="output directory")
     ap.add_argument("--to-lingua", action="store_true", help="convert ours -> official")
     ap.add_argument("--seq-len", type=int, help="data.seq_len for --to-lingua (default C_0)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     try:
         if args.to_lingua:
@@ -340,9 +345,14 @@ def main(argv: list[str] | None = None) -> None:
             model = load_lingua_checkpoint(args.src)
             meta = {"source": "lingua", "path": str(Path(args.src).resolve())}
             print(save_pretrained(model, args.out, metadata=meta))
-    except (CheckpointError, ConfigError) as e:
-        ap.exit(1, f"error: {e}\n")
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        if args.debug or os.environ.get("AUNET_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        text = " ".join(str(e).split())  # torch's and YAML's messages run over several lines
+        print(f"error: {text if len(text) <= 600 else text[:597] + '...'}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,9 @@ produces does not depend on how Ray schedules it (``pipelines.preprocess`` relie
 - Rejected documents, with their reason: ``missing_field`` (no text field, or null),
   ``invalid_unicode`` (a JSON string with a lone surrogate: it has no UTF-8 encoding), ``not_text``
   (a number, list, ...), ``empty``. A file that cannot be read, a line that is not JSON or a
-  missing parquet column is an error naming the file (and line).
+  missing parquet column is a ``CorpusError`` naming the file (and line). Inside a Ray Data task it
+  travels to the driver as an error row (``ERROR_SPLIT``) rather than as a failed task, which Ray
+  would retry and report in a page of log; the driver raises it (``raise_error_rows``).
 - Source weights are the expected number of passes over a source: 2.5 reads it 3 times, keeping
   every document in passes 0 and 1 and, in pass 2, those whose hash (seed, source, pass, key)
   falls below 0.5 (reason ``sampled_out``, counted apart from rejections); 0 excludes the source.
@@ -35,6 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MISSING = object()
+ERROR_SPLIT = -2  # split of an error row: its ``ident`` is the message
+
+
+class CorpusError(ValueError):
+    """A corpus the user must fix: a line that is not a JSON object, an unreadable file, a missing
+    column, no document at all. The message names the file (and line)."""
+
+
 DOCS_SCHEMA = pa.schema(
     [
         ("data", pa.large_binary()),
@@ -46,19 +56,30 @@ DOCS_SCHEMA = pa.schema(
 )
 
 
+def source_files(i: int, path: str) -> list[str]:
+    """The files of source ``i``: its path, or its glob's matches (sorted); none is an error."""
+    if glob.has_magic(path):
+        matches = sorted(glob.glob(path, recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"data.sources[{i}].path: glob matches no file: {path}")
+        return matches
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.sources[{i}].path: no such file: {path}")
+    return [path]
+
+
+def check_sources(sources: list[Any]) -> None:
+    """Every source names at least one file: what a driver checks before it starts Ray (no
+    reading, no checksums), so a typo in a path fails in a second, not after Ray's start-up."""
+    for i, src in enumerate(sources):
+        source_files(i, src.path)
+
+
 def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
     """Expand each source's path or glob (sorted), checksum every file; errors name the source."""
     out = []
     for i, src in enumerate(sources):
-        if glob.has_magic(src.path):
-            matches = sorted(glob.glob(src.path, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"data.sources[{i}].path: glob matches no file: {src.path}")
-        elif os.path.isfile(src.path):
-            matches = [src.path]
-        else:
-            raise FileNotFoundError(f"data.sources[{i}].path: no such file: {src.path}")
-        for path in matches:
+        for path in source_files(i, src.path):
             digest = file_sha256(path)
             fields = {k: getattr(src, k) for k in ("text_field", "id_field", "lang_field")}
             out.append(
@@ -83,7 +104,7 @@ def file_sha256(path: str) -> str:
             while block := f.read(1 << 22):
                 h.update(block)
     except OSError as e:
-        raise OSError(f"{path}: cannot read input: {e}") from e
+        raise CorpusError(f"{path}: cannot read input: {e}") from e
     return h.hexdigest()
 
 
@@ -97,8 +118,8 @@ def hash01(*parts: bytes) -> float:
 
 def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number from 1, object) of a .jsonl / .jsonl.gz / .jsonl.zst file, blank lines
-    skipped. A line that is not a JSON object is a ValueError naming the file and line; read
-    errors propagate as OSError / ``pa.ArrowException``."""
+    skipped. A line that is not a JSON object is a ``CorpusError`` (a ValueError) naming the file
+    and line; read errors propagate as OSError / ``pa.ArrowException``."""
     with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -106,9 +127,9 @@ def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 rec = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+                raise CorpusError(f"{path}: line {n}: invalid JSON: {e}") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}: line {n}: expected a JSON object")
+                raise CorpusError(f"{path}: line {n}: expected a JSON object")
             yield n, rec
 
 
@@ -128,7 +149,7 @@ def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_fie
             cols = [c for c in (text_field, id_field, lang_field) if c]
             for col in cols:
                 if col not in pf.schema_arrow.names:
-                    raise ValueError(f"{path}: no column {col!r} (has {pf.schema_arrow.names})")
+                    raise CorpusError(f"{path}: no column {col!r} (has {pf.schema_arrow.names})")
             n = 0
             for batch in pf.iter_batches(columns=cols, batch_size=1024):
                 d = batch.to_pydict()
@@ -137,9 +158,9 @@ def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_fie
                     yield n, text, ident, d[lang_field][j] if lang_field else None
                     n += 1
         else:
-            raise ValueError(f"{path}: unknown format {fmt!r} (txt, jsonl, parquet)")
+            raise CorpusError(f"{path}: unknown format {fmt!r} (txt, jsonl, parquet)")
     except (OSError, pa.ArrowException, EOFError) as e:
-        raise OSError(f"{path}: cannot read input: {e}") from e
+        raise CorpusError(f"{path}: cannot read input: {e}") from e
 
 
 def to_bytes(value: Any) -> tuple[bytes | None, str | None]:
@@ -158,8 +179,32 @@ def to_bytes(value: Any) -> tuple[bytes | None, str | None]:
     return (data, None) if data else (None, "empty")
 
 
+def _error_table(message: str) -> pa.Table:
+    row = {"data": [None], "split": [ERROR_SPLIT], "reject": ["error"], "ident": [message]}
+    return pa.Table.from_pydict({**row, "lang": [None]}, schema=DOCS_SCHEMA)
+
+
+def raise_error_rows(table: pa.Table) -> None:
+    """Raise the ``CorpusError`` a task sent as an error row (``read_unit``), if there is one."""
+    split = table.column("split").to_numpy()
+    bad = np.flatnonzero(split == ERROR_SPLIT)
+    if len(bad):
+        raise CorpusError(table.column("ident")[int(bad[0])].as_py())
+
+
 def read_unit(batch: dict[str, np.ndarray]):
-    """One (file, pass) unit -> blocks of document rows in record order (split -1 = not kept)."""
+    """One (file, pass) unit -> blocks of document rows in record order (split -1 = not kept).
+
+    A ``CorpusError`` ends the unit with an error row (``raise_error_rows``) instead of failing
+    the task: the user reads one line naming the file and line, not Ray's retry log.
+    """
+    try:
+        yield from _read_unit(batch)
+    except CorpusError as e:
+        yield _error_table(str(e))
+
+
+def _read_unit(batch: dict[str, np.ndarray]):
     (u,) = [json.loads(s) for s in batch["unit"]]
     seed, w, p = str(u["seed"]).encode(), u["weight"], u["pass"]
     keep = min(1.0, w - p)  # keep-probability of a document in this pass

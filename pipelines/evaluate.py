@@ -307,38 +307,37 @@ HELP_FLAGS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from aunet.api import load_model
     from pipelines.eval_config import help_text
     from pipelines.schema import cli_help, wants_help
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
         print(cli_help(__doc__ or "", HELP_FLAGS, [help_text()]), end="")
         return 0
-    from aunet.api import load_model
-    from aunet.checkpoint import CheckpointError
-
-    try:
-        opts = _parse_argv(argv)
-        source, cfg_path = opts["pos"]
-        cfg = load_eval_config(cfg_path, opts["overrides"])
-        tasks = opts["tasks"].split(",") if opts["tasks"] else None
-        uri = None
-        if not opts["no_mlflow"]:
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
-            uri = absolute_tracking_uri(uri)
-            check_tracking_reachable(uri)
-        src = resolve_source(source, uri)
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(src.path, map_location=device)
-        seq_len = (src.metadata.get("plan") or {}).get("seq_len")
-        t0 = time.perf_counter()
-        metrics = evaluate(model, cfg, context=seq_len, tasks=tasks)
-        wall = time.perf_counter() - t0
-    except (SpecError, CheckpointError, TaskDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    opts = _parse_argv(argv)
+    source, cfg_path = opts["pos"]
+    cfg = load_eval_config(cfg_path, opts["overrides"])
+    tasks = opts["tasks"].split(",") if opts["tasks"] else None
+    uri = None
+    if not opts["no_mlflow"]:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
+        uri = absolute_tracking_uri(uri)
+        check_tracking_reachable(uri)
+    src = resolve_source(source, uri)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(src.path, map_location=device)
+    seq_len = (src.metadata.get("plan") or {}).get("seq_len")
+    t0 = time.perf_counter()
+    metrics = evaluate(model, cfg, context=seq_len, tasks=tasks)
+    wall = time.perf_counter() - t0
     step = int(src.metadata.get("step") or 0)
     print(f"{'metric':48s} {'value':>10s}")
     for k, v in metrics.items():

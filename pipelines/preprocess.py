@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,14 +272,17 @@ def _build(
             ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
             # One task per unit reads and splits it. (Two chained map_batches would be fused by
             # Ray Data into tasks of max(batch sizes) *units*: the whole corpus in one task.)
-            ds = ds.map_batches(
-                corpus.read_encode_unit,
-                batch_size=1,
-                batch_format="numpy",
-                fn_kwargs={"strategy_json": strategy_json},
-                _generator_backpressure_num_objects=2 * GEN_BUFFER_BLOCKS,
-            )
+            with warnings.catch_warnings():  # the backpressure option has no named parameter
+                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+                ds = ds.map_batches(
+                    corpus.read_encode_unit,
+                    batch_size=1,
+                    batch_format="numpy",
+                    fn_kwargs={"strategy_json": strategy_json},
+                    _generator_backpressure_num_objects=2 * GEN_BUFFER_BLOCKS,
+                )
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                corpus.raise_error_rows(batch)  # a bad line or file: one error naming it
                 batch, stop = counts.add(batch, data.max_documents)
                 for s, data_run, levels_run, lengths in _block_runs(batch):
                     splits[s].add(data_run, levels_run, lengths)
@@ -378,6 +382,18 @@ def _publish(tmp: Path, final: Path, uid: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _require_documents(spec: Any, stats: dict[str, Any]) -> None:
+    """A dataset of 0 documents is refused: training on it would fail later, far from the cause
+    (every source rejected, a wrong ``text_field``, weights of 0)."""
+    d = stats["documents"]
+    if d["written"] == 0:
+        sources = ", ".join(str(s.path) for s in spec.data.sources)
+        raise corpus.CorpusError(
+            f"empty corpus: 0 documents from data.sources ({sources}): {d['read']} read, "
+            f"rejected {stats['rejected']['counts'] or 'none'}; nothing published"
+        )
+
+
 def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) -> DatasetInfo:
     """Build (or reuse) the dataset of ``spec.data``; Ray is started via ``init_ray`` if needed."""
     import ray
@@ -390,6 +406,7 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
     if not force and is_complete(final):
         manifest = json.loads((final / MANIFEST).read_text())
         if manifest.get("config_hash") == chash:
+            _require_documents(spec, manifest)  # published before empty corpora were refused
             print(f"preprocess: reusing complete dataset {final}", file=sys.stderr)
             return DatasetInfo(final, manifest, reused=True)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -404,6 +421,7 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
     t0 = time.perf_counter()  # throughput of the pipeline itself, without Ray's start-up
     try:
         stats = build(spec, inputs, tmp, block_bytes)
+        _require_documents(spec, stats)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -442,7 +460,13 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.spec import help_text
+    from pipelines.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from pipelines.spec import help_text, load_spec
 
     ap = argparse.ArgumentParser(
         prog="python -m pipelines.preprocess",
@@ -458,14 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--force", action="store_true", help="rebuild even if a complete dataset exists"
     )
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    from pipelines.spec import SpecError, load_spec
-
-    try:
-        spec = load_spec(args.spec, [*args.overrides, *args.sets])
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = load_spec(args.spec, [*args.overrides, *args.sets])
     info = preprocess(spec, force=args.force)
     print(info.path)
     return 0

@@ -37,7 +37,10 @@ from typing import Any, Literal
 import yaml
 
 from pipelines import schema
+from pipelines.cli import run_main
+from pipelines.corpus import check_sources
 from pipelines.paths import absolute_tracking_uri, is_uri
+from pipelines.runtime import check_tracking_reachable
 from pipelines.schema import AT_LEAST_1, NONNEG, POSITIVE, Rule, setting
 from pipelines.spec import (
     ExperimentSpec,
@@ -354,6 +357,7 @@ def report_main(argv: list[str]) -> int:
         name, fit, out = study.name, study.fit_settings(), study_dir(spec, study) / "report"
     else:
         uri = cli_uri(args.tracking_uri)
+        check_tracking_reachable(uri)  # in seconds, not after MLflow's minutes of retries
         experiment, name = args.target, args.study
         found = [] if name else find_studies(uri, experiment)
         if not name and len(found) != 1:
@@ -364,6 +368,7 @@ def report_main(argv: list[str]) -> int:
     for key in ("r2_threshold", "min_budgets", "bootstrap"):
         fit[key] = getattr(args, key) if getattr(args, key) is not None else fit[key]
     out = Path(args.out if args.out else out).absolute()
+    check_tracking_reachable(uri)
     result = build_report(uri, experiment, name, out, fit)
     print(result["table"])
     for c in result["crossovers"]:
@@ -379,6 +384,7 @@ def report_main(argv: list[str]) -> int:
 HELP_FLAGS = (
     ("key=value, --set key=value", "plan, run: override a spec key, or study.key=value"),
     ("report --help", "the report's own flags"),
+    ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),
 )
 
@@ -392,7 +398,10 @@ def _help(cmd: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_main(_main, argv, extra=(LookupError,))  # LookupError: report, no such study
+
+
+def _main(argv: list[str]) -> int:
     cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
     if schema.wants_help(argv):
         print(_help(cmd), end="")
@@ -400,25 +409,22 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(SystemExit):
                 report_main(["--help"])
         return 0
-    t0 = time.perf_counter()
-    try:
-        if cmd == "report":
-            return report_main(rest)
-        if cmd in ("plan", "run"):
-            path, overrides = parse_cli(rest)
-            if cmd == "plan":
-                spec, study = load_study(path, overrides)
-                print(format_cells(plan_cells(spec, study), spec.data.seq_len))
-                return 0
-            rows, complete = run_study(path, overrides)
-            state = "done" if complete else "interrupted (run the same command to resume)"
-            print(f"scaling: study {state}: {len(rows)} cells, {time.perf_counter() - t0:.0f} s")
-            return 0 if complete else 130
-    except (SpecError, LookupError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    if cmd == "report":
+        return report_main(rest)
+    if cmd not in ("plan", "run"):
+        print("usage: python -m pipelines.scaling {plan|run|report} ...", file=sys.stderr)
         return 2
-    print("usage: python -m pipelines.scaling {plan|run|report} ...", file=sys.stderr)
-    return 2
+    t0, (path, overrides) = time.perf_counter(), parse_cli(rest)
+    spec, study = load_study(path, overrides)
+    if cmd == "plan":
+        print(format_cells(plan_cells(spec, study), spec.data.seq_len))
+        return 0
+    for vo in study.variants.values():  # a missing data path fails before Ray starts
+        check_sources(spec.with_overrides(vo).data.sources)
+    rows, complete = run_study(path, overrides)
+    state = "done" if complete else "interrupted (run the same command to resume)"
+    print(f"scaling: study {state}: {len(rows)} cells, {time.perf_counter() - t0:.0f} s")
+    return 0 if complete else 130
 
 
 if __name__ == "__main__":

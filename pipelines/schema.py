@@ -340,11 +340,61 @@ def split_overrides(
 
 
 # ---------------------------------------------------------------------------------- files
+def duplicate_key(node: yaml.Node, key: str = "", done: set[int] | None = None) -> SpecError | None:
+    """The first key given twice in one mapping of a composed YAML tree, else None.
+
+    YAML loaders keep the last of two equal keys; a spec with ``lr`` twice would silently train
+    with the second. Merged keys (``<<: *base``) may be overridden: only explicit keys count.
+    An anchor is checked once (``done``), which also ends a recursive alias.
+    """
+    done = set() if done is None else done
+    if id(node) in done:
+        return None
+    done.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = str(k.value) if isinstance(k, yaml.ScalarNode) else str(k.start_mark)
+            dotted, line = f"{key}.{name}" if key else name, k.start_mark.line + 1
+            if name in seen:
+                return SpecError(
+                    f"{dotted}: duplicate key (line {line}, first on line {seen[name]})"
+                )
+            seen[name] = line
+            found = duplicate_key(v, dotted, done)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = duplicate_key(item, f"{key}[{i}]", done)
+            if found is not None:
+                return found
+    return None
+
+
+def load_yaml_unique(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that rejects a key given twice in a mapping, naming key and line."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        dup = duplicate_key(node)
+        if dup is not None:
+            raise dup.with_source(source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (safe_load only); errors name the file."""
+    """The top-level mapping of a YAML file (safe_load only, no duplicate keys); errors name
+    the file."""
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = load_yaml_unique(Path(path).read_text(encoding="utf-8"), source)
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror or e}", source) from None
     except yaml.YAMLError as e:

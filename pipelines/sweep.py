@@ -346,12 +346,20 @@ HELP_FLAGS = (
     ("key=value, --set key=value", "override a spec key, or a sweep key as sweep.key=value"),
     ("--summary TARGET", "print the results of a sweep dir or MLflow parent run, run nothing"),
     ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlruns.db)"),
+    ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from pipelines.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from pipelines.corpus import check_sources
+
     if schema.wants_help(argv):
         from pipelines.spec import help_text
 
@@ -374,12 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
         return 0
     t0 = time.perf_counter()
-    try:
-        path, overrides = parse_cli(argv)
-        rows, complete = run_sweep(path, overrides)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path, overrides = parse_cli(argv)
+    spec, _ = load_sweep(path, overrides)
+    check_sources(spec.data.sources)  # a missing data path fails before Ray starts
+    rows, complete = run_sweep(path, overrides)
     devs = [abs(r["flops_vs_budget"]) for r in rows if r["flops_vs_budget"] is not None]
     print(format_table(rows))
     if devs:

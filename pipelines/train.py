@@ -297,29 +297,31 @@ HELP_FLAGS = (
     ("variant=NAME, --variant NAME", "train only this entry of variants:"),
     ("--fresh", "start a new, time-stamped run instead of resuming"),
     ("key=value, --set key=value", "override a spec key"),
+    ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from pipelines.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from pipelines.corpus import check_sources
     from pipelines.schema import cli_help, wants_help
     from pipelines.spec import help_text
 
     if wants_help(argv):
         print(cli_help(__doc__ or "", HELP_FLAGS, [help_text()]), end="")
         return 0
-    try:
-        rest, variant, fresh = _pop_flags(argv)
-        path, overrides = parse_cli(rest)
-        spec = load_spec(path, overrides)
-        variants = [variant] if variant else list(spec.variants or []) or [None]
-        for v in variants:
-            if v is not None:
-                spec.with_variant(v)  # a bad name fails here, before anything runs
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rest, variant, fresh = _pop_flags(argv)
+    path, overrides = parse_cli(rest)
+    spec = load_spec(path, overrides)
+    variants = [variant] if variant else list(spec.variants or []) or [None]
+    for v in variants:  # a bad name or a missing data path fails here, before anything runs
+        check_sources((spec.with_variant(v) if v is not None else spec).data.sources)
     stamp = time.strftime("%Y%m%d-%H%M%S") if fresh else None
     results = []
     for v in variants:
