@@ -18,7 +18,6 @@ import os
 import sys
 
 from aunet.api import AUModel
-from aunet.checkpoint import CheckpointError
 
 PROGRESS_MIN_BYTES = 256
 
@@ -43,15 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI: print the continuation; 2 (one line on stderr) if the source is bad."""
+    """Run the CLI: print the continuation; a bad source or argument is one line on stderr and
+    exit code 2 (``pipelines.cli.run_main``; ``--debug`` shows the traceback)."""
+    from pipelines.cli import run_main
+
+    # ValueError: generation settings out of range (aunet.generate checks them).
+    return run_main(_main, argv, extra=(ValueError,))
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.tracking_uri:  # read by the MLflow source plugin (pipelines.serve.store_for)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    try:
-        model = AUModel.from_pretrained(args.source, device=args.device)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = AUModel.from_pretrained(args.source, device=args.device)
     bar = None
     if sys.stderr.isatty() and args.max_new_bytes >= PROGRESS_MIN_BYTES:
         from tqdm import tqdm

@@ -227,6 +227,17 @@ def test_evaluate_bad_task_data(work):
     assert_one_error(out, "val.jsonl")
 
 
+def test_generate_bad_checkpoint_and_settings(work):
+    out = no_ray(work, "pipelines.generate", "nope", "--prompt", "hi")
+    assert_one_error(out, "nope: no such checkpoint directory")
+    out = no_ray(work, "pipelines.generate", "ckpt", "--prompt", "hi", "--top-p", "1.5")
+    assert_one_error(out, "top_p")
+    weights = work / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated: its digest no longer matches
+    out = no_ray(work, "pipelines.generate", "ckpt", "--prompt", "hi")
+    assert_one_error(out, "model.safetensors: SHA-256")
+
+
 def test_interop_missing_and_corrupt_checkpoints(work):
     out = no_ray(work, "aunet.interop", "nope", "out")
     assert_one_error(out, "nope: no consolidated.pth + params.json")
