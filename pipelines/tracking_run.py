@@ -137,21 +137,33 @@ class Tracker:
         # MLflow's own HTTP retries last minutes; ours (bounded) replace them.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        check_tracking_reachable(uri)
         self.uri, self.attempts, self.backoff_s = uri, attempts, backoff_s
         self.client = client_for(uri)
-        self.experiment_id = self._call(
-            lambda: experiment_id_for(self.client, uri, experiment, artifact_location),
-            "experiment set-up",
-        )
-        self.run_id, self.resumed = self._call(
-            lambda: self._open_run(run_key, run_name, parent_run_id, dict(tags or {}), run_id),
-            "run set-up",
-        )
+        offline = False
+        try:
+            check_tracking_reachable(uri)
+            self.experiment_id: str | None = self._call(
+                lambda: experiment_id_for(self.client, uri, experiment, artifact_location),
+                "experiment set-up",
+            )
+            self.run_id, self.resumed = self._call(
+                lambda: self._open_run(run_key, run_name, parent_run_id, dict(tags or {}), run_id),
+                "run set-up",
+            )
+        except Exception as e:
+            if not run_id:  # a new run needs the store to exist at all
+                raise
+            # A worker restarted during an outage, of a run whose checkpoint names its MLflow
+            # run: training goes on, and the run is reached (and backfilled) when the store is.
+            warn(
+                f"MLflow store {redact(uri)} unreachable at start ({type(e).__name__}: "
+                f"{safe_error(e)}); training goes on, run {run_id} is reached when it answers"
+            )
+            self.experiment_id, self.run_id, self.resumed, offline = None, run_id, True, True
         self._replay, self._marker = replay, Path(marker) if marker else None
         self._max_pending = max_pending
         self._logged: dict[str, int] = {}  # key -> highest step stored
-        if self.resumed:
+        if self.resumed and not offline:
             self._logged = self._call(self._stored_steps, "read run")
         # (metric, can be read back by replay); the values of steps <= _replay_upto were let go
         self._pending: list[tuple[Any, bool]] = self._unsent_from_marker()
@@ -161,7 +173,7 @@ class Tracker:
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
-        self._failing = False
+        self._failing = offline  # the first send then reads the stored steps first
         self._flush_every_s = flush_every_s
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -215,10 +227,20 @@ class Tracker:
 
     # ------------------------------------------------------------------ synchronous logging
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Params not logged yet (MLflow refuses to change a param; a resumed run re-sends them)."""
-        have = self._call(lambda: self.client.get_run(self.run_id).data.params, "get run")
-        for chunk in param_chunks(params, have):
-            self._call(lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params")
+        """Params not logged yet (MLflow refuses to change a param; a resumed run re-sends them).
+
+        A resumed run logged its params when it started: if the store is down now, that is a
+        warning, not a reason to stop training."""
+        try:
+            have = self._call(lambda: self.client.get_run(self.run_id).data.params, "get run")
+            for chunk in param_chunks(params, have):
+                self._call(
+                    lambda c=chunk: self.client.log_batch(self.run_id, params=c), "log params"
+                )
+        except Exception as e:
+            if not self.resumed:
+                raise
+            warn(f"params of run {self.run_id} not re-sent ({type(e).__name__}: {safe_error(e)})")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
