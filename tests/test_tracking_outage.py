@@ -79,8 +79,8 @@ def test_outage_and_worker_kill_end_in_one_complete_run(ray_session, tmp_path, c
         assert killed_at and killed_at[0] < 10 and first.steps == 16
         assert (tmp_path / "killed").read_text() == "10"
         assert [r["step"] for r in _steps(run)].count(9) == 2  # replayed after the restart
-        err = capsys.readouterr().err
-        assert "cannot log metrics" in err and "stays RUNNING" in err
+        err = capsys.readouterr().err  # (the warnings of the killed worker may never reach us)
+        assert "stays RUNNING: run the same command again" in err
         assert (run / MLFLOW_MARKER).is_file()  # close() could not reach the store
 
         server.start()  # back, same port and database: the same command completes the run
