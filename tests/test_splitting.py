@@ -5,6 +5,7 @@ The rules under test: docs/design.md (Splitting).
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
 import warnings
@@ -283,3 +284,88 @@ def test_custom_strategy():
             register_strategy(bad, start="x")
     with pytest.raises(ValueError, match="start or an end"):
         register_strategy("nothing", start=None)
+
+
+# -- levels_batch: many documents per call (docs/design.md, Splitting) -----------------------------
+
+register_strategy("sentence", start=r"^|\p{Lu}", end=r"[.!?]\s|\S$")  # empty and $ matches
+BATCH_STRATEGIES = ORACLE_STRATEGIES + [
+    {"word": "2@2-3"},
+    {"sentence": ""},
+    {"word1": "1@1", "sentence2": "", "punct3": "", "pretok4": ""},
+]
+RUNS = [b" " * 40, b" " * 30 + b"\n", b"\n" * 5, b"\r\n\t ", b"9" * 17, b"\x00" * 4, b"!" * 7]
+NASTY = [b"\xe6\x97", b"\xa5", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0\x80", b"\xff", b"\xc3"]
+DOC = (
+    st.binary(max_size=30)
+    | MIXED.map(str.encode)
+    | MIXED.map(str.encode).map(lambda b: b[:-1])  # often ends mid-codepoint
+    | st.lists(st.sampled_from(RUNS + NASTY + [b"a b ", b"Ab. ", b"12"]), max_size=6).map(b"".join)
+)
+
+
+def per_document(sp: Splitter, docs: list[bytes]) -> np.ndarray:
+    return np.concatenate([sp.levels(d) for d in docs] + [np.zeros(0, np.uint8)])
+
+
+@pytest.mark.parametrize("strategy", BATCH_STRATEGIES, ids=str)
+@settings(max_examples=80, deadline=None)
+@given(docs=st.lists(DOC, max_size=8))
+def test_batch_equals_per_document(strategy, docs):
+    sp = splitter(strategy)
+    got = sp.levels_batch(b"".join(docs), np.array([len(d) for d in docs], np.int64))
+    assert got.dtype == np.uint8 and got.shape == (sum(map(len, docs)),)
+    np.testing.assert_array_equal(got, per_document(sp, docs))
+    if "sentence" not in str(strategy):  # and the plain-finditer oracle, document by document
+        oracle = [oracle_bytes(strategy, d) for d in docs if d]
+        np.testing.assert_array_equal(got, np.concatenate(oracle) if oracle else got[:0])
+
+
+def test_batch_runs_restart_at_each_document():
+    """Pairs whose concatenation splits differently: each half must keep its own levels."""
+    word2 = splitter({"word1": "1@1", "word2": "2@1"})
+    every_other = splitter({"word": "1@2"})
+    pretok, punct = splitter({"pretok": ""}), splitter({"punct": ""})
+    cases = [
+        (word2, [b"a  ", b"\nb"], "010" + "20"),  # joined, \s*[\r\n] would start at the blanks
+        (word2, [b"12", b"345"], "20" + "200"),  # joined: 123|45
+        (word2, [b"a b", b" c "], "010" + "001"),  # joined: 'b ' would be a 2-word chain end
+        (every_other, [b"a b c ", b"d e "], "010001" + "0100"),  # the @M counter restarts
+        (punct, [b"12", b"34"], "10" + "10"),  # joined: thousands from the right, 1|234
+        (pretok, [b"a  ", b"b"], "110" + "1"),  # a blank run ending its text keeps its last char
+        (word2, [b"\xe6\x97", b"\xa5 x "], "00" + "0001"),  # no codepoint across documents
+    ]
+    for sp, docs, expected in cases:
+        got = sp.levels_batch(b"".join(docs), np.array([len(d) for d in docs]))
+        assert digits(got) == expected == digits(per_document(sp, docs)), docs
+        assert digits(sp.levels(b"".join(docs))) != expected, docs  # the pair does interact
+
+
+def test_batch_on_the_shipped_corpus_across_groups():
+    """Megabytes in one call (several internal groups), a document larger than a group, empty
+    and broken documents; all languages of the shipped corpus."""
+    path = Path(__file__).parents[1] / "experiments" / "data" / "quickstart.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"].encode() for line in f]
+    docs = docs[:300] + [b"".join(docs[300:380]), b"", b""] + docs[380:] + [b"\xe6\x97" * 3]
+    docs = [d[: len(d) - i % 3] for i, d in enumerate(docs)]  # cut some codepoints in half
+    assert sum(map(len, docs)) > 3_000_000 and max(map(len, docs)) > 300_000
+    lengths = np.array([len(d) for d in docs], np.uint32)
+    for strategy in ({"word1": "1@1", "word2": "2@1"}, {"word": "1@2-3", "punct": ""}):
+        sp = splitter(strategy)
+        np.testing.assert_array_equal(
+            sp.levels_batch(b"".join(docs), lengths), per_document(sp, docs)
+        )
+
+
+def test_batch_input_checks():
+    sp = splitter({"word1": "1@1"})
+    assert sp.levels_batch(b"", np.zeros(0, np.int64)).shape == (0,)
+    assert digits(sp.levels_batch(b"", [0, 0])) == ""
+    assert digits(sp.levels_batch(bytearray(b"a bc d "), [3, 4])) == "010" + "0101"
+    assert digits(sp.levels_batch(memoryview(b"a bc d "), np.array([7]))) == "0100101"
+    for lengths in ([3, 3], [8, -1], [[7]], [3.5, 3.5], [True] * 7):
+        with pytest.raises(ValueError, match=r"levels_batch: lengths .* len\(data\)=7"):
+            sp.levels_batch(b"a bc d ", np.array(lengths))
+    with pytest.raises(TypeError, match="bytes"):
+        sp.levels_batch("a b", [3])
