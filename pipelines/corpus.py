@@ -250,14 +250,19 @@ def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
     ``nbytes``: the document's byte count (0 for a row without data).
     """
     splitter = _splitter(strategy_json)
-    docs = table.column("data").to_pylist()
-    lengths = np.array([0 if d is None else len(d) for d in docs], dtype=np.int64)
-    parts = [
-        splitter.levels(d) if splitter is not None else np.zeros(len(d), np.uint8)
-        for d in docs
-        if d
-    ]
-    values = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    column = table.column("data").cast(pa.large_binary())
+    column = column.fill_null(b"") if column.null_count else column
+    docs = column.combine_chunks()  # one buffer of text: levels_batch splits it in one pass
+    _, offsets_buffer, values_buffer = docs.buffers()
+    bounds = np.zeros(1, np.int64)
+    if len(docs):
+        bounds = np.frombuffer(offsets_buffer, np.int64)[docs.offset : docs.offset + len(docs) + 1]
+    lengths = np.diff(bounds)
+    data = np.frombuffer(values_buffer or b"", np.uint8)[bounds[0] : bounds[-1]]
+    if splitter is None:
+        values = np.zeros(len(data), np.uint8)
+    else:
+        values = splitter.levels_batch(data, lengths)
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     levels = pa.LargeBinaryArray.from_buffers(
