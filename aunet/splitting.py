@@ -9,6 +9,8 @@ then the longest name registered with ``register_strategy`` that prefixes the ke
 the value is ``N@M`` (N words per end match; ``@M`` is read only for the exact key ``word``, as
 officially); pretok, punct and custom strategies ignore the value. ``levels(data)`` gives each byte
 ``1 + max(index of a stage with a boundary there)`` or 0, on the last byte of each codepoint.
+``levels_batch(data, lengths)`` does the same for many concatenated documents in one pass, each
+document split exactly as on its own (docs/design.md, Splitting: many documents per call).
 
 Why not ``regex.finditer``: the official patterns backtrack quadratically on long runs
 (``(\S+?\s){N}`` on text without whitespace, ``\s*[\r\n]`` on long runs of spaces, punct's

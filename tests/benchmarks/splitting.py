@@ -1,21 +1,31 @@
 """Throughput of Splitter.levels against a per-character Python loop of the same word rules.
 
-    PYTHONPATH=. python tests/benchmarks/splitting.py [--mb 4] [--loop-mb 0.5]
+    PYTHONPATH=. python tests/benchmarks/splitting.py [--mb 4] [--loop-mb 0.5] [--doc-mb 1]
 
 Prints MB/s for 1, 2 and 3 word stages ({word1: 1@1}, + {word2: 2@1}, + {word3: 4@1}) on English
 (GPL-3 repeated) and Chinese (the passage below repeated), and the speed-up over the loop. Both
 implementations are checked against each other on the benchmark text first. Targets: >= 20x the
 loop and >= 20 MB/s on one core for two stages on English.
+
+Then a table per document size, 256 B to 1 MB (the English documents of the shipped corpus,
+experiments/data/quickstart.jsonl.gz, concatenated and cut to size), for two word stages: MB/s of
+Splitter.levels_batch (all documents in one call, as preprocessing does), of one Splitter.levels
+call per document, of the per-character loop, and of plain regex.finditer on the official patterns
+(docs/design.md, Splitting) per document; all four are checked equal first. Target: levels_batch
+>= 50 MB/s on one core for documents of 1-8 KB.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gzip
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+import regex
 
 from aunet.splitting import _ESCAPE, _LETTER, _NEWLINE, _NUMBER, _SPACE, Splitter, _class_table
 
@@ -99,6 +109,43 @@ def per_char_levels(text: str, groups: list[int]) -> np.ndarray:
     return np.array(out, np.uint8)
 
 
+# The official word patterns (docs/design.md, Splitting), run per document as officially.
+START_WORD = r"\p{N}{1,3}|(?:[^\s\p{L}\p{N}]{1,3}[\r\n]*)|\s*[\r\n]"
+END_WORD = r"(\S+?\s){%d}"
+CORPUS = Path(__file__).parents[2] / "experiments" / "data" / "quickstart.jsonl.gz"
+SIZES = {"256 B": 256, "1 KB": 1024, "4 KB": 4096, "8 KB": 8192, "64 KB": 65536, "1 MB": 1 << 20}
+TARGET_SIZES = ("1 KB", "4 KB", "8 KB")
+
+
+def official_levels(text: str, groups: list[int]) -> np.ndarray:
+    """Word stages by plain finditer on the official patterns (valid UTF-8 only), levels placed
+    per codepoint, then moved to its last byte."""
+    per_char = [0] * len(text)
+    for stage, group in enumerate(groups):
+        for m in regex.finditer(START_WORD, text):
+            per_char[m.start()] = stage + 1
+        for m in regex.finditer(END_WORD % group, text):
+            per_char[m.end() - 1] = stage + 1
+    out = []
+    for char, level in zip(text, per_char):
+        out.extend([0] * (len(char.encode()) - 1))
+        out.append(level)
+    return np.array(out, np.uint8)
+
+
+def cut_documents(stream: bytes, size: int, total: int) -> list[bytes]:
+    """Consecutive documents of about ``size`` bytes (each cut back to a codepoint start),
+    ``total`` bytes in all."""
+    docs, at = [], 0
+    while at < min(total, len(stream)):
+        end = min(at + size, len(stream))
+        while end < len(stream) and stream[end] & 0xC0 == 0x80:
+            end -= 1
+        docs.append(stream[at:end])
+        at = end
+    return docs
+
+
 def best_seconds(repeats: int, fn, *args) -> tuple[float, object]:
     """Fastest of `repeats` calls in CPU seconds (less disturbed by other load than wall time;
     both implementations run on one thread), and the last result."""
@@ -114,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=4.0, help="MB of each text for Splitter")
     parser.add_argument("--loop-mb", type=float, default=0.5, help="MB for the per-char loop")
+    parser.add_argument("--doc-mb", type=float, default=1.0, help="MB per row of the size table")
     args = parser.parse_args()
     english = Path("/usr/share/common-licenses/GPL-3").read_text()
     texts = {"English (GPL-3)": english, "Chinese": CHINESE}
@@ -133,6 +181,45 @@ def main() -> None:
             fast = len(big) / best_seconds(3, sp.levels, big)[0] / 1e6
             slow = len(small) / slow_s / 1e6
             print(f"{name:16} {len(strategy):>6} {fast:>14.1f} {slow:>10.2f} {fast / slow:>6.0f}x")
+    print()
+    per_size_table(args.doc_mb, args.loop_mb)
+
+
+def per_size_table(doc_mb: float, loop_mb: float) -> None:
+    """levels_batch, per-document levels, the loop and the official patterns per document size."""
+    strategy = STAGES[1]
+    sp, groups = Splitter(strategy), [1, 2]
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    stream = "".join(r["text"] for r in rows if r.get("lang") == "en").encode()
+    print(f"English of {CORPUS.name} ({len(stream) / 1e6:.2f} MB) cut to size, {strategy}, MB/s:")
+    head = f"{'doc size':>8} {'docs':>6} {'batch':>8} {'per-doc':>8} {'loop':>6} {'official':>8}"
+    print(f"{head} {'batch/per-doc':>13} {'batch/loop':>10} {'batch/official':>14}")
+    met = {}
+    for label, size in SIZES.items():
+        docs = cut_documents(stream, size, int(max(doc_mb * 1e6, size)))
+        data = b"".join(docs)
+        lengths = np.array([len(d) for d in docs], np.int64)
+        texts = [d.decode() for d in cut_documents(stream, size, int(max(loop_mb * 1e6 / 4, size)))]
+        few_bytes = sum(len(t.encode()) for t in texts)
+        batch_s, batch = best_seconds(5, sp.levels_batch, data, lengths)
+        doc_s, per = best_seconds(3, lambda docs=docs: [sp.levels(d) for d in docs])
+        loop_s, loop = best_seconds(1, lambda t=texts: [per_char_levels(x, groups) for x in t])
+        off_s, off = best_seconds(1, lambda t=texts: [official_levels(x, groups) for x in t])
+        per = np.concatenate(per)
+        if not np.array_equal(batch, per):
+            raise SystemExit(f"{label}: levels_batch and per-document levels disagree")
+        for name, other in (("loop", loop), ("official", off)):
+            if not np.array_equal(np.concatenate(other), per[:few_bytes]):
+                raise SystemExit(f"{label}: the {name} and Splitter disagree")
+        mbs = [len(data) / batch_s, len(data) / doc_s, few_bytes / loop_s, few_bytes / off_s]
+        b, d, lo, o = (x / 1e6 for x in mbs)
+        met[label] = b
+        ratios = f"{b / d:>12.1f}x {b / lo:>9.0f}x {b / o:>13.1f}x"
+        print(f"{label:>8} {len(docs):>6} {b:>8.1f} {d:>8.1f} {lo:>6.2f} {o:>8.2f} {ratios}")
+    worst = min(met[k] for k in TARGET_SIZES)
+    verdict = "met" if worst >= 50 else "NOT met"
+    print(f"target levels_batch >= 50 MB/s per core at 1-8 KB: {verdict} (lowest {worst:.1f} MB/s)")
 
 
 if __name__ == "__main__":
