@@ -5,9 +5,12 @@ The rules and the decisions behind this module: docs/design.md (Splitting).
 A ``Splitter`` takes the official strategy mapping (``{"word1": "1@1", "word2": "2@1"}``): dict
 order is the stage, and a key picks its strategy by prefix, tested in the official order ``word``,
 ``pretok``, ``punct`` (so ``word2`` and ``words`` are word strategies, and ``punc`` is rejected),
-then the longest name registered with ``register_strategy`` that prefixes the key. For word keys
-the value is ``N@M`` (N words per end match; ``@M`` is read only for the exact key ``word``, as
-officially); pretok, punct and custom strategies ignore the value. ``levels(data)`` gives each byte
+then ours, ``script``, then the longest name registered with ``register_strategy`` that prefixes
+the key. For word keys the value is ``N@M`` (N words per end match; ``@M`` is read only for the
+exact key ``word``, as officially); pretok, punct and custom strategies ignore the value. A script
+key is a word key whose value may add ``family=K`` options (``"1@1 han=2 thai=4"``): the word
+rules plus a boundary every K characters inside runs of scripts written without spaces
+(aunet/scripts.py; ``@M`` is read for the exact key ``script``). ``levels(data)`` gives each byte
 ``1 + max(index of a stage with a boundary there)`` or 0, on the last byte of each codepoint.
 ``levels_batch(data, lengths)`` does the same for many concatenated documents in one pass, each
 document split exactly as on its own (docs/design.md, Splitting: many documents per call).
@@ -18,8 +21,8 @@ thousands lookahead on long digit runs): 40 k chars take 11 s, one 1 MB line tak
 built-in strategies are re-derived as run-length arithmetic on numpy class arrays (the classes
 ``\s``, ``\p{L}``, ``\p{N}`` and ``\d`` are read once from the ``regex`` module itself, so they
 cannot drift from the official matcher); tests compare them with plain ``finditer`` on random
-text. Custom strategies run
-plain ``regex.finditer`` per text run, so they are as slow (and as quadratic) as their patterns.
+text. Custom strategies run plain ``regex.finditer`` per text run, so they are as slow (and as
+quadratic) as their patterns.
 
 Bad input never raises: bytes that are not UTF-8 get level 0 and split the data into runs that are
 each treated as a separate text; the output always has one level per input byte.
@@ -27,10 +30,15 @@ each treated as a separate text; the output always has one level per input byte.
 Prefix stability (docs/design.md, Prefix stability; generation gives a new byte the level
 computed on the prefix that ends there and never revises it):
 
-- word (any ``N@M``) is prefix-stable except on a space or tab that starts a whitespace run ending
-  in a newline: ``\s*[\r\n]`` puts a boundary there only once the newline has arrived.
+- word and script (any ``N@M``) are prefix-stable except on a space or tab that starts a
+  whitespace run ending in a newline: ``\s*[\r\n]`` puts a boundary there only once the newline
+  has arrived.
 - pretok is not: ``\s+(?!\S)`` looks ahead, and `` ?\p{L}`` gives a space to the next word.
 - punct is not: digits are grouped in thousands from the right (``1234`` is ``1|234``).
+
+Length: the rules of all built-in strategies share one set of class arrays (``_Text``) and one
+entry point (``Splitter._levels``, also behind ``levels_batch``); splitting the module would
+export those private pieces to a single caller. The script families live in aunet/scripts.py.
 """
 
 from __future__ import annotations
@@ -42,10 +50,13 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
+from aunet.scripts import chunk_starts, family_table, parse_chars
+
 # Codepoint class bits. ESCAPE marks a byte that is not UTF-8 (a surrogate from surrogateescape).
 _SPACE, _LETTER, _NUMBER, _DIGIT, _NEWLINE, _BLANK, _ESCAPE = 1, 2, 4, 8, 16, 32, 64
 _GROUP_BYTES = 1 << 18  # levels_batch's unit of work (Splitter.levels_batch)
-_BUILTIN = ("word", "pretok", "punct")  # official prefix order (docs/design.md, Splitting)
+# The official prefix order (docs/design.md, Splitting), then ours (aunet/scripts.py).
+_BUILTIN = ("word", "pretok", "punct", "script")
 _CUSTOM: dict[str, tuple[regex.Pattern, regex.Pattern | None]] = {}
 
 
@@ -62,10 +73,11 @@ def register_strategy(name: str, start: str | None, end: str | None = None) -> N
 @dataclass(frozen=True)
 class _Stage:
     key: str
-    kind: str  # "word", "pretok", "punct", or a registered name
+    kind: str  # "word", "pretok", "punct", "script", or a registered name
     group: int = 1  # N: words per end match (word only)
     moduli: tuple[int, ...] = (1,)  # end match n is kept iff n % M == 0 for some M (word only)
     patterns: tuple | None = None  # custom: (start, end), kept here so a pickled Splitter works
+    chars: tuple[int, ...] = ()  # script: chunk size per family (aunet/scripts.py)
 
 
 def _parse_stage(key: str, value: str) -> _Stage:
@@ -80,33 +92,37 @@ def _parse_stage(key: str, value: str) -> _Stage:
             )
         name = max(custom, key=len)
         return _Stage(key, name, patterns=_CUSTOM[name])
-    if kind != "word":
+    if kind not in ("word", "script"):
         return _Stage(key, kind)  # the value is ignored, as officially
-    head, at, tail = str(value).partition("@")
+    value, *options = str(value).split() or [""]
+    if options and kind == "word":
+        raise ValueError(f"strategy {key!r}: value {value!r} takes no options {options}")
+    chars = parse_chars(key, options) if kind == "script" else ()
+    head, at, tail = value.partition("@")
     try:
         group = int(head)
     except ValueError:
         raise ValueError(f"strategy {key!r}: value {value!r} is not 'N@M' with integer N") from None
     if group < 1:
         raise ValueError(f"strategy {key!r}: group size N={group} must be >= 1")
-    if key != "word":
+    if key != kind:
         if at and tail.strip() != "1":  # '@1' (the shipped configs) changes nothing either way
             warnings.warn(
-                f"strategy {key!r}: '@{tail}' is ignored (only the key 'word' reads @M,"
-                " as officially)",
+                f"strategy {key!r}: '@{tail}' is ignored (only the key {kind!r} reads @M,"
+                " as officially for 'word')",
                 UserWarning,
                 stacklevel=3,
             )
-        return _Stage(key, kind, group)
+        return _Stage(key, kind, group, chars=chars)
     if not at:
-        raise ValueError(f"strategy 'word': value {value!r} needs '@M' (e.g. '1@2' or '1@2-3')")
+        raise ValueError(f"strategy {key!r}: value {value!r} needs '@M' (e.g. '1@2' or '1@2-3')")
     try:
         moduli = tuple(int(m) for m in tail.split("-"))
     except ValueError:
-        raise ValueError(f"strategy 'word': moduli in {value!r} must be integers") from None
+        raise ValueError(f"strategy {key!r}: moduli in {value!r} must be integers") from None
     if min(moduli) < 1:
-        raise ValueError(f"strategy 'word': moduli in {value!r} must be >= 1")
-    return _Stage(key, kind, group, moduli)
+        raise ValueError(f"strategy {key!r}: moduli in {value!r} must be >= 1")
+    return _Stage(key, kind, group, moduli, chars=chars)
 
 
 @functools.cache
@@ -318,8 +334,9 @@ class Splitter:
 
     @property
     def prefix_stable(self) -> bool:
-        """True for word-only mappings: prefix-stable up to the whitespace-before-newline case."""
-        return all(s.kind == "word" for s in self.stages)
+        """True for word and script mappings: prefix-stable up to the whitespace-before-newline
+        case."""
+        return all(s.kind in ("word", "script") for s in self.stages)
 
     def levels(self, data: bytes) -> np.ndarray:
         """Level of each byte of ``data`` (uint8, shape (T,)); no BOS/EOS, position 0 not forced."""
@@ -346,6 +363,8 @@ class Splitter:
         exactly; none falls back to per-document calls. Documents go through in groups of about
         256 KB: temporaries of a few MB each cost more in fresh pages than in work (measured:
         ~60 MB/s for 1 MB at once, ~120 MB/s in 256 KB groups, tests/benchmarks/splitting.py).
+        A document of 32 KB or more is a call of its own: the separators would cost it more
+        than one call's overhead.
         """
         if isinstance(data, str):
             raise TypeError("Splitter.levels_batch takes bytes; encode the text as UTF-8 first")
@@ -364,8 +383,11 @@ class Splitter:
             )
         starts = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=starts[1:])
-        group = starts[:-1] // _GROUP_BYTES  # consecutive documents, about _GROUP_BYTES a group
-        bounds = np.append(np.flatnonzero(np.diff(group, prepend=-1)), len(lengths)).tolist()
+        first = np.diff(starts[:-1] // _GROUP_BYTES, prepend=-1) != 0  # first of each group
+        alone = lengths >= _GROUP_BYTES // 8  # long documents: one call each is cheaper
+        first |= alone
+        first[1:] |= alone[:-1]
+        bounds = np.append(np.flatnonzero(first), len(lengths)).tolist()
         out = np.zeros(len(raw), np.uint8)
         for a, b in zip(bounds[:-1], bounds[1:]):
             lo, hi = starts[a], starts[b]
@@ -384,7 +406,7 @@ class Splitter:
         """``levels`` of non-empty bytes; ``ascii_only``: no byte >= 0x80 but levels_batch's
         0xFF separators, so one byte is one codepoint."""
         raw = np.frombuffer(data, np.uint8)
-        text = None
+        text = family = None
         if ascii_only:
             bits = _byte_table()[raw]
         else:  # numpy copies codepoints, escapes included (encode(surrogatepass) is ~100x slower)
@@ -396,8 +418,11 @@ class Splitter:
         t = _Text(bits)
         level = np.zeros(t.n, np.uint8)
         for i, stage in enumerate(self.stages):
-            if stage.kind == "word":
+            if stage.kind in ("word", "script"):
                 where = np.concatenate([t.word_start, t.word_end(stage.group, stage.moduli)])
+                if stage.kind == "script" and not ascii_only:
+                    family = family_table()[cps] if family is None else family
+                    where = np.concatenate([where, chunk_starts(family, stage.chars)])
             elif stage.kind in ("pretok", "punct"):
                 where = getattr(t, stage.kind)()
             else:

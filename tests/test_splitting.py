@@ -293,6 +293,7 @@ BATCH_STRATEGIES = ORACLE_STRATEGIES + [
     {"word": "2@2-3"},
     {"sentence": ""},
     {"word1": "1@1", "sentence2": "", "punct3": "", "pretok4": ""},
+    {"script1": "1@1", "script2": "2@1 han=3"},
 ]
 RUNS = [b" " * 40, b" " * 30 + b"\n", b"\n" * 5, b"\r\n\t ", b"9" * 17, b"\x00" * 4, b"!" * 7]
 NASTY = [b"\xe6\x97", b"\xa5", b"\xf0\x9f", b"\x98\x80", b"\xed\xa0\x80", b"\xff", b"\xc3"]
@@ -316,7 +317,7 @@ def test_batch_equals_per_document(strategy, docs):
     got = sp.levels_batch(b"".join(docs), np.array([len(d) for d in docs], np.int64))
     assert got.dtype == np.uint8 and got.shape == (sum(map(len, docs)),)
     np.testing.assert_array_equal(got, per_document(sp, docs))
-    if "sentence" not in str(strategy):  # and the plain-finditer oracle, document by document
+    if not regex.search("sentence|script", str(strategy)):  # and the finditer oracle, per document
         oracle = [oracle_bytes(strategy, d) for d in docs if d]
         np.testing.assert_array_equal(got, np.concatenate(oracle) if oracle else got[:0])
 
@@ -369,3 +370,166 @@ def test_batch_input_checks():
             sp.levels_batch(b"a bc d ", np.array(lengths))
     with pytest.raises(TypeError, match="bytes"):
         sp.levels_batch("a b", [3])
+
+
+# -- script: word rules plus chunks inside scripts without spaces (docs/design.md, Splitting) -----
+
+# Families by Script_Extensions (scx), restated here as data for the naive reference.
+SCRIPT_FAMILIES = {"han": "Hani", "kana": "Hira Kana", "thai": "Thai", "lao": "Laoo"}
+SCRIPT_FAMILIES |= {"khmer": "Khmr", "myanmar": "Mymr", "tibetan": "Tibt"}
+SCRIPT_DEFAULTS = {"han": 2, "kana": 3, "thai": 4, "lao": 4, "khmer": 4, "myanmar": 4, "tibetan": 4}
+
+
+def naive_script_levels(strategy: dict[str, str], text: str) -> np.ndarray:
+    """Word oracle (plain finditer) plus a left-to-right walk over family runs (valid text)."""
+    per_char = [0] * len(text)
+    for stage, (key, value) in enumerate(strategy.items()):
+        head, *options = value.split()
+        chars = SCRIPT_DEFAULTS | {k: int(v) for k, v in (o.split("=") for o in options)}
+        hits = oracle_offsets(key.replace("script", "word"), head, text)
+        run_family, count = None, 0
+        for i, ch in enumerate(text):
+            family = None
+            if regex.match(r"[\p{L}\p{M}]", ch):
+                scripts = (SCRIPT_FAMILIES[f].split() for f in SCRIPT_FAMILIES)
+                family = next(
+                    (
+                        f
+                        for f, ss in zip(SCRIPT_FAMILIES, scripts)
+                        if any(regex.match(rf"\p{{scx={s}}}", ch) for s in ss)
+                    ),
+                    None,
+                )
+            if family != run_family:
+                run_family, count = family, 0
+            if family is None or regex.match(r"\p{M}", ch):
+                continue
+            if chars[family] and count % chars[family] == 0:
+                hits.append(i)
+            count += 1
+        for o in hits:
+            per_char[o] = max(per_char[o], stage + 1)
+    out = []
+    for char, level in zip(text, per_char):
+        out += [0] * (len(char.encode()) - 1) + [level]
+    return np.array(out, np.uint8)
+
+
+def per_char_digits(levels: np.ndarray, text: str) -> str:
+    """The level of each character's last byte (the other bytes must be 0)."""
+    last = np.cumsum([len(c.encode()) for c in text]) - 1
+    assert not np.delete(levels, last).any()
+    return digits(levels[last])
+
+
+SCRIPT1 = {"script1": "1@1"}
+SCRIPT2 = {"script1": "1@1", "script2": "2@1 han=4 kana=0"}
+SCRIPT_EXAMPLES = [
+    # Chinese: 2-character chunks, cut again by punctuation (a word start)
+    ("北京是中国的首都，也是一座古城。", SCRIPT1, "1010101011010101"),
+    # Japanese with Latin: han and kana runs apart (は|日本語|のテキストを), no chunk in Latin
+    ("AU-Netは日本語のテキストをbytesで読む。", SCRIPT1, "0010001101100100000001111"),
+    ("AU-Netは日本語のテキストをbytesで読む。", SCRIPT2, "0020001201100100000001212"),
+    ("コーヒー", SCRIPT1, "1001"),  # ー (script Common) stays in its katakana word
+    # Thai: 4 letters a chunk, combining marks not counted (the word rule marks them, officially)
+    ("ภาษาไทยเป็นภาษาที่สวยงาม", SCRIPT1, "100010001100010010010001"),
+    ("ภาษาไทยเป็นภาษาที่สวยงาม", {"script1": "1@1 thai=0"}, "000000000100000010000000"),
+    ("مرحبا بالعالم", SCRIPT1, "0000010000000"),  # Arabic has spaces: the word rules alone
+    ("😀👍🏽 ok", SCRIPT1, "100100"),  # emoji are symbols: word rules alone
+    ("中文 text 中文字 ", {"script": "1@2 han=1"}, "111000001111"),  # @M on the exact key
+]
+
+
+@pytest.mark.parametrize(("text", "strategy", "expected"), SCRIPT_EXAMPLES)
+def test_script_golden_examples(text, strategy, expected):
+    got = splitter(strategy).levels(text.encode())
+    assert per_char_digits(got, text) == expected
+    np.testing.assert_array_equal(got, naive_script_levels(strategy, text))
+    word = {k.replace("script", "word"): v.split()[0] for k, v in strategy.items()}
+    assert (got >= splitter(word).levels(text.encode())).all()  # the word rules, plus chunks
+
+
+SCRIPT_PIECES = ["北京", "中文字", "語", "々", "〇", "の", "ひらがな", "カタカナ", "ー", "\u3099"]
+SCRIPT_PIECES += ["ภาษา", "ที่", "\u0e31", "ລາວ", "ខ្មែរ", "မြန်မာ", "བོད་", "ꦗꦮ", "한국어", "ｶﾀ"]
+SCRIPT_PIECES += [" ", "  ", "\n", "1", "２", "。", "，", "!", "a", "word", "😀", "مرحبا", "\u0301"]
+SCRIPT_TEXT = st.lists(st.sampled_from(SCRIPT_PIECES), max_size=20).map("".join)
+SCRIPT_STRATEGIES = [SCRIPT1, SCRIPT2, {"script": "2@2-3 han=1 thai=2 kana=5"}]
+
+
+@pytest.mark.parametrize("strategy", SCRIPT_STRATEGIES, ids=str)
+@settings(max_examples=100, deadline=None)
+@given(text=SCRIPT_TEXT)
+def test_script_matches_naive_reference(strategy, text):
+    np.testing.assert_array_equal(
+        splitter(strategy).levels(text.encode()), naive_script_levels(strategy, text)
+    )
+
+
+@pytest.mark.parametrize("strategy", SCRIPT_STRATEGIES, ids=str)
+@settings(max_examples=60, deadline=None)
+@given(text=SCRIPT_TEXT | st.text(max_size=20))
+def test_script_prefix_stable_except_blank_before_newline(strategy, text):
+    sp = splitter(strategy)
+    assert sp.prefix_stable
+    data = text.encode()
+    full = sp.levels(data)
+    last_byte = np.cumsum([len(c.encode()) for c in text]) - 1
+    for n in range(len(data) + 1):  # every byte prefix, as generation feeds them
+        head = sp.levels(data[:n])
+        for j in np.flatnonzero(head != full[:n]):
+            i = int(np.searchsorted(last_byte, j))
+            assert last_byte[i] == j, "only a codepoint's last byte carries a level"
+            assert text[i] not in "\r\n" and regex.match(r"\s", text[i]), (text, n, i)
+            assert regex.match(r"\s*[\r\n]", text, pos=i), (text, n, i)
+            assert head[j] < full[j]
+
+
+@pytest.mark.parametrize("strategy", SCRIPT_STRATEGIES, ids=str)
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=30)
+    | st.tuples(SCRIPT_TEXT, st.binary(max_size=4)).map(
+        lambda p: p[0].encode()[: len(p[0].encode()) - len(p[1])] + p[1]
+    )
+)
+def test_script_one_level_per_byte(strategy, data):
+    sp = splitter(strategy)
+    full = sp.levels(data)
+    assert full.dtype == np.uint8 and full.shape == (len(data),)
+    got = sp.levels_batch(data + data[::-1], np.array([len(data), len(data)]))  # batched alike
+    np.testing.assert_array_equal(got, np.concatenate([full, sp.levels(data[::-1])]))
+
+
+def test_script_long_runs_exact():
+    han = "中" * 400_000  # 1.2 MB of Han in one run: run arithmetic, no backtracking
+    idx = np.arange(len(han.encode()))
+    sp = splitter({"script1": "1@1", "script2": "2@1 han=8"})
+    want = np.where(idx % 24 == 2, 2, np.where(idx % 6 == 2, 1, 0))
+    np.testing.assert_array_equal(sp.levels(han.encode()), want)
+    thai = "ก\u0e48" * 300_000  # letters with tone marks: marks are word-rule symbols, not counted
+    got = splitter({"script1": "1@1 thai=5"}).levels(thai.encode())
+    per_char = np.zeros(600_000, np.uint8)
+    per_char[1::2] = 1
+    per_char[0::10] = 1
+    np.testing.assert_array_equal(got[2::3], per_char)
+    assert not got[0::3].any() and not got[1::3].any()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1@1 zh=2", "'script1'.*'zh=2' is not 'family=N'"),
+        ("1@1 han", "'script1'.*'han' is not 'family=N'"),
+        ("1@1 han=x", "'script1'.*'han=x'.*integer >= 0"),
+        ("1@1 han=-1", "'script1'.*integer >= 0"),
+        ("0@1", "'script1'.*N=0"),
+        ("", "'script1'.*'N@M'"),
+    ],
+)
+def test_script_validation_names_the_key(value, message):
+    with pytest.raises(ValueError, match=message):
+        Splitter({"script1": value})
+    with pytest.raises(ValueError, match="'word1'.*takes no options"):
+        Splitter({"word1": "1@1 han=2"})
+    with pytest.raises(ValueError, match="'script'.*needs '@M'"):
+        Splitter({"script": "2"})
