@@ -304,6 +304,9 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         "aunet.experiment_file": args.spec_file or "",
         "aunet.run_dir": args.run_dir,
     }
+    manifest = Path(args.dataset) / "manifest.json"
+    if manifest.is_file():  # the dataset's identity (docs/data.md), for reports' provenance
+        tags["aunet.dataset_hash"] = json.loads(manifest.read_text()).get("config_hash", "")
     commit, job = code_version().get("git_commit"), ray_job_id()
     tags.update({"git_commit": commit} if commit else {})
     tags.update({"ray_job_id": job} if job else {})
