@@ -250,6 +250,11 @@ def test_sweep_parent_and_child_runs(depth_sweep, capsys):
         assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "results.png", "best.yaml"} <= artifacts
+    assert {"results.svg", "results.pdf", "results.tex", "summary.html"} <= artifacts
+    page = (depth_sweep["dir"] / "summary.html").read_text()  # same kind of page as the report
+    hashes = page.split("<th>dataset hash</th><td>")[1].split("<")[0].split(", ")
+    assert len(hashes) == 3 and all(len(h) == 64 for h in hashes)  # one dataset per depth
+    assert page.count("<tr><td>") == 3 and "val (bits/byte)" in page
     best = yaml.safe_load((depth_sweep["dir"] / "best.yaml").read_text())
     assert best["model"]["dimensions"] == [32, 64]  # k1 ranked first above
     assert client.get_run(parent).data.metrics["trials_finished"] == 3
