@@ -213,9 +213,9 @@ def test_versus_baseline_is_the_hand_computed_difference_at_each_budget():
         {"variant": "baseline", "budget": 1e8, "loss": 2.5},
         {"variant": "aunet2", "budget": 1e8, "loss": 2.75},
     ]
-    assert rp.baseline_variant(["aunet2", "baseline"]) == "baseline"
-    assert rp.baseline_variant(["a", "b"]) == "a"
-    rows = rp.versus_baseline(rp.frontier_points(pts), "baseline")
+    assert ft.baseline_variant(["aunet2", "baseline"]) == "baseline"
+    assert ft.baseline_variant(["a", "b"]) == "a"
+    rows = ft.versus_baseline(ft.frontier_points(pts), "baseline")
     assert [(r["budget"], r["variant"]) for r in rows] == [(1e8, "aunet2"), (1e9, "aunet2")]
     assert rows[0]["delta"] == pytest.approx(0.25) and rows[0]["ratio"] == pytest.approx(0.1)
     assert rows[1]["delta"] == pytest.approx(-0.19) and rows[1]["ratio"] == pytest.approx(-0.1)
