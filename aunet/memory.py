@@ -20,7 +20,7 @@ without a GPU allocator.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -194,24 +194,25 @@ def inference_memory(
     return MemoryEstimate(num_params(config) * p, 0.0, 0.0, cache * batch_size)
 
 
-def measure_saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+def measure_saved_bytes(
+    fn: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()
+) -> tuple[torch.Tensor, int]:
     """Run ``fn`` (a forward returning the loss) and count the bytes autograd saves for its
-    backward: the distinct storages (a view shares its base's storage, counted once); parameters
-    are excluded (they are counted as parameters). Returns (fn's result, bytes)."""
+    backward: distinct storages (a view shares its base's storage, counted once), leaving out the
+    storages of ``exclude`` (the model's parameters: a saved slice of a weight is no activation).
+    Returns (fn's result, bytes)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
-    params: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        if not isinstance(t, torch.nn.Parameter):
+        if st.data_ptr() not in skip:
             seen[st.data_ptr()] = st.nbytes()
-        else:
-            params.add(st.data_ptr())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, sum(n for ptr, n in seen.items() if ptr not in params)
+    return out, sum(seen.values())
 
 
 def format_table(rows: list[tuple[str, float]], title: str) -> str:
