@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aunet.config import ATTENTION_BACKENDS
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------- attention
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
 @functools.lru_cache(maxsize=1)

@@ -194,3 +194,17 @@ def test_memory_estimate_against_measured():
         assert sharded.params == m.params / W + m.params / 2  # fp32 shards + gathered bf16 copy
         full = activation_bytes(cfg, 128, 2)
         assert activation_bytes(cfg, 128, 2, activation_checkpointing="blocks") < full / 2
+
+
+def test_memory_cli_prints_tables_and_rejects_bad_specs(capsys):
+    """``python -m pipelines.memory`` on the shipped study spec (a study's variants are tables
+    too) and on a bad override: one line, exit code 2."""
+    from pipelines.memory import main
+
+    assert main(["experiments/scaling/paper.yaml", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("scaling-paper", "byte", "aunet2", "aunet3"):
+        assert f"| {label}: training, bfloat16, FSDP x16, 2 x 8192 bytes" in out
+    assert main(["experiments/quickstart.yaml", "train.activation_checkpointing=[blocks]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "activation_checkpointing" in err
