@@ -138,6 +138,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
     tracker = _open_tracker(args, world, state) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
+    if tracker is not None:
+        tracker.set_tags({"aunet.attention": model.attn_backend})  # resolve_backend's pick
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
         args.dataset,
@@ -147,7 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         seed=tr.seed,
         position=state.position,
     )
-    batches, meter = iter(data), StepMeter(plan, world, peak_flops(device))
+    peak = tr.peak_flops or peak_flops(device)
+    batches, meter = iter(data), StepMeter(plan, world, peak, device)
 
     while state.step < plan.steps:
         meter.begin()
@@ -233,6 +236,8 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
         activation_checkpointing=tr.activation_checkpointing,
     )
     model.to(device)
+    chosen = model.set_attention(tr.attention, device, param_dtype(tr.dtype, device))
+    print(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
     opt = build_optimizer(
         model,
         plan.lr,
