@@ -27,7 +27,8 @@ long generation stays linear.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -279,3 +280,98 @@ def generate(
             logits = gen.step([t for _, t in fed], active)
     results = [bytes(o) for o in outs]
     return results[0] if single else results
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One row's generation settings, as ``generate`` takes them (checked by ``check``)."""
+
+    max_new_bytes: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop: bytes | None = None
+    seed: int | None = None
+
+    def check(self) -> None:
+        """Raise ValueError naming the bad setting."""
+        check_sampling(self.max_new_bytes, self.temperature, self.top_k, self.top_p)
+        if self.stop is not None and (
+            not isinstance(self.stop, (bytes, bytearray)) or not self.stop
+        ):
+            raise ValueError(f"stop: expected non-empty bytes or None, got {self.stop!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
+
+
+def _held(out: bytearray, stop: bytes | None) -> int:
+    """Bytes at the end of ``out`` that may begin ``stop``: not released until resolved."""
+    if not stop:
+        return 0
+    for k in range(min(len(stop) - 1, len(out)), 0, -1):
+        if out.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def decode_rows(
+    model: AUNet, prompts: Sequence[bytes], settings: Sequence[Sampling]
+) -> Iterator[list[bytes | None]]:
+    """One cached batched generation where every row has its own settings and RNG.
+
+    Each ``next()`` runs one decode step and gives, per row, the bytes it releases on that step
+    (b"" while a possible ``stop`` prefix is held back), then None on every step after the row
+    finished. A row's bytes joined equal ``generate(model, prompt, **its settings)``: its RNG is
+    seeded from its own ``seed`` and samples from its own logits only, so rows never shift each
+    other's random draws (what a server batching unrelated requests needs). Rows finish
+    independently: a finished row is no longer stepped.
+    """
+    n = len(prompts)
+    if len(settings) != n:
+        raise ValueError(f"decode_rows: {len(settings)} settings for {n} prompts")
+    for s in settings:
+        s.check()
+    dev = model.tok_embeddings.weight.device
+    rngs = []
+    for s in settings:
+        rng = torch.Generator(device=dev)
+        rng.manual_seed(s.seed) if s.seed is not None else rng.seed()
+        rngs.append(rng)
+    outs, sent = [bytearray() for _ in range(n)], [0] * n
+    live = [b for b in range(n) if settings[b].max_new_bytes > 0]
+    first: list[bytes | None] = [None if b in live else b"" for b in range(n)]
+    if not live:
+        yield first
+        return
+    gen = Generator(model)
+    logits = gen.prefill(
+        [bytes(prompts[b]) for b in live], max(settings[b].max_new_bytes for b in live)
+    )
+    active = list(range(len(live)))  # Generator rows still running
+    chunks = first
+    while True:
+        fed: list[tuple[int, int]] = []
+        for j, r in enumerate(active):
+            b, s = live[r], settings[live[r]]
+            t = int(sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b])[0])
+            done = t == EOS_ID
+            if not done:
+                outs[b].append(t)
+                if s.stop is not None and outs[b].endswith(s.stop):
+                    del outs[b][-len(s.stop) :]
+                    done = True
+                else:
+                    done = len(outs[b]) == s.max_new_bytes  # one byte per step until then
+            end = len(outs[b]) if done else len(outs[b]) - _held(outs[b], s.stop)
+            chunks[b] = bytes(outs[b][sent[b] : end])
+            sent[b] = end
+            if not done:
+                fed.append((r, t))
+        yield chunks
+        if not fed:
+            return
+        chunks = [None] * n
+        active = [r for r, _ in fed]
+        logits = gen.step([t for _, t in fed], active)
