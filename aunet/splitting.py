@@ -338,6 +338,14 @@ class Splitter:
         case."""
         return all(s.kind in ("word", "script") for s in self.stages)
 
+    def stream(self) -> LevelStream:  # noqa: F821  (aunet/splitstream.py imports this module)
+        """Levels of bytes appended one at a time, as generation gives them: each byte's level
+        on the prefix ending there, O(1) per byte for word and script stages (aunet/splitstream.py).
+        """
+        from aunet.splitstream import LevelStream
+
+        return LevelStream(self)
+
     def levels(self, data: bytes) -> np.ndarray:
         """Level of each byte of ``data`` (uint8, shape (T,)); no BOS/EOS, position 0 not forced."""
         if isinstance(data, str):
