@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -202,6 +203,12 @@ def parse_stage(key: str, value: str) -> EntropyStage:
         raise EntropyStrategyError(f"strategy {key!r}: t={t} must be a multiple of 1/16 in 0..15.9")
     model = EntropyModel.decode(key, order, opts["model"], opts.get("sha256", ""))
     return EntropyStage(model, int(round(t * UNITS)))
+
+
+def abbreviate(text: str) -> str:
+    """``text`` with every ``model=<payload>`` shortened to ``model=...`` (for logs and params;
+    the ``sha256=`` beside it still names the model)."""
+    return re.sub(r"model=[A-Za-z0-9+/=]+", "model=...", text)
 
 
 def stage_where(stage: EntropyStage, raw: np.ndarray, ends: np.ndarray) -> np.ndarray:

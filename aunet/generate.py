@@ -46,7 +46,10 @@ def generation_splitter(config: AUNetConfig) -> Splitter | None:
     if config.num_stages == 0:
         return None
     splitter = Splitter(config.split_strategy)
-    unstable = [st.key for st in splitter.stages if st.kind != "word"]
+    stable = ("word", "script", "entropy")  # Splitter.prefix_stable's kinds
+    unstable = (
+        [] if splitter.prefix_stable else [s.key for s in splitter.stages if s.kind not in stable]
+    )
     if unstable:
         raise ValueError(
             f"strategy {unstable[0]!r}: generation needs a prefix-stable split strategy (word "

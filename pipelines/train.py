@@ -105,8 +105,10 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aunet.parallel import backend_for
+    from pipelines.entropy_fit import dataset_spec
     from pipelines.train_worker import TrackingArgs, WorkerArgs, train_loop_per_worker
 
+    spec = dataset_spec(spec, manifest)  # entropy stages as the dataset resolved them
     res = spec.resources
     storage = storage_path or res.storage_path
     uri = tracking_uri or spec.tracking.tracking_uri
