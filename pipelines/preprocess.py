@@ -409,14 +409,14 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
             _require_documents(spec, manifest)  # published before empty corpora were refused
             print(f"preprocess: reusing complete dataset {final}", file=sys.stderr)
             return DatasetInfo(final, manifest, reused=True)
+    # Entropy split stages: fit the model on the training split, resolve targets to thresholds.
+    target, (spec, entropy) = spec, entropy_fit.resolve_spec(spec, inputs, block_bytes)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(final)
     if not ray.is_initialized():
         from pipelines.runtime import init_ray
 
         init_ray(spec.resources)
-    # Entropy split stages: fit the model on the training split, resolve targets to thresholds.
-    target, (spec, entropy) = spec, entropy_fit.resolve_spec(spec, inputs, block_bytes)
     uid = uuid.uuid4().hex[:12]
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uid}"
     tmp.mkdir()

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aunet.entropy import PAD, EntropyModel, EntropyStrategyError, fit, resolve
+from aunet.entropy import PAD, EntropyModel, EntropyStrategyError, abbreviate, fit, resolve
 from aunet.splitting import Splitter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,5 +217,7 @@ def test_resolve_refusals_and_damage():
     damaged = resolved["entropy2"].replace("sha256=", "sha256=f")[:-1]
     with pytest.raises(EntropyStrategyError, match="'entropy2'.*sha256.*damaged"):
         Splitter({"word1": "1@1", "entropy2": damaged})
+    short = abbreviate(json.dumps(resolved))  # what MLflow params show
+    assert len(short) < 150 and resolved["entropy2"].split("sha256=")[1] in short
     sp = Splitter(resolved)  # mixed kinds: word boundaries at level 1, entropy ones at 2
     assert sp.prefix_stable and sp.levels(docs[0]).max() == 2
