@@ -131,7 +131,9 @@ def codepoint_ends(data: bytes) -> np.ndarray:
     return out
 
 
-def fit(documents: Iterable[bytes], order: int = DEFAULT_ORDER, buckets: int = DEFAULT_BUCKETS):
+def fit(
+    documents: Iterable[bytes], order: int = DEFAULT_ORDER, buckets: int = DEFAULT_BUCKETS
+) -> EntropyModel:
     """Count next bytes per context bucket over ``documents``; table = add-alpha entropy.
 
     Deterministic: integer counts, then one float64 pass; the order of documents does not matter.
