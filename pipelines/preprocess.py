@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from aunet.packing import Packer, contraction_ratios, windows
-from pipelines import corpus
+from pipelines import corpus, entropy_fit
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete, write_shard
 from pipelines.paths import is_uri
 
@@ -409,6 +409,8 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
             _require_documents(spec, manifest)  # published before empty corpora were refused
             print(f"preprocess: reusing complete dataset {final}", file=sys.stderr)
             return DatasetInfo(final, manifest, reused=True)
+    # Entropy split stages: fit the model on the training split, resolve targets to thresholds.
+    target, (spec, entropy) = spec, entropy_fit.resolve_spec(spec, inputs, block_bytes)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(final)
     if not ray.is_initialized():
@@ -434,7 +436,9 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": code_version(),
         "inputs": inputs,
-        "strategy": list(spec.model.split_strategy.items()),  # order = level
+        "strategy": list(target.model.split_strategy.items()),  # order = level
+        **({"resolved_strategy": list(spec.model.split_strategy.items())} if entropy else {}),
+        **({"entropy": entropy} if entropy else {}),
         "num_stages": len(spec.model.split_strategy),
         "seq_len": spec.data.seq_len,
         "val_fraction": spec.data.val_fraction,

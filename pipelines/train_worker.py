@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aunet.entropy import abbreviate
 from aunet.loss import LN2
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
@@ -327,16 +328,16 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         **_tracker_files(args),
         resumed_step=state.step,
     )
-    tracker.log_params(
-        {
-            **flatten(spec),
-            **args.plan.params(),
-            "derived.world_size": world,
-            "derived.num_stages": spec.model.num_stages,
-            "derived.split_strategy": json.dumps(spec.model.split_strategy),
-            "derived.variant": args.variant,
-        }
-    )
+    params = {
+        **flatten(spec),
+        **args.plan.params(),
+        "derived.world_size": world,
+        "derived.num_stages": spec.model.num_stages,
+        "derived.split_strategy": json.dumps(spec.model.split_strategy),
+        "derived.variant": args.variant,
+    }
+    # A resolved entropy stage carries its model (KBs), a param at most 6000 chars: sha256 stays.
+    tracker.log_params({k: abbreviate(v) if isinstance(v, str) else v for k, v in params.items()})
     if not tracker.resumed:
         import yaml
 
