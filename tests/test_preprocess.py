@@ -21,7 +21,8 @@ import ray
 from aunet.config import BOS_ID, EOS_ID
 from aunet.splitting import Splitter
 from pipelines import preprocess as pp
-from pipelines.data import MANIFEST, is_complete, load_split
+from pipelines import units
+from pipelines.data import MANIFEST, is_complete, load_split, read_manifest
 from pipelines.spec import ExperimentSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +79,22 @@ def expected_stream(docs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stored_stream(path: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Undo the one-token overlap of consecutive windows: window k+1 starts at window k's end."""
+    """Undo the one-token overlap of consecutive windows of a unit (window k+1 starts at window
+    k's end); units' streams back to back (windows never cross units)."""
     tok, lev = load_split(path, split)
-    for a, b in zip(tok, tok[1:]):
-        assert a[-1] == b[0]
+    shards = read_manifest(path)["splits"][split]["shards"]
+    unit_of_row = np.repeat([s["unit"] for s in shards], [s["sequences"] for s in shards])
     join = lambda x: np.concatenate([x[0], x[1:, 1:].ravel()]) if len(x) else x.ravel()  # noqa: E731
-    return join(tok), join(lev)
+    parts_t, parts_l = [], []
+    for u in dict.fromkeys(unit_of_row.tolist()):
+        t, lv = tok[unit_of_row == u], lev[unit_of_row == u]
+        for a, b in zip(t, t[1:]):
+            assert a[-1] == b[0]
+        parts_t.append(join(t))
+        parts_l.append(join(lv))
+    if not parts_t:
+        return tok.ravel(), lev.ravel()
+    return np.concatenate(parts_t), np.concatenate(parts_l)
 
 
 def assert_stream(path: Path, docs: list[bytes], seq_len: int = 16, split: str = "train"):
@@ -119,7 +130,7 @@ def test_all_formats_in_order_with_levels(tmp_path):
     assert m["bytes"] == sum(map(len, docs))
     assert [i["format"] for i in m["inputs"]] == ["txt", "jsonl", "jsonl", "jsonl", "parquet"]
     assert m["inputs"][0]["sha256"] == hashlib.sha256(docs[0]).hexdigest()
-    assert is_complete(info.path) and info.path.is_symlink()
+    assert is_complete(info.path) and m["units"] == {"planned": 1, "used": 1, "reused": 0}
     assert_stream(info.path, docs)
     tok, lev = load_split(info.path)
     counts = [int((lev[:, :-1] >= s).sum()) for s in (1, 2)]
@@ -155,7 +166,7 @@ def test_runs_cover_each_split_in_order():
     rng = np.random.default_rng(1)
     for _ in range(200):
         split = rng.choice([-1, 0, 1], rng.integers(0, 30), p=[0.2, 0.5, 0.3]).astype(np.int8)
-        runs = pp._runs(split)
+        runs = units._runs(split)
         for (s, a, b, n), nxt in zip(runs, runs[1:] + [None]):
             rows = np.flatnonzero(split[a:b] >= 0)
             assert set(split[a:b][rows]) == {s} and n == len(rows)
@@ -247,8 +258,7 @@ def test_input_errors_name_the_file(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(Exception, match="p.parquet: no column 'text'"):
         pp.preprocess(make_spec(tmp_path, [{"path": str(tmp_path / "p.parquet")}]))
-    assert not (tmp_path / "ds").exists()
-    assert [p.name for p in tmp_path.glob(".ds.*")] == []  # failed runs clean their temp dir
+    assert not is_complete(tmp_path / "ds")
 
 
 def test_weights_passes_and_max_documents(tmp_path):
