@@ -243,9 +243,12 @@ def _run_unit(
             f"unit {index}: count identity broken: read {counts.read}, written {counts.written}, "
             f"rejected {rejected}, sampled out {sampled}"
         )
+    import ray
+
     record = {
         "unit": index,
         "key": ctx["key"],
+        "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         "documents": {
             "read": counts.read,
             "written": counts.written,
