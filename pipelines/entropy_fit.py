@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from aunet.entropy import EntropyStrategyError, resolve
 from pipelines import corpus
 from pipelines.schema import SpecError
@@ -29,13 +27,18 @@ def has_entropy(strategy: dict[str, str]) -> bool:
 
 
 def training_documents(spec: Any, inputs: list[dict[str, Any]], block_bytes: int) -> list[bytes]:
-    """The training split's documents in dataset order, up to ``FIT_BYTES``."""
+    """The training split's documents in dataset order (work units in order, the same split hash
+    and ``data.max_documents`` cut as the unit tasks), up to ``FIT_BYTES``."""
+    settings = {
+        "seed": spec.data.seed,
+        "val_fraction": spec.data.val_fraction,
+        "block_bytes": block_bytes,
+    }
     docs: list[bytes] = []
     size = kept = 0
     cap = spec.data.max_documents
-    for unit in corpus.work_units(inputs, spec.data, block_bytes):
-        for table in corpus.read_unit({"unit": np.array([unit])}):
-            corpus.raise_error_rows(table)
+    for unit in corpus.plan_units(inputs, spec.data.unit_bytes):
+        for table in corpus.unit_tables(unit, inputs, settings):
             for split, data in zip(
                 table.column("split").to_pylist(), table.column("data").to_pylist()
             ):

@@ -118,6 +118,9 @@ class DataConfig:
     )
     max_documents: int | None = setting(None, rule=AT_LEAST_1, doc="read at most this many")
     shard_sequences: int = setting(1024, rule=AT_LEAST_1, doc="windows per parquet shard")
+    unit_bytes: int = setting(
+        64 << 20, rule=AT_LEAST_1, doc="input bytes per preprocessing task (windows stop at units)"
+    )
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -314,8 +317,14 @@ class ExperimentSpec:
 
     def dataset_hash(self) -> str:
         """Hash of what determines the preprocessed bytes: the data config and the split rules."""
+        from pipelines.corpus import source_digests
+
         data = typing.cast(dict[str, Any], schema.plain(self.data))
         data.pop("dataset_dir")  # where the output goes does not change what it holds
+        # Inputs by content, not path: a `ray job submit` copy of the same corpus finds the same
+        # dataset (docs/data.md, Dataset identity). Checksums are cached per file by size/mtime.
+        for src in data["sources"]:
+            src["path"] = source_digests(src["path"])
         # A list of pairs: the strategy's order is its meaning (dict order = level).
         return spec_hash({"data": data, "split_strategy": list(self.model.split_strategy.items())})
 
