@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 from pipelines import tables as tb
 from pipelines.tables import Column
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 COLUMNS = (
     "rank",
     "variant",
@@ -138,6 +140,8 @@ def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str,
         if (d / "trials").is_dir():
             return collect(str(d), None, None)
         raise FileNotFoundError(f"{d}: not a sweep directory (no results.csv, no trials/)")
+    if not RUN_ID.fullmatch(target):  # a path that is not there: say so, not "no such run"
+        raise FileNotFoundError(f"{target}: no such sweep directory (nor an MLflow run id)")
     uri = tracking.cli_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_run_artifact(uri, target, "results.csv", tmp)

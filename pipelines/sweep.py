@@ -388,7 +388,10 @@ def _main(argv: list[str]) -> int:
         uri = argv[argv.index("--tracking-uri") + 1] if "--tracking-uri" in argv else None
         try:
             rows = summary_rows(argv[1], uri)
-        except Exception as e:  # a wrong path or run id: say which, no traceback
+        except FileNotFoundError as e:  # already names the path
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # a wrong run id or store: say which, no traceback
             print(f"error: {argv[1]}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         print(format_table(rows))
