@@ -21,6 +21,7 @@ pipeline gets the same numerics from FSDP2's ``MixedPrecisionPolicy`` (``aunet.p
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -287,6 +288,9 @@ def section_throughput(
                 continue
             try:
                 B = pick_batch(cfg, T, device, smoke)
+                gc.collect()
+                reset_peak(device)
+                base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
                 torch.manual_seed(0)
                 model = AUNet(cfg).to(device)
                 chosen = model.set_attention("auto", device, torch.bfloat16)
@@ -305,7 +309,7 @@ def section_throughput(
                 if cfg.num_stages:  # FLOPs of the real pooled positions only, padding excluded
                     useful = flops_per_byte(cfg, T, [real]) * B * T / step_s
                 est = training_memory(cfg, T, B, "bfloat16").total
-                meas = peak_bytes(device)
+                meas = peak_bytes(device) - base  # what earlier models left is not this one's
                 row = (
                     f"batch {B}, attention {chosen}, step {step_s * 1e3:.0f} ms "
                     f"(eager {eager_s * 1e3:.0f} ms: compile x{eager_s / step_s:.2f}, "
