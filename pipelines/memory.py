@@ -65,7 +65,7 @@ def load_any(path: str, overrides: list[str]) -> ExperimentSpec:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     spec = load_any(args.spec, args.overrides)
     world = args.world or spec.resources.num_workers
     specs = [(spec.name, spec)] + [(v, spec.with_variant(v)) for v in spec.variants or {}]

@@ -238,6 +238,9 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
     )
     model.to(device)
     chosen = model.set_attention(tr.attention, device, param_dtype(tr.dtype, device))
+    uncapped = [s for s, c in enumerate(spec.model.capacities) if s > 0 and c < 1]
+    if tr.compile and uncapped:  # docs/performance.md (Compiled blocks and static shapes)
+        print(f"train: warning: compile with uncapped stages {uncapped} recompiles per length")
     print(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
     opt = build_optimizer(
         model,

@@ -208,3 +208,20 @@ def test_memory_cli_prints_tables_and_rejects_bad_specs(capsys):
     assert main(["experiments/quickstart.yaml", "train.activation_checkpointing=[blocks]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "activation_checkpointing" in err
+
+
+def test_gpu_bench_imports_and_refuses_cpu_without_smoke(capsys):
+    """tests/gpu/bench.py stays importable without Ray/MLflow; without CUDA and without --smoke it
+    stops with exit code 2 (the smoke run itself takes about a minute: run it by hand)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "gpu" / "bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    source = path.read_text()
+    assert "import ray" not in source and "mlflow" not in source and "pipelines" not in source
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2
+        assert "--smoke" in capsys.readouterr().err

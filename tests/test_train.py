@@ -237,8 +237,11 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
         "tokens/stage0",
         "tokens/stage1",
         "val/bits_per_byte",
+        "memory/peak_bytes",
     ):
         assert key in run.data.metrics, key
+    assert run.data.metrics["memory/peak_bytes"] > 0  # peak RSS on CPU
+    assert run.data.tags["aunet.attention"] == "sdpa"  # train.attention: auto, on CPU
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == list(range(1, 9))
     flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}

@@ -8,11 +8,11 @@ Sections, each in its own try/except so a failure prints and the rest still runs
 printed as soon as it is measured:
 
 1. attention: FlexAttention (and flash-attn when installed) vs SDPA on the same inputs, bf16;
-2. bf16 vs fp32: the loss after N steps on the quickstart corpus from the same initial weights;
-3. throughput: AU-Net 2 and a byte Transformer of the same FLOPs per byte at ~100M and ~1B
+2. throughput: AU-Net 2 and a byte Transformer of the same FLOPs per byte at ~100M and ~1B
    parameters (seq 8192, the paper's windows): step time eager and with compiled blocks (the
    compile speedup), bytes/s, achieved FLOP/s (``aunet.flops``), MFU against the bf16 peak
-   (``aunet.parallel.PEAK_BF16_FLOPS``) and peak memory against ``aunet.memory``.
+   (``aunet.parallel.PEAK_BF16_FLOPS``) and peak memory against ``aunet.memory``;
+3. bf16 vs fp32: the loss after N steps on the quickstart corpus from the same initial weights.
 
 bf16 here is ``torch.autocast`` over fp32 weights (one device, no process group); the training
 pipeline gets the same numerics from FSDP2's ``MixedPrecisionPolicy`` (``aunet.parallel.shard``).
@@ -21,6 +21,7 @@ pipeline gets the same numerics from FSDP2's ``MixedPrecisionPolicy`` (``aunet.p
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -52,9 +53,20 @@ ROWS: list[tuple[str, str, str]] = []  # (section, item, value)
 T0 = time.perf_counter()
 
 
+OUT: Path | None = None  # where performance.md is rewritten after every row
+
+
+def table() -> str:
+    lines = ["| section | item | value |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {s} | {i} | {v} |" for s, i, v in ROWS]) + "\n"
+
+
 def emit(section: str, item: str, value: str) -> None:
+    """Print a row at once and rewrite $OUT/performance.md, so a run cut short keeps its rows."""
     ROWS.append((section, item, value))
     print(f"| {section} | {item} | {value} |", flush=True)
+    if OUT is not None:
+        (OUT / "performance.md").write_text(table())
 
 
 def elapsed() -> float:
@@ -153,6 +165,8 @@ def section_attention(device: torch.device, smoke: bool) -> None:
         max_seqlens=[L, L // 4],
         multiple_of=64,
     )
+    L = 256 if smoke else 2048  # the model check: a shorter sequence, fewer kernels to compile
+    cfg = cfg.replace(max_seqlens=[L, L // 4])
     torch.manual_seed(0)
     model = AUNet(cfg).to(device)
     data = batches(quickstart_windows(cfg.split_strategy, L, 4 * L * 8), 2, device)
@@ -166,7 +180,10 @@ def section_attention(device: torch.device, smoke: bool) -> None:
     emit("attention", "AU-Net logits flex vs sdpa (bf16)", f"max abs diff {err:.2e}")
 
 
-def section_bf16(device: torch.device, smoke: bool, steps: int) -> None:
+def section_bf16(device: torch.device, smoke: bool, steps: int, budget_s: float) -> None:
+    if elapsed() > budget_s:
+        emit("bf16 vs fp32", "section", f"skipped: time budget {budget_s:.0f}s spent")
+        return
     L, B = (256, 4) if smoke else (2048, 16)
     cfg = AUNetConfig(
         dimensions=[64, 128] if smoke else [256, 512],
@@ -252,14 +269,18 @@ def timed(model, opt, data, device, warm: int, n: int) -> float:  # noqa: ANN001
     return (time.perf_counter() - t) / n
 
 
-def section_throughput(device: torch.device, smoke: bool, budget_s: float) -> None:
-    peak = peak_flops(device)
+def section_throughput(
+    device: torch.device, smoke: bool, budget_s: float, peak: float | None
+) -> None:
+    peak = peak or peak_flops(device)
     emit("throughput", "device bf16 peak", f"{peak:.3g} FLOP/s" if peak else "unknown (no MFU)")
     backend = "eager" if smoke else "inductor"  # smoke: the compile path, not its codegen
     warm, n = (1, 2) if smoke else (3, 5)
     mfu: dict[tuple[str, str], float] = {}
     for label, au, byte, T in paper_configs(smoke):
         windows = quickstart_windows(au.split_strategy, T, T * 40)
+        cap = au.capacities[1]
+        real = float(np.minimum((windows[:, 1, :-1] > 0).sum(1) + 1, cap).mean())  # + BOS/pos 0
         for kind, cfg in (("AU-Net 2", au), ("byte Transformer", byte)):
             name = f"{kind} {label} ({num_params(cfg) / 1e6:.0f}M params, T={T})"
             if elapsed() > budget_s:
@@ -267,6 +288,9 @@ def section_throughput(device: torch.device, smoke: bool, budget_s: float) -> No
                 continue
             try:
                 B = pick_batch(cfg, T, device, smoke)
+                gc.collect()
+                reset_peak(device)
+                base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
                 torch.manual_seed(0)
                 model = AUNet(cfg).to(device)
                 chosen = model.set_attention("auto", device, torch.bfloat16)
@@ -281,8 +305,11 @@ def section_throughput(device: torch.device, smoke: bool, budget_s: float) -> No
                 compile_s = time.perf_counter() - t_c
                 step_s = timed(model, opt, data, device, warm - 1, n)
                 flops = flops_per_byte(cfg, T) * B * T / step_s
+                useful = flops
+                if cfg.num_stages:  # FLOPs of the real pooled positions only, padding excluded
+                    useful = flops_per_byte(cfg, T, [real]) * B * T / step_s
                 est = training_memory(cfg, T, B, "bfloat16").total
-                meas = peak_bytes(device)
+                meas = peak_bytes(device) - base  # what earlier models left is not this one's
                 row = (
                     f"batch {B}, attention {chosen}, step {step_s * 1e3:.0f} ms "
                     f"(eager {eager_s * 1e3:.0f} ms: compile x{eager_s / step_s:.2f}, "
@@ -292,6 +319,8 @@ def section_throughput(device: torch.device, smoke: bool, budget_s: float) -> No
                 if peak:
                     mfu[(label, kind)] = flops / peak
                     row += f", MFU {flops / peak:.1%}"
+                    if cfg.num_stages:
+                        row += f" ({useful / peak:.1%} without padding: {real:.0f}/{cap} pooled)"
                 row += f", peak mem {meas / 2**30:.2f} GiB vs est {est / 2**30:.2f} GiB"
                 row += f" ({meas / est:.2f}x)"
                 emit("throughput", name, row)
@@ -310,10 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (about a minute)")
     ap.add_argument("--steps", type=int, default=None, help="bf16 vs fp32 steps (default 50)")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="skip models after this")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="start no model after this")
+    ap.add_argument("--peak-flops", type=float, default=None, help="bf16 peak; default: table")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="also write performance.md here")
     args = ap.parse_args(argv)
     smoke = args.smoke
+    global OUT
+    if args.out:
+        OUT = Path(args.out)
+        OUT.mkdir(parents=True, exist_ok=True)
     if not smoke and not torch.cuda.is_available():
         print("bench: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
         return 2
@@ -326,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (6 if smoke else 50)
     sections = (
         ("attention", lambda: section_attention(device, smoke)),
-        ("bf16", lambda: section_bf16(device, smoke, steps)),
-        ("throughput", lambda: section_throughput(device, smoke, args.budget_s)),
+        ("throughput", lambda: section_throughput(device, smoke, args.budget_s, args.peak_flops)),
+        ("bf16", lambda: section_bf16(device, smoke, steps, args.budget_s + 60)),
     )
     for name, fn in sections:
         t = time.perf_counter()
@@ -337,13 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             emit(name, "section", f"FAILED {type(e).__name__}: {str(e)[:200]}")
             traceback.print_exc()
         print(f"# {name}: {time.perf_counter() - t:.1f}s (total {elapsed():.1f}s)", flush=True)
-    table = ["| section | item | value |", "|---|---|---|"]
-    table += [f"| {s} | {i} | {v} |" for s, i, v in ROWS]
-    text = "\n".join(table) + "\n"
-    print("\n" + text, flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "performance.md").write_text(text)
+    print("\n" + table(), flush=True)
     return 0
 
 
