@@ -149,7 +149,7 @@ def _require_official_strategy(strategy: dict[str, str], where: str) -> None:
         if not key.startswith(OFFICIAL_STRATEGY_PREFIXES):
             kind = next((k for k in ("script", "entropy") if key.startswith(k)), "custom")
             raise InteropError(
-                f"{where}.{key}: a {kind} split strategy cannot be expressed in the official "
+                f"{where}.{key}: the {kind} split strategy cannot be expressed in the official "
                 f"format (it splits by {', '.join(OFFICIAL_STRATEGY_PREFIXES)} only); export a "
                 "model trained with those"
             )

@@ -237,7 +237,7 @@ def test_export_refuses_script_and_entropy_strategies(
     config = AUNetConfig(
         dimensions=[8, 16], layers=[1, 1], head_dims=[4, 8], max_seqlens=[32, 12]
     ).replace(strategy={key: value})
-    with pytest.raises(InteropError, match=f"strategy.{key}: a {kind} split strategy cannot"):
+    with pytest.raises(InteropError, match=f"strategy.{key}: the {kind} split strategy cannot"):
         config_to_lingua(config, 32)
     with pytest.raises(InteropError, match=f"{kind} split strategy"):
         save_lingua_checkpoint(AUNet(config), tmp_path / "out", 32)
@@ -286,7 +286,7 @@ def test_official_2b_configs_param_counts() -> None:
         (lambda c: c["data"].pop("regex"), "data.regex.strategy"),
         (
             lambda c: c["data"]["regex"].update(strategy={"script1": "1@1"}),
-            "data.regex.strategy.script1: a script split strategy cannot be expressed",
+            "data.regex.strategy.script1: the script split strategy cannot be expressed",
         ),
         (
             lambda c: c["model"].update(residuals=[]) or c["model"].update(head_dims=[8, 6]),

@@ -422,6 +422,12 @@ def test_entropy_stages_fit_resolve_and_encode(tmp_path):
     assert m["contraction"][0] == pytest.approx(5, rel=0.25)  # bytes per stage-1 position
     # Training and everything downstream of its checkpoints use the resolved strategy.
     assert dataset_spec(spec, m).model.split_strategy == resolved
+    # A restart compares its checkpoint with the resolved spec (before Ray: from the manifest).
+    from pipelines.train import _published_spec
+
+    assert _published_spec(spec).model.split_strategy == resolved
+    elsewhere = spec.with_overrides({"data.dataset_dir": str(tmp_path / "not-yet")})
+    assert _published_spec(elsewhere) is None  # checked once preprocessing has resolved it
     # Same shards and the same fit with many tiny blocks.
     first = digest(info.path)
     again = pp.preprocess(spec, force=True, block_bytes=256)

@@ -2,12 +2,12 @@
 
 ``python experiments/ablations/split_multilingual_table.py [sweep.yaml]``
 
-Per variant: the measured bytes per stage-s position on its dataset (the manifest's
-``contraction``; the entropy variant's thresholds in bits too), training steps, the final val
-bits/byte on the dataset's own val split, and the end-of-trial eval suite's bits/byte on the
-held-out documents, overall and per language (MLflow metrics ``eval/val/<lang>/bits_per_byte``
-of each trial's run). Reads the sweep's trial records, the dataset manifests and MLflow; runs
-nothing.
+Per variant: the measured tokens (bytes, BOS, EOS) per stage-s position on its dataset (the
+manifest's ``contraction``; the entropy variant's thresholds in bits below the table), training
+steps and wall seconds, the final val bits/byte on the dataset's own val split, and the
+end-of-trial eval suite's bits/byte on the held-out documents, overall and per language (MLflow
+metrics ``eval/val/<lang>/bits_per_byte`` of each trial's run). Reads the sweep's trial
+records, the dataset manifests and MLflow; runs nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     for p in sorted((sweep_dir / "trials").glob("*.json")):
         rec = json.loads(p.read_text())
         records[rec["variant"]] = rec
-    head = ["variant", "bytes/pos s1", "bytes/pos s2", "steps", "val bpb", "eval bpb"]
+    head = ["variant", "tok/pos s1", "tok/pos s2", "steps", "wall s", "val bpb", "eval bpb"]
     rows = [[*head, *LANGS]]
     notes = []
     for config in categorical_grid(sweep):
@@ -49,6 +49,7 @@ def main(argv: list[str]) -> int:
                 label.split("=", 1)[1],
                 *(fmt(c) for c in manifest["contraction"]),
                 str(rec.get("final_step") or rec.get("steps") or "-"),
+                f"{rec['wall_s']:.0f}" if rec.get("wall_s") else "-",
                 fmt(rec.get("val_bits_per_byte")),
                 fmt(metrics.get("eval/val/bits_per_byte")),
                 *(fmt(metrics.get(f"eval/val/{g}/bits_per_byte")) for g in LANGS),

@@ -172,8 +172,9 @@ def run_ray(
 
 def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
     """The same work in one Python process, no Ray: input checksums (the manifest lists them),
-    read -> Splitter -> BOS/EOS -> pack, and each shard through the pipeline's own shard writer
-    (windows, Parquet, the split-point statistics of the manifest)."""
+    read -> Splitter (``levels_batch`` per file) -> BOS/EOS -> pack, and each shard through the
+    pipeline's own shard writer (windows, Parquet, the split-point statistics of the manifest)."""
+    import numpy as np
     import pyarrow.fs as pafs
 
     from aunet.packing import Packer, encode_document, windows
@@ -203,13 +204,20 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
     for f in files:
         file_sha256(str(f))
     for f in files:
+        docs = []  # a file's documents split in one levels_batch call, as the pipeline does
         for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
             data, reason = to_bytes(value)
             if data is None:
                 continue
-            nbytes += len(data)
             split = int(hash01(b"0", b"split", b"id:" + str(ident).encode()) < 0.01)
-            tok, lev = encode_document(data, splitter.levels(data), K)
+            docs.append((split, data))
+        lengths = [len(data) for _, data in docs]
+        levels = splitter.levels_batch(b"".join(data for _, data in docs), np.array(lengths))
+        at = 0
+        for (split, data), n in zip(docs, lengths):
+            nbytes += n
+            tok, lev = encode_document(data, levels[at : at + n], K)
+            at += n
             for chunk in packers[split].add(tok, lev):
                 write(chunk)
     for p in packers:
