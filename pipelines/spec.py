@@ -165,6 +165,10 @@ class TrainConfig:
     eval_batches: int = setting(8, rule=AT_LEAST_1, doc="validation batches per evaluation")
     checkpoint_every: int = setting(100, rule=AT_LEAST_1, doc="steps between checkpoints")
     log_every: int = setting(1, rule=AT_LEAST_1, doc="steps between logged metrics")
+    progress_every: int = setting(
+        10, rule=AT_LEAST_1, doc="steps between progress lines (rank 0, stdout)"
+    )
+    progress_seconds: float = setting(30.0, rule=POSITIVE, doc="and at most this long without one")
     seed: int = setting(42, rule=NONNEG, doc="seed of the per-rank torch and Python RNGs")
     compile: bool = setting(False, doc="torch.compile each block (cap every pooled stage)")
     activation_checkpointing: bool | AcPolicy | list[AcPolicy] = setting(

@@ -35,7 +35,7 @@ from pipelines.data import TrainBatches, val_batches
 from pipelines.paths import is_uri, redact
 from pipelines.plan import TrainPlan
 from pipelines.spec import ExperimentSpec
-from pipelines.train_metrics import StepLog, StepMeter
+from pipelines.train_metrics import Progress, StepLog, StepMeter
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
@@ -152,6 +152,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     peak = tr.peak_flops or peak_flops(device)
     batches, meter = iter(data), StepMeter(plan, world, peak, device)
+    progress = (
+        Progress(plan, tr.progress_every, tr.progress_seconds, state.step, peak and peak * world)
+        if rank == 0
+        else None
+    )
 
     while state.step < plan.steps:
         meter.begin()
@@ -169,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if tracker is not None and _logged(args, step, metrics):
             tracker.log_metrics(metrics, step, replayable=True)  # steps.jsonl holds them too
         log.write(step, attempt, position, data.global_ids(position), metrics)
+        if progress is not None:
+            progress.update(step, metrics)
         report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"]}
         report["val_bits_per_byte"] = state.val_bits_per_byte
         if checkpointer.due(step, last):
@@ -217,6 +224,9 @@ def _periodic_evals(
         t0 = time.perf_counter()
         bpb = validate(model, args.dataset, args.plan.batch_size, rank, world, tr.eval_batches)
         state.val_bits_per_byte = out[_VAL] = bpb
+        if bpb is not None:  # the compute axis at this very point: bits/byte vs FLOPs in MLflow
+            out["val/flops"] = args.plan.flops_per_step * step
+            out["val/bytes_seen"] = args.plan.bytes_per_step * step
         out["time/eval_s"] = time.perf_counter() - t0
     if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
         t0 = time.perf_counter()
