@@ -107,13 +107,20 @@ def authenticated(uri: str) -> str:
     return clean
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view when it guesses
+# wrong; model training is the "custom model development" kind (its runs and charts view).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id_for(client: Any, uri: str, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
         return client.create_experiment(
-            name, artifact_location=artifact_location_for(uri, artifact_location)
+            name,
+            artifact_location=artifact_location_for(uri, artifact_location),
+            tags=EXPERIMENT_KIND,
         )
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
