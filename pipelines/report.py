@@ -248,7 +248,7 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
             continue
         seen.add(cell)
         steps, C = int(float(p["plan.steps"])), float(p["plan.total_flops"])
-        K = int(float(p.get("derived.num_stages", 0)))
+        K = int(float(p.get("derived.pooling_stages", p.get("derived.num_stages", 0))))
         tok = [m.get(f"tokens_total/stage{s}") for s in range(K + 1)]
         contraction = [tok[0] / x for x in tok] if all(tok) else None
         point = {

@@ -345,7 +345,8 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         **flatten(spec),
         **args.plan.params(),
         "derived.world_size": world,
-        "derived.num_stages": spec.model.num_stages,
+        # Pooling stages K (the bytes are stage 0): the paper's "AU-Net 2" has K = 1.
+        "derived.pooling_stages": spec.model.num_stages,
         "derived.split_strategy": json.dumps(spec.model.split_strategy),
         "derived.variant": args.variant,
     }
@@ -360,6 +361,10 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
             (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
+        if manifest.is_file():
+            from pipelines.tracking import dataset_input
+
+            tracker.log_input(dataset_input(args.dataset, json.loads(manifest.read_text())))
     return tracker
 
 

@@ -319,6 +319,9 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
         assert history["val/bytes_seen"][step] == step * 4 * 64 == history["bytes_seen"][step]
     assert "git_commit" in run.data.tags
     assert len(run.data.tags["aunet.dataset_hash"]) == 64  # the report's provenance
+    (ds,) = run.inputs.dataset_inputs  # the dataset as a run input: where, and which content
+    assert ds.dataset.digest == run.data.tags["aunet.dataset_hash"][:36]
+    assert ds.dataset.name == "t" and str(root / "dataset") in ds.dataset.source
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset", "final"} <= top
     final = {a.path for a in client.list_artifacts(run.info.run_id, "final")}
