@@ -211,6 +211,9 @@ class TrackingConfig:
         None, rule=NONEMPTY, doc="artifact root of a new experiment; null: the store's choice"
     )
     log_model: bool = setting(True, doc="also log the final checkpoint as a servable pyfunc model")
+    system_metrics_s: float | None = setting(
+        10.0, rule=POSITIVE, doc="system/* metrics (CPU, memory, disk, network, GPU) every N s"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -136,6 +136,7 @@ class Tracker:
         attempts: int = 4,
         backoff_s: float = 0.5,
         max_pending: int = _MAX_PENDING,
+        system_metrics_s: float | None = None,
     ) -> None:
         # MLflow's own HTTP retries last minutes; ours (bounded) replace them.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -180,6 +181,24 @@ class Tracker:
         self._flush_every_s = flush_every_s
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
+        self._system = (
+            None if offline or not system_metrics_s else self._system_monitor(system_metrics_s)
+        )
+
+    def _system_monitor(self, interval_s: float) -> Any:
+        """MLflow's system-metrics monitor (psutil; nvidia-ml-py on GPU) on this run: system/*
+        metrics every ``interval_s``. It sends on its own thread; a failure only warns."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, interval_s, resume_logging=self.resumed, tracking_uri=self.uri
+            )
+            monitor.start()
+            return monitor
+        except Exception as e:
+            warn(f"system metrics off ({type(e).__name__}: {safe_error(e)})")
+            return None
 
     # ------------------------------------------------------------------ set-up
     def _call(self, fn: Callable[[], T], what: str) -> T:
@@ -402,6 +421,8 @@ class Tracker:
         """
         if timeout_s is None:
             timeout_s = float(os.environ.get(CLOSE_TIMEOUT_ENV) or 60.0)
+        if self._system is not None:
+            self._system.finish()  # its last samples, before the run is marked
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=timeout_s)

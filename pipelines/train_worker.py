@@ -340,6 +340,7 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         run_id=state.mlflow_run_id,
         **_tracker_files(args),
         resumed_step=state.step,
+        system_metrics_s=spec.tracking.system_metrics_s,
     )
     params = {
         **flatten(spec),

@@ -205,7 +205,7 @@ def killed_run(ray_session, tmp_path_factory):
     shutil.copy(EVAL / "piqa_sample.jsonl", root / "evdata/piqa.jsonl")
     spec = _spec(
         root, eval_suite="eval.yaml", eval_suite_every=3, progress_every=2, progress_seconds=1e6
-    )
+    ).with_overrides({"tracking.system_metrics_s": 1})
     marker = root / "killed"
     fault = FaultInjection(step=4, rank=1, marker=str(marker))
     out = io.StringIO()  # what the user's terminal shows: Ray forwards the workers' stdout here
@@ -319,6 +319,8 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
         assert history["val/bytes_seen"][step] == step * 4 * 64 == history["bytes_seen"][step]
     assert "git_commit" in run.data.tags
     assert len(run.data.tags["aunet.dataset_hash"]) == 64  # the report's provenance
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert cpu and all(0 <= m.value <= 100 * os.cpu_count() for m in cpu)  # MLflow's monitor
     (ds,) = run.inputs.dataset_inputs  # the dataset as a run input: where, and which content
     assert ds.dataset.digest == run.data.tags["aunet.dataset_hash"][:36]
     assert ds.dataset.name == "t" and str(root / "dataset") in ds.dataset.source
