@@ -137,10 +137,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     if checkpointer.restore(model, opt, sched, state) and rank == 0:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
-    tracker = _open_tracker(args, world, state) if rank == 0 else None
+    # The attention backend resolve_backend picked, as a tag of a new run (a set_tag after the
+    # run opened would fail a worker restarted during a tracking outage).
+    attention = {"aunet.attention": model.attn_backend}
+    tracker = _open_tracker(args, world, state, attention) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
-    if tracker is not None:
-        tracker.set_tags({"aunet.attention": model.attn_backend})  # resolve_backend's pick
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
         args.dataset,
@@ -305,7 +306,9 @@ def _logged(args: WorkerArgs, step: int, metrics: dict[str, Any]) -> bool:
     return step % args.spec.train.log_every == 0 or last or _SUITE_S in metrics
 
 
-def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
+def _open_tracker(
+    args: WorkerArgs, world: int, state: TrainState, extra_tags: dict[str, str]
+) -> Tracker:
     """Rank 0's MLflow run: reopened by the checkpoint's run id or the run key, else created.
 
     A reopened run is backfilled from ``steps.jsonl`` up to the restored step, and from the
@@ -322,6 +325,7 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         "aunet.variant": args.variant or "",
         "aunet.experiment_file": args.spec_file or "",
         "aunet.run_dir": args.run_dir,
+        **extra_tags,
     }
     manifest = Path(args.dataset) / "manifest.json"
     if manifest.is_file():  # the dataset's identity (docs/data.md), for reports' provenance
