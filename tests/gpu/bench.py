@@ -296,9 +296,11 @@ def section_throughput(
                 chosen = model.set_attention("auto", device, torch.bfloat16)
                 opt = build_optimizer(model, 1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
                 data = batches(windows, B, device)
+                reset_peak(device)  # eager phase: its own peak (autograd keeps every saved tensor)
                 eager_s = timed(model, opt, data, device, 1, 2 if smoke else 3)
+                eager_peak = peak_bytes(device) - base  # earlier models' leftovers excluded
                 shard(model, False, compile=True, compile_backend=backend)
-                reset_peak(device)
+                reset_peak(device)  # compiled phase: the partitioner keeps fewer tensors
                 t_c = time.perf_counter()
                 train_steps(model, opt, data, 1, device, "bfloat16")
                 sync(device)
@@ -308,7 +310,8 @@ def section_throughput(
                 useful = flops
                 if cfg.num_stages:  # FLOPs of the real pooled positions only, padding excluded
                     useful = flops_per_byte(cfg, T, [real]) * B * T / step_s
-                est = training_memory(cfg, T, B, "bfloat16").total
+                est_e = training_memory(cfg, T, B, "bfloat16").total
+                est_c = training_memory(cfg, T, B, "bfloat16", compiled=True).total
                 meas = peak_bytes(device) - base  # what earlier models left is not this one's
                 row = (
                     f"batch {B}, attention {chosen}, step {step_s * 1e3:.0f} ms "
@@ -321,8 +324,9 @@ def section_throughput(
                     row += f", MFU {flops / peak:.1%}"
                     if cfg.num_stages:
                         row += f" ({useful / peak:.1%} without padding: {real:.0f}/{cap} pooled)"
-                row += f", peak mem {meas / 2**30:.2f} GiB vs est {est / 2**30:.2f} GiB"
-                row += f" ({meas / est:.2f}x)"
+                row += f", peak mem eager {eager_peak / 2**30:.2f} GiB vs est {est_e / 2**30:.2f}"
+                row += f" GiB ({eager_peak / est_e:.2f}x), compiled {meas / 2**30:.2f} GiB vs est"
+                row += f" {est_c / 2**30:.2f} GiB ({meas / est_c:.2f}x)"
                 emit("throughput", name, row)
                 del model, opt
             except Exception as e:
