@@ -10,8 +10,10 @@ printed as soon as it is measured:
 1. attention: FlexAttention (and flash-attn when installed) vs SDPA on the same inputs, bf16;
 2. throughput: AU-Net 2 and a byte Transformer of the same FLOPs per byte at ~100M and ~1B
    parameters (seq 8192, the paper's windows): step time eager and with compiled blocks (the
-   compile speedup), bytes/s, achieved FLOP/s (``aunet.flops``), MFU against the bf16 peak
-   (``aunet.parallel.PEAK_BF16_FLOPS``) and peak memory against ``aunet.memory``;
+   compile speedup), bytes/s, useful FLOP/s (``aunet.flops`` at the real pooled positions; the
+   pooled capacity is taken from the bench's windows so little is padding), MFU against the bf16
+   peak (``aunet.parallel.PEAK_BF16_FLOPS``), and the peak memory of the eager and of the
+   compiled steps against ``aunet.memory``'s eager and compiled estimates;
 3. bf16 vs fp32: the loss after N steps on the quickstart corpus from the same initial weights.
 
 bf16 here is ``torch.autocast`` over fp32 weights (one device, no process group); the training
