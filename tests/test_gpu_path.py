@@ -196,6 +196,7 @@ def test_memory_estimate_against_measured():
         assert activation_bytes(cfg, 128, 2, activation_checkpointing="blocks") < full / 2
 
 
+@pytest.mark.slow  # compiles two models (4-10 s on a loaded 2-core machine)
 def test_compiled_memory_estimate_against_measured():
     """Compiled blocks (AOTAutograd's min-cut partitioner, inductor's, without its codegen) save
     what ``compiled_block_activation_bytes`` counts, within 20%, and less than eager: a byte
@@ -237,6 +238,13 @@ def test_memory_cli_prints_tables_and_rejects_bad_specs(capsys):
     out = capsys.readouterr().out
     for label in ("scaling-paper", "byte", "aunet2", "aunet3"):
         assert f"| {label}: training, bfloat16, FSDP x16, 2 x 8192 bytes" in out
+    acts = {}
+    for compiled in ("false", "true"):  # compiled blocks: the smaller compiled activation model
+        assert main(["experiments/quickstart.yaml", f"train.compile={compiled}"]) == 0
+        out = capsys.readouterr().out
+        assert ("compiled blocks" in out) == (compiled == "true")
+        acts[compiled] = float(out.split("| activations | ")[1].split(" |")[0])
+    assert 0 < acts["true"] < 0.85 * acts["false"], acts
     assert main(["experiments/quickstart.yaml", "train.activation_checkpointing=[blocks]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "activation_checkpointing" in err
