@@ -76,6 +76,33 @@ def block_activation_bytes(config: AUNetConfig, s: int, p: int) -> float:
     return norms + rope + attn + lse + 4 * p * h
 
 
+def compiled_block_activation_bytes(config: AUNetConfig, s: int, p: int) -> float:
+    """Bytes a ``torch.compile``'d block keeps per position (AOTAutograd's min-cut partitioner,
+    the one inductor uses), compute bytes ``p``.
+
+    The partitioner saves a cut of the forward graph from which the backward recomputes cheap
+    pointwise ops; per op (d = width, h = SwiGLU width), as counted on CPU by
+    tests/test_gpu_path.py with the attention as a graph break (Flex is one):
+
+    * each RMSNorm: its float32 input (4*d; the residual stream), the float32 reciprocal RMS (4)
+      and the cast of its output to the compute dtype (p*d, the matmul input); the float32
+      normalised output that eager autograd also keeps is recomputed from input and rstd;
+    * RoPE: nothing (its backward is the inverse rotation by the constant cos/sin tables), where
+      eager keeps float32 q and k;
+    * attention (its own autograd, Flex or SDPA's efficient kernels): the rotated q, k and v it
+      was given (GQA heads repeated, so d each: 3*p*d), its output (p*d) and the float32
+      log-sum-exp per head; no score matrix;
+    * output projection: a contiguous (positions, d) copy of that output (p*d);
+    * SwiGLU: w1x, w3x and their product silu(w1x)*w3x, the w2 input (3*p*h); silu(w1x), which
+      eager also keeps, is recomputed.
+    """
+    st = config.stages[s]
+    d, h = st.dim, config.ffn_hidden(st.dim)
+    norms = 2 * (FP32 * d + FP32 + p * d)
+    attn = 3 * p * d + p * d + FP32 * st.n_heads + p * d
+    return norms + attn + 3 * p * h
+
+
 def activation_bytes(
     config: AUNetConfig,
     seq_len: int,
@@ -83,20 +110,24 @@ def activation_bytes(
     dtype: str = "float32",
     activation_checkpointing: str | Sequence[str] = "none",
     stage_tokens: Sequence[float] | None = None,
+    compiled: bool = False,
 ) -> float:
     """Peak bytes of saved activations for one forward of ``batch_size`` x ``seq_len`` bytes.
 
     A checkpointed block keeps only its input (p*d per position); the backward then recomputes one
     block at a time, so the largest checkpointed block is added once. Transitions and the head are
     never checkpointed; the head keeps the float32 log-probabilities (4*258 per byte).
+    ``compiled``: the blocks are ``torch.compile``'d (``aunet.parallel.shard(compile=True)``) and
+    keep ``compiled_block_activation_bytes``; transitions and the head stay eager either way.
     """
     p = dtype_bytes(dtype)
     K = config.num_stages
     L = stage_lengths(config, seq_len, stage_tokens)
     policies = ac_per_stage(activation_checkpointing, K)
+    per_block = compiled_block_activation_bytes if compiled else block_activation_bytes
     total, recompute = 0.0, 0.0
     for s, st in enumerate(config.stages):
-        full = block_activation_bytes(config, s, p) * L[s]
+        full = per_block(config, s, p) * L[s]
         kept = p * st.dim * L[s]
         per_stack = st.layers
         stacks = 1 if st.is_trunk else 2
@@ -165,8 +196,10 @@ def training_memory(
     world_size: int = 1,
     activation_checkpointing: str | Sequence[str] = "none",
     stage_tokens: Sequence[float] | None = None,
+    compiled: bool = False,
 ) -> MemoryEstimate:
-    """Per-device memory of AdamW training; ``batch_size`` = sequences per device."""
+    """Per-device memory of AdamW training; ``batch_size`` = sequences per device; ``compiled``:
+    blocks compiled with inductor (``compiled_block_activation_bytes``)."""
     P, W = num_params(config), world_size
     compute_copy = 0 if dtype == "float32" else dtype_bytes(dtype) * P
     return MemoryEstimate(
@@ -174,7 +207,7 @@ def training_memory(
         grads=FP32 * P / W,
         optimizer=(2 * FP32 * P + FP32 * param_tensors(config)) / W,
         activations=activation_bytes(
-            config, seq_len, batch_size, dtype, activation_checkpointing, stage_tokens
+            config, seq_len, batch_size, dtype, activation_checkpointing, stage_tokens, compiled
         ),
     )
 

@@ -3,10 +3,11 @@
     python -m pipelines.memory <experiment.yaml> [k=v ...] [--world N] [--batch B]
 
 One table per model (the spec's, then each variant's): parameters, gradients, optimizer state and
-activations per device for training (``train.dtype``, ``train.activation_checkpointing``, FSDP over
-``resources.num_workers`` GPUs, ``train.batch_size`` / GPUs sequences, else 1), and the bf16 weights
-plus key/value cache of serving one ``seq_len`` context. ``aunet.memory`` is the pure estimator;
-this module only reads the YAML (``aunet`` imports no yaml). docs/performance.md (Memory).
+activations per device for training (``train.dtype``, ``train.activation_checkpointing``,
+``train.compile``, FSDP over ``resources.num_workers`` GPUs, ``train.batch_size`` / GPUs sequences,
+else 1), and the bf16 weights plus key/value cache of serving one ``seq_len`` context.
+``aunet.memory`` is the pure estimator; this module only reads the YAML (``aunet`` imports no
+yaml). docs/performance.md (Memory).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def spec_table(spec: ExperimentSpec, world: int, batch: int | None, label: str) 
         batch = max(1, (tr.batch_size or world) // world)
     ac = tr.activation_checkpointing
     ac = {True: "blocks", False: "none"}.get(ac, ac) if isinstance(ac, bool) else ac
-    train = training_memory(spec.model, T, batch, dtype, world, ac)
+    compiled = bool(tr.compile)  # compiled blocks keep fewer activations (docs/performance.md)
+    train = training_memory(spec.model, T, batch, dtype, world, ac, compiled=compiled)
     serve = inference_memory(spec.model, T, 1, "bfloat16")
     title = (
         f"{label}: training, {dtype}, FSDP x{world}, {batch} x {T} bytes per GPU, "
-        f"checkpointing {ac}"
+        f"checkpointing {ac}{', compiled blocks' if compiled else ''}"
     )
     serving = format_table(serve.rows()[:1] + serve.rows()[3:], f"{label}: serving, bf16, 1 x {T}")
     return format_table(train.rows(), title) + "\n\n" + serving.replace("activations", "kv cache")

@@ -196,6 +196,39 @@ def test_memory_estimate_against_measured():
         assert activation_bytes(cfg, 128, 2, activation_checkpointing="blocks") < full / 2
 
 
+@pytest.mark.slow  # compiles two models (4-10 s on a loaded 2-core machine)
+def test_compiled_memory_estimate_against_measured():
+    """Compiled blocks (AOTAutograd's min-cut partitioner, inductor's, without its codegen) save
+    what ``compiled_block_activation_bytes`` counts, within 20%, and less than eager: a byte
+    Transformer and an AU-Net 2 in bf16 autocast (docs/performance.md, Memory)."""
+    for cfg, T in (
+        (AUNetConfig(dimensions=[64], layers=[2], head_dims=[16], sliding_windows=[32]), 128),
+        (small_config(dimensions=[64, 128], head_dims=[16, 32], max_seqlens=[128, 64]), 128),
+    ):
+        torch.manual_seed(0)
+        model = AUNet(cfg)
+        model.set_attention("sdpa", torch.device("cpu"), torch.bfloat16)
+        shard(model, False, compile=True, compile_backend="aot_eager_decomp_partition")
+        tokens, levels = batch(3, T, cfg.num_stages, seed=7)
+        stage_tokens = [float(cap) for cap in cfg.capacities[1:]]  # compiled: at capacity
+        for _ in range(2):  # the first call compiles; the second is measured
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fwd = functools.partial(
+                    lambda m, t, lv: m(t, lv, targets=t).loss, model, tokens, levels
+                )
+                loss, saved = measure_saved_bytes(fwd, exclude=model.parameters())
+            loss.backward()
+        # bf16 casts of the matrices are saved too: the compute copy, counted with parameters;
+        # SDPA's (L, L) boolean-as-bf16 mask per stage is a CPU-path constant, not an activation
+        casts = sum(2 * p.numel() for p in model.parameters() if p.dim() == 2)
+        masks = sum(2 * int(L) ** 2 for L in [T, *stage_tokens])
+        acts = saved - casts - masks
+        est = activation_bytes(cfg, T, 3, "bfloat16", stage_tokens=stage_tokens, compiled=True)
+        eager = activation_bytes(cfg, T, 3, "bfloat16", stage_tokens=stage_tokens)
+        assert 0.8 < est / acts < 1.2, (cfg.dimensions, est, acts, saved)
+        assert est < 0.85 * eager
+
+
 def test_memory_cli_prints_tables_and_rejects_bad_specs(capsys):
     """``python -m pipelines.memory`` on the shipped study spec (a study's variants are tables
     too) and on a bad override: one line, exit code 2."""
@@ -205,6 +238,13 @@ def test_memory_cli_prints_tables_and_rejects_bad_specs(capsys):
     out = capsys.readouterr().out
     for label in ("scaling-paper", "byte", "aunet2", "aunet3"):
         assert f"| {label}: training, bfloat16, FSDP x16, 2 x 8192 bytes" in out
+    acts = {}
+    for compiled in ("false", "true"):  # compiled blocks: the smaller compiled activation model
+        assert main(["experiments/quickstart.yaml", f"train.compile={compiled}"]) == 0
+        out = capsys.readouterr().out
+        assert ("compiled blocks" in out) == (compiled == "true")
+        acts[compiled] = float(out.split("| activations | ")[1].split(" |")[0])
+    assert 0 < acts["true"] < 0.85 * acts["false"], acts
     assert main(["experiments/quickstart.yaml", "train.activation_checkpointing=[blocks]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "activation_checkpointing" in err
