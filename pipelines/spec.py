@@ -195,6 +195,11 @@ class TrackingConfig:
         None, rule=NONEMPTY, doc="artifact root of a new experiment; null: the store's choice"
     )
     log_model: bool = setting(True, doc="also log the final checkpoint as a servable pyfunc model")
+    register_model: str | None = setting(
+        None,
+        rule=NONEMPTY,
+        doc="register that model under this name (serve models:/<name>/<version>); needs log_model",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
