@@ -179,6 +179,9 @@ def test_overload_gets_503_and_the_app_keeps_serving(app):
 def test_metrics_reach_the_prometheus_endpoint(app):
     url, metrics_url, _ = app
     assert post(url, REQUESTS[1])[0] == 200
+    # a batch that generates nothing at all (a zero-byte counter increment must not fail it)
+    status, raw = post(url, {"prompt": "x", "max_new_bytes": 0, "stream": True})
+    assert (status, raw) == (200, b"")
     want = {
         "ray_aunet_requests_total",
         "ray_aunet_generated_bytes_total",

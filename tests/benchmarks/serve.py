@@ -73,7 +73,7 @@ def one_request(port: int, body: dict, deadline: float) -> tuple[float, float, b
             out += chunk
         end = time.perf_counter()
         return ((first or end) - t0, end - t0, out)
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return None
     finally:
         conn.close()
