@@ -255,11 +255,8 @@ class Tracker:
             warn(f"artifact {path} not logged ({type(e).__name__}: {safe_error(e)})")
 
     def log_model(self, final_dir: str, register: str | None = None) -> str | None:
-        """The final checkpoint as the run's pyfunc generation model (``pipelines.serve``),
-        its URI tagged ``aunet.model_uri``; ``register``: also a new version of that registered
-        model (``tracking.register_model``; the URI is then ``models:/<name>/<version>``).
-        Never fatal (a warning and None): the run's metrics and its checkpoint artifact are
-        already safe."""
+        """The final checkpoint as the run's pyfunc model (tag ``aunet.model_uri``), registered as
+        ``models:/<register>/<version>`` when asked; never fatal (a warning and None)."""
         try:
             from pipelines.tracking_model import log_generation_model
 
