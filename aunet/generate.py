@@ -50,10 +50,12 @@ def generation_splitter(config: AUNetConfig) -> Splitter | None:
         return None
     splitter = Splitter(config.split_strategy)
     if not splitter.prefix_stable:
-        unstable = [st.key for st in splitter.stages if st.kind not in ("word", "script")]
+        unstable = [
+            st.key for st in splitter.stages if st.kind not in ("word", "script", "entropy")
+        ]
         raise ValueError(
             f"strategy {(unstable or [splitter.stages[0].key])[0]!r}: generation needs a "
-            "prefix-stable split strategy (word or script N@M); pretok, punct and custom "
+            "prefix-stable split strategy (word or script N@M, entropy); pretok, punct and custom "
             "strategies change the levels of earlier bytes when bytes are appended "
             "(docs/design.md, Prefix stability), which a KV cache cannot revise"
         )

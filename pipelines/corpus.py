@@ -9,9 +9,8 @@ produces does not depend on how Ray schedules it (``pipelines.preprocess`` relie
 - Rejected documents, with their reason: ``missing_field`` (no text field, or null),
   ``invalid_unicode`` (a JSON string with a lone surrogate: it has no UTF-8 encoding), ``not_text``
   (a number, list, ...), ``empty``. A file that cannot be read, a line that is not JSON or a
-  missing parquet column is a ``CorpusError`` naming the file (and line). Inside a Ray Data task it
-  travels to the driver as an error row (``ERROR_SPLIT``) rather than as a failed task, which Ray
-  would retry and report in a page of log; the driver raises it (``raise_error_rows``).
+  missing parquet column is a ``CorpusError`` naming the file (and line); a preprocessing task
+  returns its message to the driver, which raises it (``pipelines.units``).
 - Source weights are the expected number of passes over a source: 2.5 reads it 3 times, keeping
   every document in passes 0 and 1 and, in pass 2, those whose hash (seed, source, pass, key)
   falls below 0.5 (reason ``sampled_out``, counted apart from rejections); 0 excludes the source.
@@ -37,7 +36,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MISSING = object()
-ERROR_SPLIT = -2  # split of an error row: its ``ident`` is the message
 
 
 class CorpusError(ValueError):
@@ -80,7 +78,7 @@ def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
     out = []
     for i, src in enumerate(sources):
         for path in source_files(i, src.path):
-            digest = file_sha256(path)
+            digest = cached_sha256(path)
             fields = {k: getattr(src, k) for k in ("text_field", "id_field", "lang_field")}
             out.append(
                 {
@@ -94,6 +92,62 @@ def resolve_inputs(sources: list[Any]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def _cache_file() -> str:
+    root = os.environ.get("AUNET_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "aunet"
+    )
+    return os.path.join(root, "sha256.json")
+
+
+_SHA_MEMO: dict[str, tuple[int, int, str]] = {}
+
+
+def cached_sha256(path: str) -> str:
+    """``file_sha256``, remembered per file by (size, mtime) in a local JSON cache.
+
+    The checksums are what a dataset's identity hangs on (docs/data.md, Dataset identity), and
+    every driver that asks where a dataset lives needs them: hashing a large corpus once per
+    machine, not once per command, keeps that cheap. A changed file changes size or mtime.
+    """
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read input: {e}") from e
+    key = (st.st_size, st.st_mtime_ns)
+    hit = _SHA_MEMO.get(real)
+    if hit is None:
+        try:
+            with open(_cache_file()) as f:
+                _SHA_MEMO.update({k: tuple(v) for k, v in json.load(f).items()})
+        except (OSError, ValueError):
+            pass
+        hit = _SHA_MEMO.get(real)
+    if hit is not None and tuple(hit[:2]) == key:
+        return hit[2]
+    digest = file_sha256(real)
+    _SHA_MEMO[real] = (*key, digest)
+    try:  # best effort: a read-only home only costs the re-hash next time
+        os.makedirs(os.path.dirname(_cache_file()), exist_ok=True)
+        tmp = f"{_cache_file()}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(_SHA_MEMO, f)
+        os.replace(tmp, _cache_file())
+    except OSError:
+        pass
+    return digest
+
+
+def source_digests(path: str) -> list[str] | str:
+    """The checksums of a source's files (sorted glob), or the path itself where none matches
+    (a spec is hashed before its inputs are checked; preprocessing then names the bad path)."""
+    if "://" in path:
+        return path
+    files = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
+    files = [f for f in files if os.path.isfile(f)]
+    return [cached_sha256(f) for f in files] if files else path
 
 
 def file_sha256(path: str) -> str:
@@ -118,44 +172,92 @@ def hash01(*parts: bytes) -> float:
 
 def jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number from 1, object) of a .jsonl / .jsonl.gz / .jsonl.zst file, blank lines
-    skipped. A line that is not a JSON object is a ``CorpusError`` (a ValueError) naming the file
-    and line; read errors propagate as OSError / ``pa.ArrowException``."""
-    with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise CorpusError(f"{path}: line {n}: invalid JSON: {e}") from None
-            if not isinstance(rec, dict):
-                raise CorpusError(f"{path}: line {n}: expected a JSON object")
-            yield n, rec
+    skipped; a line that is not a JSON object is a ``CorpusError`` naming the file and line."""
+    for where, _, rec in jsonl_pieces(path):
+        yield int(where.split()[1]), rec
 
 
-def records(path: str, fmt: str, text_field: str, id_field: str | None, lang_field: str | None):
-    """Yield (record number, text value or MISSING, id, lang) of one file; errors name the file."""
+def jsonl_pieces(
+    path: str, lo: int = 0, hi: int | None = None
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(where, ident, object) of each line of a .jsonl / .jsonl.gz / .jsonl.zst file, blank lines
+    skipped; ``lo``/``hi``: the byte range of a plain .jsonl whose lines are read (a line belongs
+    to the range its first byte is in). ``where`` is "line N" from the file's start (or "line at
+    byte B" inside a range that does not start there: counting the lines before it would read
+    the file's head once per range); ``ident`` the record's default id in the manifest. A line
+    that is not a JSON object is a ``CorpusError`` (a ValueError) naming the file and line."""
+    for where, ident, line in _lines(path, lo, hi):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise CorpusError(f"{path}: {where}: invalid JSON: {e}") from None
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{path}: {where}: expected a JSON object")
+        yield where, ident, rec
+
+
+def _lines(path: str, lo: int, hi: int | None) -> Iterator[tuple[str, str, bytes]]:
+    if lo == 0 and hi is None:
+        with io.BufferedReader(pa.input_stream(path, compression="detect"), 1 << 20) as f:
+            for n, line in enumerate(f, 1):
+                yield f"line {n}", f"{path}:{n - 1}", line
+        return
+    end = os.path.getsize(path) if hi is None else hi
+    with open(path, "rb", buffering=1 << 20) as f:
+        pos = 0
+        if lo:
+            f.seek(lo - 1)  # the previous byte: a newline there means a line starts at lo
+            pos = lo - 1 + len(f.readline())
+        n = 0
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            n += 1
+            if lo == 0:
+                yield f"line {n}", f"{path}:{n - 1}", line
+            else:
+                yield f"line at byte {pos}", f"{path}@{pos}", line
+            pos += len(line)
+
+
+def records(
+    path: str,
+    fmt: str,
+    text_field: str,
+    id_field: str | None,
+    lang_field: str | None,
+    lo: int = 0,
+    hi: int | None = None,
+):
+    """Yield (default id, text value or MISSING, id, lang) of one file or piece of it (a byte
+    range of a plain .jsonl, row groups ``[lo, hi)`` of a parquet file); errors name the file."""
     try:
         if fmt == "txt":
             with open(path, "rb") as f:
-                yield 0, f.read(), None, None
+                yield f"{path}:0", f.read(), None, None
         elif fmt == "jsonl":
-            for line_no, rec in jsonl_objects(path):
+            for _, default, rec in jsonl_pieces(path, lo, hi):
                 ident = rec.get(id_field) if id_field else None
                 lang = rec.get(lang_field) if lang_field else None
-                yield line_no - 1, rec.get(text_field, MISSING), ident, lang
+                yield default, rec.get(text_field, MISSING), ident, lang
         elif fmt == "parquet":
             pf = pq.ParquetFile(path)
             cols = [c for c in (text_field, id_field, lang_field) if c]
             for col in cols:
                 if col not in pf.schema_arrow.names:
                     raise CorpusError(f"{path}: no column {col!r} (has {pf.schema_arrow.names})")
-            n = 0
-            for batch in pf.iter_batches(columns=cols, batch_size=1024):
+            groups = list(range(lo, pf.num_row_groups if hi is None else hi))
+            n = sum(pf.metadata.row_group(g).num_rows for g in range(lo))
+            if not groups:
+                return
+            for batch in pf.iter_batches(columns=cols, batch_size=1024, row_groups=groups):
                 d = batch.to_pydict()
                 for j, text in enumerate(d[text_field]):
                     ident = d[id_field][j] if id_field else None
-                    yield n, text, ident, d[lang_field][j] if lang_field else None
+                    yield f"{path}:{n}", text, ident, d[lang_field][j] if lang_field else None
                     n += 1
         else:
             raise CorpusError(f"{path}: unknown format {fmt!r} (txt, jsonl, parquet)")
@@ -179,57 +281,38 @@ def to_bytes(value: Any) -> tuple[bytes | None, str | None]:
     return (data, None) if data else (None, "empty")
 
 
-def _error_table(message: str) -> pa.Table:
-    row = {"data": [None], "split": [ERROR_SPLIT], "reject": ["error"], "ident": [message]}
-    return pa.Table.from_pydict({**row, "lang": [None]}, schema=DOCS_SCHEMA)
-
-
-def raise_error_rows(table: pa.Table) -> None:
-    """Raise the ``CorpusError`` a task sent as an error row (``read_unit``), if there is one."""
-    split = table.column("split").to_numpy()
-    bad = np.flatnonzero(split == ERROR_SPLIT)
-    if len(bad):
-        raise CorpusError(table.column("ident")[int(bad[0])].as_py())
-
-
-def read_unit(batch: dict[str, np.ndarray]):
-    """One (file, pass) unit -> blocks of document rows in record order (split -1 = not kept).
-
-    A ``CorpusError`` ends the unit with an error row (``raise_error_rows``) instead of failing
-    the task: the user reads one line naming the file and line, not Ray's retry log.
-    """
-    try:
-        yield from _read_unit(batch)
-    except CorpusError as e:
-        yield _error_table(str(e))
-
-
-def _read_unit(batch: dict[str, np.ndarray]):
-    (u,) = [json.loads(s) for s in batch["unit"]]
-    seed, w, p = str(u["seed"]).encode(), u["weight"], u["pass"]
-    keep = min(1.0, w - p)  # keep-probability of a document in this pass
+def unit_tables(
+    unit: dict[str, Any], inputs: list[dict[str, Any]], settings: dict[str, Any]
+) -> Iterator[pa.Table]:
+    """One work unit -> tables of document rows in record order (split -1 = not kept), each
+    holding about ``settings["block_bytes"]`` of text. Raises ``CorpusError`` naming the file."""
+    seed, p = str(settings["seed"]).encode(), unit["pass"]
     rows: dict[str, list] = {k: [] for k in DOCS_SCHEMA.names}
     size = 0
-    recs = records(u["path"], u["format"], u["text_field"], u["id_field"], u["lang_field"])
-    for n, value, ident, lang in recs:
-        data, reason = to_bytes(value)
-        split = -1
-        if data is not None:
-            key = b"id:" + str(ident).encode("utf-8", "replace") if ident is not None else data
-            pass_key = f"{u['source']}/{p}".encode()
-            if keep < 1.0 and hash01(seed, b"pass", pass_key, key) >= keep:
-                data, reason = None, "sampled_out"
-            else:
-                split = int(hash01(seed, b"split", key) < u["val_fraction"])
-        rows["data"].append(data)
-        rows["split"].append(split)
-        rows["reject"].append(reason)
-        rows["ident"].append(str(ident) if ident is not None else f"{u['path']}:{n}")
-        rows["lang"].append(None if lang is None else str(lang))
-        size += len(data) if data else 0
-        if size >= u["block_bytes"]:
-            yield pa.Table.from_pydict(rows, schema=DOCS_SCHEMA)
-            rows, size = {k: [] for k in DOCS_SCHEMA.names}, 0
+    for piece in unit["pieces"]:
+        u = inputs[piece["input"]]
+        keep = min(1.0, u["weight"] - p)  # keep-probability of a document in this pass
+        pass_key = f"{u['source']}/{p}".encode()
+        fields = (u["text_field"], u["id_field"], u["lang_field"])
+        recs = records(u["path"], u["format"], *fields, piece["lo"], piece["hi"])
+        for default, value, ident, lang in recs:
+            data, reason = to_bytes(value)
+            split = -1
+            if data is not None:
+                key = b"id:" + str(ident).encode("utf-8", "replace") if ident is not None else data
+                if keep < 1.0 and hash01(seed, b"pass", pass_key, key) >= keep:
+                    data, reason = None, "sampled_out"
+                else:
+                    split = int(hash01(seed, b"split", key) < settings["val_fraction"])
+            rows["data"].append(data)
+            rows["split"].append(split)
+            rows["reject"].append(reason)
+            rows["ident"].append(str(ident) if ident is not None else default)
+            rows["lang"].append(None if lang is None else str(lang))
+            size += len(data) if data else 0
+            if size >= settings["block_bytes"]:
+                yield pa.Table.from_pydict(rows, schema=DOCS_SCHEMA)
+                rows, size = {k: [] for k in DOCS_SCHEMA.names}, 0
     if rows["split"]:
         yield pa.Table.from_pydict(rows, schema=DOCS_SCHEMA)
 
@@ -245,9 +328,8 @@ def _splitter(strategy_json: str):
 def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
     """Splitter levels per whole document (docs/data.md), in a ``levels`` column beside ``data``.
 
-    BOS/EOS are added by the consumer (``aunet.packing.Packer.add_documents``): bytes + levels are 2
-    bytes per text byte through the object store, uint16 tokens with BOS/EOS would be 3.
-    ``nbytes``: the document's byte count (0 for a row without data).
+    BOS/EOS are added by the packer (``aunet.packing.Packer.add_documents``) as it copies the
+    bytes into its window buffer. ``nbytes``: the document's byte count (0 for a row without data).
     """
     splitter = _splitter(strategy_json)
     column = table.column("data").cast(pa.large_binary())
@@ -272,23 +354,54 @@ def encode_batch(table: pa.Table, strategy_json: str) -> pa.Table:
     return table.append_column("levels", levels)
 
 
-def read_encode_unit(batch: dict[str, np.ndarray], strategy_json: str):
-    """One (file, pass) unit -> encoded blocks of document rows, in record order."""
-    for table in read_unit(batch):
-        yield encode_batch(table, strategy_json)
+def _pieces(i: int, inp: dict[str, Any], unit_bytes: int) -> list[dict[str, Any]]:
+    """Slices of one input that a unit may hold: byte ranges of a plain .jsonl, runs of row
+    groups of a parquet file, else the whole file (a compressed stream cannot be entered midway,
+    so a .jsonl.gz is one piece however large)."""
+    path, size = inp["path"], int(inp["bytes"])
+    if inp["format"] == "jsonl" and path.lower().endswith(".jsonl") and size > unit_bytes:
+        return [
+            {
+                "input": i,
+                "lo": lo,
+                "hi": min(lo + unit_bytes, size),
+                "bytes": min(unit_bytes, size - lo),
+            }
+            for lo in range(0, size, unit_bytes)
+        ]
+    if inp["format"] == "parquet" and size > unit_bytes:
+        try:
+            md = pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            raise CorpusError(f"{path}: cannot read input: {e}") from e
+        out, lo, acc = [], 0, 0
+        for g in range(md.num_row_groups):
+            acc += md.row_group(g).total_byte_size
+            if acc >= unit_bytes or g == md.num_row_groups - 1:
+                out.append({"input": i, "lo": lo, "hi": g + 1, "bytes": acc})
+                lo, acc = g + 1, 0
+        return out or [{"input": i, "lo": 0, "hi": None, "bytes": size}]
+    return [{"input": i, "lo": 0, "hi": None, "bytes": size}]
 
 
-def work_units(inputs: list[dict[str, Any]], data_cfg: Any, block_bytes: int) -> list[str]:
-    """(file, pass) work units, pass-major so that repeated passes never sit side by side."""
+def plan_units(inputs: list[dict[str, Any]], unit_bytes: int) -> list[dict[str, Any]]:
+    """Work units: consecutive pieces of the inputs of about ``unit_bytes`` each, pass-major so
+    that repeated passes never sit side by side. A function of the inputs and ``unit_bytes``
+    only, never of the cluster: the units fix where windows stop (docs/data.md, Work units)."""
     passes = max((int(np.ceil(i["weight"])) for i in inputs), default=0)
-    common = {
-        "seed": data_cfg.seed,
-        "val_fraction": data_cfg.val_fraction,
-        "block_bytes": block_bytes,
-    }
-    return [
-        json.dumps({**i, **common, "pass": p})
-        for p in range(passes)
-        for i in inputs
-        if p < np.ceil(i["weight"])
-    ]
+    units: list[dict[str, Any]] = []
+    for p in range(passes):
+        pieces: list[dict[str, Any]] = []
+        acc = 0
+        for i, inp in enumerate(inputs):
+            if p >= np.ceil(inp["weight"]):
+                continue
+            for piece in _pieces(i, inp, unit_bytes):
+                pieces.append(piece)
+                acc += piece["bytes"]
+                if acc >= unit_bytes:
+                    units.append({"pass": p, "pieces": pieces, "bytes": acc})
+                    pieces, acc = [], 0
+        if pieces:
+            units.append({"pass": p, "pieces": pieces, "bytes": acc})
+    return units

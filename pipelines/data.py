@@ -6,7 +6,12 @@ Layout (written by ``pipelines.preprocess``)::
     <dataset>/{train,val}/shard-00000.parquet ...
         tokens  fixed_size_list<uint16>[T+1]   inputs = [:-1], targets = [1:]
         levels  fixed_size_list<uint8>[T+1]    pooling level of each token (BOS = K, EOS = 0)
-        index   int64                          global sequence id within the split
+        index   int64                          sequence id within its work unit (see below)
+
+The global sequence id of a row is its position in the split, shards taken in manifest order
+(``start`` in each shard entry is the id of its first row); the ``index`` column holds the id
+within the row's work unit, since a task writes its shards before the unit's global start is
+known (docs/data.md, Layout). Datasets may live on any ``pyarrow.fs`` URI (``pipelines.storage``).
 
 The reader keeps a whole split in memory (the datasets this platform trains on are small; a split of
 N windows costs 3 (T+1) N bytes) and draws global batches from a permutation seeded by
@@ -18,27 +23,37 @@ on W. ``DataPosition`` (epoch, next batch) is all the state there is: a checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipelines import storage
 
 if TYPE_CHECKING:  # torch is imported where batches are built: preprocessing tasks skip it
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-unit shards, windows never cross units
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-def write_shard(path: Path, tokens: np.ndarray, levels: np.ndarray, start: int) -> dict[str, Any]:
-    """Write windows ``tokens``/``levels`` [n, T+1], ids ``start..start+n-1``; return its entry."""
+def write_shard(
+    fs: pafs.FileSystem, path: str, tokens: np.ndarray, levels: np.ndarray, start: int
+) -> dict[str, Any]:
+    """Write windows ``tokens``/``levels`` [n, T+1] with ids ``start..start+n-1`` to ``path`` on
+    ``fs``; return its manifest entry (name, rows, size, SHA-256 of the file).
+
+    The file is encoded in memory and sent in one write: its size and hash are known without
+    reading it back, and an object store gets one upload.
+    """
     n, width = tokens.shape
     table = pa.table(
         {
@@ -51,9 +66,10 @@ def write_shard(path: Path, tokens: np.ndarray, levels: np.ndarray, start: int) 
             "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
         }
     )
+    sink = pa.BufferOutputStream()
     pq.write_table(  # no dictionary/statistics: they cost more than the compression here
         table,
-        path,
+        sink,
         compression="zstd",
         compression_level=1,
         use_dictionary=False,
@@ -61,25 +77,45 @@ def write_shard(path: Path, tokens: np.ndarray, levels: np.ndarray, start: int) 
         use_byte_stream_split=True,
         row_group_size=256,
     )
-    return {"file": path.name, "sequences": n, "bytes": path.stat().st_size}
+    buf = sink.getvalue()
+    with fs.open_output_stream(path) as f:
+        f.write(buf)
+    name = path.rsplit("/", 1)[-1]
+    return {
+        "file": name,
+        "sequences": n,
+        "bytes": buf.size,
+        "sha256": hashlib.sha256(buf).hexdigest(),
+    }
+
+
+def _manifest(path: str | os.PathLike) -> tuple[pafs.FileSystem, str, dict[str, Any] | None]:
+    fs, base = storage.resolve(str(path))
+    raw = storage.read_bytes(fs, storage.join(base, MANIFEST))
+    try:
+        return fs, base, None if raw is None else json.loads(raw)
+    except ValueError:
+        return fs, base, None
 
 
 def is_complete(path: str | os.PathLike) -> bool:
-    """True iff ``path`` holds a finished dataset: a manifest, and every shard it lists, intact."""
-    path = Path(path)
+    """True iff ``path`` (a directory or URI) holds a finished dataset: a manifest, and every
+    shard it lists present with its recorded size (one listing per split directory)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        fs, base, manifest = _manifest(path)
     except (OSError, ValueError):
         return False
-    if manifest.get("complete") is not True or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
+        return False
+    if manifest.get("format_version") != FORMAT_VERSION:
         return False
     try:
         for split in SPLITS:
+            present = storage.sizes(fs, storage.join(base, split))
             for shard in manifest["splits"][split]["shards"]:
-                f = path / split / shard["file"]
-                if not f.is_file() or f.stat().st_size != shard["bytes"]:
+                if present.get(shard["file"]) != shard["bytes"]:
                     return False
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, OSError):
         return False
     return True
 
@@ -91,25 +127,41 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a complete dataset (no valid {MANIFEST} or shards missing); "
             "run `python -m pipelines.preprocess <experiment.yaml>`"
         )
-    return json.loads((Path(path) / MANIFEST).read_text())
+    return _manifest(path)[2]  # type: ignore[return-value]
 
 
-def _shard_files(path: Path, split: str) -> list[Path]:
+def _shard_files(path: str | os.PathLike, split: str) -> list[str]:
+    """Shard locations of a split in manifest order: local paths, or URIs for a remote dataset."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     manifest = read_manifest(path)
-    return [path / split / s["file"] for s in manifest["splits"][split]["shards"]]
+    root = str(path)
+    join = storage.join if "://" in root else os.path.join
+    return [join(root, split, s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def _expected_index(shards: list[dict[str, Any]]) -> np.ndarray:
+    """The ``index`` column a split's shards hold: ids within their work unit, consecutive over
+    the unit's shards (a task numbers its windows before it knows the unit's global start)."""
+    parts, unit, k = [], None, 0
+    for s in shards:
+        if s.get("unit") != unit:
+            unit, k = s.get("unit"), 0
+        parts.append(np.arange(k, k + s["sequences"], dtype=np.int64))
+        k += s["sequences"]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def load_split(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """All windows of a split: (tokens [N, T+1] uint16, levels [N, T+1] uint8), in id order."""
-    path = Path(path)
     manifest = read_manifest(path)
     width = manifest["seq_len"] + 1
     files = _shard_files(path, split)
     if not files:
         return np.zeros((0, width), np.uint16), np.zeros((0, width), np.uint8)
-    table = pq.read_table([str(f) for f in files], memory_map=True)
+    fs, base = storage.resolve(str(path))
+    names = [storage.join(base, split, s["file"]) for s in manifest["splits"][split]["shards"]]
+    table = pq.read_table(names, filesystem=fs, memory_map=isinstance(fs, pafs.LocalFileSystem))
 
     def column(name: str, dtype) -> np.ndarray:
         chunks = [c.values.to_numpy(zero_copy_only=False) for c in table.column(name).chunks]
@@ -117,8 +169,8 @@ def load_split(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarra
 
     tokens, levels = column("tokens", np.uint16), column("levels", np.uint8)
     index = table.column("index").to_numpy()
-    if not np.array_equal(index, np.arange(len(index))):
-        raise ValueError(f"{path / split}: sequence ids are not 0..{len(index) - 1} in shard order")
+    if not np.array_equal(index, _expected_index(manifest["splits"][split]["shards"])):
+        raise ValueError(f"{path}/{split}: sequence ids do not match the manifest's shards")
     return tokens, levels
 
 
@@ -126,10 +178,10 @@ def ray_dataset(path: str | os.PathLike, split: str = "train"):
     """The split as a ``ray.data.Dataset`` (columns tokens, levels, index) for ``TorchTrainer``."""
     import ray.data
 
-    files = _shard_files(Path(path), split)
+    files = _shard_files(path, split)
     if not files:
         raise ValueError(f"{path}: split {split!r} has no sequences")
-    return ray.data.read_parquet([str(f) for f in files])
+    return ray.data.read_parquet(files)
 
 
 @dataclass(frozen=True)

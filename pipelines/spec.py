@@ -17,9 +17,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from aunet.config import AUNetConfig, ConfigError
+from aunet.config import ATTENTION_BACKENDS, AUNetConfig, ConfigError
 from pipelines import schema
 from pipelines.paths import absolute_path, is_uri, join_path, redact, resolve_tracking_uri
 from pipelines.schema import (
@@ -66,6 +66,7 @@ __all__ = [
 
 FORMATS = ("auto", "txt", "jsonl", "parquet")
 DTYPES = ("auto", "float32", "bfloat16")
+AcPolicy = Literal["none", "blocks", "selective"]  # aunet.memory.AC_POLICIES
 # Longest suffix first: ".jsonl.gz" must not be read as unknown ".gz".
 EXTENSIONS = {
     ".jsonl.gz": "jsonl",
@@ -117,6 +118,9 @@ class DataConfig:
     )
     max_documents: int | None = setting(None, rule=AT_LEAST_1, doc="read at most this many")
     shard_sequences: int = setting(1024, rule=AT_LEAST_1, doc="windows per parquet shard")
+    unit_bytes: int = setting(
+        64 << 20, rule=AT_LEAST_1, doc="input bytes per preprocessing task (windows stop at units)"
+    )
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -161,9 +165,21 @@ class TrainConfig:
     eval_batches: int = setting(8, rule=AT_LEAST_1, doc="validation batches per evaluation")
     checkpoint_every: int = setting(100, rule=AT_LEAST_1, doc="steps between checkpoints")
     log_every: int = setting(1, rule=AT_LEAST_1, doc="steps between logged metrics")
+    progress_every: int = setting(
+        10, rule=AT_LEAST_1, doc="steps between progress lines (rank 0, stdout)"
+    )
+    progress_seconds: float = setting(30.0, rule=POSITIVE, doc="and at most this long without one")
     seed: int = setting(42, rule=NONNEG, doc="seed of the per-rank torch and Python RNGs")
-    compile: bool = setting(False, doc="torch.compile the model")
-    activation_checkpointing: bool = setting(False, doc="recompute blocks in the backward")
+    compile: bool = setting(False, doc="torch.compile each block (cap every pooled stage)")
+    activation_checkpointing: bool | AcPolicy | list[AcPolicy] = setting(
+        False, doc="none|blocks|selective, or one per stage; true = blocks"
+    )
+    attention: str = setting(
+        "auto", rule=choice(ATTENTION_BACKENDS), doc="auto: flash-attn, else Flex on GPU; CPU: SDPA"
+    )
+    peak_flops: float | None = setting(
+        None, rule=POSITIVE, doc="device bf16 peak FLOP/s for MFU; null: the known-GPU table"
+    )
     dtype: str = setting("auto", rule=choice(DTYPES), doc="auto: bfloat16 on GPU, else float32")
     eval_suite: str | None = setting(None, rule=NONEMPTY, doc="eval YAML, run at the end")
     eval_suite_every: int | None = setting(
@@ -247,6 +263,14 @@ class ExperimentSpec:
         None, doc="name -> {dotted.key: value}: override sets trained one after the other"
     )
 
+    def __post_init__(self) -> None:
+        ac, n = self.train.activation_checkpointing, self.model.num_stages + 1
+        if isinstance(ac, list) and len(ac) != n:
+            raise SpecError(
+                f"train.activation_checkpointing: expected one value or {n} (one per stage, "
+                f"the trunk last), got {len(ac)}"
+            )
+
     @classmethod
     def from_dict(
         cls,
@@ -302,8 +326,14 @@ class ExperimentSpec:
 
     def dataset_hash(self) -> str:
         """Hash of what determines the preprocessed bytes: the data config and the split rules."""
+        from pipelines.corpus import source_digests
+
         data = typing.cast(dict[str, Any], schema.plain(self.data))
         data.pop("dataset_dir")  # where the output goes does not change what it holds
+        # Inputs by content, not path: a `ray job submit` copy of the same corpus finds the same
+        # dataset (docs/data.md, Dataset identity). Checksums are cached per file by size/mtime.
+        for src in data["sources"]:
+            src["path"] = source_digests(src["path"])
         # A list of pairs: the strategy's order is its meaning (dict order = level).
         return spec_hash({"data": data, "split_strategy": list(self.model.split_strategy.items())})
 

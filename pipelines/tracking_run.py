@@ -10,6 +10,9 @@ Why it looks like this (docs/architecture.md, MLflow):
   stops training and loses nothing: what memory cannot hold is re-read from ``steps.jsonl``
   (``StepReplay``), and what the end of the run could not send is completed by the same command
   run again. Each (metric, step) is logged once, also when a restarted worker replays steps.
+
+Length: one class whose outage handling (the queue, the replay from ``steps.jsonl``, the end-of-run
+marker) is state shared by all its methods; split, that state would be passed between modules.
 """
 
 from __future__ import annotations
@@ -245,6 +248,13 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self._call(lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)), "set tag")
+
+    def log_input(self, dataset: Any) -> None:
+        """A run input (``tracking.dataset_input``); like an artifact, never fatal."""
+        try:
+            self._call(lambda: self.client.log_inputs(self.run_id, [dataset]), "log input")
+        except Exception as e:
+            warn(f"dataset input not logged ({type(e).__name__}: {safe_error(e)})")
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         """A file or a whole directory; a failure is a warning, not an error."""

@@ -8,15 +8,27 @@ tracking server that is down (docs/checkpoints.md).
 from __future__ import annotations
 
 import json
+import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from aunet.loss import LN2
 from pipelines.checkpointing import TrainState
 from pipelines.data import DataPosition
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """This rank's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU (tensors
+    only, what ``aunet.memory`` estimates), the process's peak RSS on CPU (everything)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 class StepMeter:
@@ -27,8 +39,11 @@ class StepMeter:
     and not charged as per-step overhead.
     """
 
-    def __init__(self, plan: TrainPlan, world: int, peak: float | None) -> None:
+    def __init__(
+        self, plan: TrainPlan, world: int, peak: float | None, device: torch.device | None = None
+    ) -> None:
         self.plan, self.world, self.peak = plan, world, peak
+        self.device = device or torch.device("cpu")
         self.other_s = 0.0
 
     def begin(self) -> None:
@@ -63,6 +78,7 @@ class StepMeter:
             "bytes_per_s": plan.bytes_per_step / step_s,
             "flops_per_s": plan.flops_per_step / step_s,
             "flops": plan.flops_per_step * step,
+            "bytes_seen": plan.bytes_per_step * step,
             "time/data_s": data_s,
             "time/compute_s": compute_s,
             "time/other_s": self.other_s,
@@ -71,6 +87,7 @@ class StepMeter:
         }
         if self.peak:
             metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
+        metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
         for s, n in enumerate(step_tokens):
             metrics[f"tokens/stage{s}"] = n
             metrics[f"tokens_total/stage{s}"] = state.tokens[s]
@@ -81,6 +98,72 @@ class StepMeter:
         other = time.perf_counter() - self.t_comp - metrics.get("time/eval_s", 0.0)
         other -= metrics.get("time/eval_suite_s", 0.0)
         self.other_s = 0.0 if periodic else other
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _rate(x: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+class Progress:
+    """Rank 0's progress line: every ``every`` steps, at least every ``seconds``, and at the last
+    step: step/total, loss, train and (when just measured) validation bits/byte, bytes/s and
+    FLOP/s over the steps since the previous line (MFU when the device's peak is known), and the
+    ETA from this attempt's mean step time.
+
+    A line, not a redrawn bar: a Ray worker's stdout is a pipe that Ray forwards to the driver's
+    terminal line by line, where a bar's redraws would each become a line.
+    """
+
+    def __init__(
+        self,
+        plan: TrainPlan,
+        every: int,
+        seconds: float,
+        start_step: int,
+        peak_total: float | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.plan, self.every, self.seconds, self.peak = plan, every, seconds, peak_total
+        self.clock, self.start = clock, start_step
+        self.t0 = self.last_t = clock()
+        self.last_step = start_step
+
+    def update(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Print and return the line when one is due, else None."""
+        now = self.clock()
+        total = self.plan.steps
+        due = step >= total or step - self.last_step >= self.every
+        if not due and now - self.last_t < self.seconds:
+            return None
+        dt, n = max(now - self.last_t, 1e-9), step - self.last_step
+        done = step - self.start
+        eta = (now - self.t0) / done * (total - step) if done else float("nan")
+        flops_s = n * self.plan.flops_per_step / dt
+        parts = [
+            f"step {step}/{total} ({step / total:.0%})",
+            f"loss {metrics['loss']:.4f}",
+            f"bits/byte {metrics['bits_per_byte']:.4f}",
+        ]
+        if "val/bits_per_byte" in metrics:
+            parts.append(f"val bits/byte {metrics['val/bits_per_byte']:.4f}")
+        parts.append(_rate(n * self.plan.bytes_per_step / dt, "B/s"))
+        mfu = f" (MFU {flops_s / self.peak:.1%})" if self.peak else ""
+        parts += [_rate(flops_s, "FLOP/s") + mfu, f"ETA {_duration(eta)}"]
+        line = "train: " + " | ".join(parts)
+        print(line, flush=True)
+        self.last_t, self.last_step = now, step
+        return line
 
 
 class StepLog:

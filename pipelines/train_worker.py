@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aunet.entropy import abbreviate
 from aunet.loss import LN2
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
@@ -34,7 +35,7 @@ from pipelines.data import TrainBatches, val_batches
 from pipelines.paths import is_uri, redact
 from pipelines.plan import TrainPlan
 from pipelines.spec import ExperimentSpec
-from pipelines.train_metrics import StepLog, StepMeter
+from pipelines.train_metrics import Progress, StepLog, StepMeter
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
@@ -138,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
     tracker = _open_tracker(args, world, state) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
+    if tracker is not None:
+        tracker.set_tags({"aunet.attention": model.attn_backend})  # resolve_backend's pick
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
         args.dataset,
@@ -147,7 +150,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         seed=tr.seed,
         position=state.position,
     )
-    batches, meter = iter(data), StepMeter(plan, world, peak_flops(device))
+    peak = tr.peak_flops or peak_flops(device)
+    batches, meter = iter(data), StepMeter(plan, world, peak, device)
+    progress = (
+        Progress(plan, tr.progress_every, tr.progress_seconds, state.step, peak and peak * world)
+        if rank == 0
+        else None
+    )
 
     while state.step < plan.steps:
         meter.begin()
@@ -165,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if tracker is not None and _logged(args, step, metrics):
             tracker.log_metrics(metrics, step, replayable=True)  # steps.jsonl holds them too
         log.write(step, attempt, position, data.global_ids(position), metrics)
+        if progress is not None:
+            progress.update(step, metrics)
         report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"]}
         report["val_bits_per_byte"] = state.val_bits_per_byte
         if checkpointer.due(step, last):
@@ -213,6 +224,9 @@ def _periodic_evals(
         t0 = time.perf_counter()
         bpb = validate(model, args.dataset, args.plan.batch_size, rank, world, tr.eval_batches)
         state.val_bits_per_byte = out[_VAL] = bpb
+        if bpb is not None:  # the compute axis at this very point: bits/byte vs FLOPs in MLflow
+            out["val/flops"] = args.plan.flops_per_step * step
+            out["val/bytes_seen"] = args.plan.bytes_per_step * step
         out["time/eval_s"] = time.perf_counter() - t0
     if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
         t0 = time.perf_counter()
@@ -233,6 +247,11 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
         activation_checkpointing=tr.activation_checkpointing,
     )
     model.to(device)
+    chosen = model.set_attention(tr.attention, device, param_dtype(tr.dtype, device))
+    uncapped = [s for s, c in enumerate(spec.model.capacities) if s > 0 and c < 1]
+    if tr.compile and uncapped:  # docs/performance.md (Compiled blocks and static shapes)
+        print(f"train: warning: compile with uncapped stages {uncapped} recompiles per length")
+    print(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
     opt = build_optimizer(
         model,
         plan.lr,
@@ -304,6 +323,9 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         "aunet.experiment_file": args.spec_file or "",
         "aunet.run_dir": args.run_dir,
     }
+    manifest = Path(args.dataset) / "manifest.json"
+    if manifest.is_file():  # the dataset's identity (docs/data.md), for reports' provenance
+        tags["aunet.dataset_hash"] = json.loads(manifest.read_text()).get("config_hash", "")
     commit, job = code_version().get("git_commit"), ray_job_id()
     tags.update({"git_commit": commit} if commit else {})
     tags.update({"ray_job_id": job} if job else {})
@@ -319,16 +341,17 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         **_tracker_files(args),
         resumed_step=state.step,
     )
-    tracker.log_params(
-        {
-            **flatten(spec),
-            **args.plan.params(),
-            "derived.world_size": world,
-            "derived.num_stages": spec.model.num_stages,
-            "derived.split_strategy": json.dumps(spec.model.split_strategy),
-            "derived.variant": args.variant,
-        }
-    )
+    params = {
+        **flatten(spec),
+        **args.plan.params(),
+        "derived.world_size": world,
+        # Pooling stages K (the bytes are stage 0): the paper's "AU-Net 2" has K = 1.
+        "derived.pooling_stages": spec.model.num_stages,
+        "derived.split_strategy": json.dumps(spec.model.split_strategy),
+        "derived.variant": args.variant,
+    }
+    # A resolved entropy stage carries its model (KBs), a param at most 6000 chars: sha256 stays.
+    tracker.log_params({k: abbreviate(v) if isinstance(v, str) else v for k, v in params.items()})
     if not tracker.resumed:
         import yaml
 
@@ -338,6 +361,10 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
             (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
+        if manifest.is_file():
+            from pipelines.tracking import dataset_input
+
+            tracker.log_input(dataset_input(args.dataset, json.loads(manifest.read_text())))
     return tracker
 
 

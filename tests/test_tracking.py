@@ -272,6 +272,8 @@ def test_concurrent_get_or_create_makes_one_experiment(tmp_path):
         exps = MlflowClient(uri).search_experiments(filter_string=f"name = '{name}'")
         assert [e.experiment_id for e in exps] == ids[:1]
         assert exps[0].artifact_location == (tmp_path / "mlartifacts").as_uri()
+        # Opens in MLflow 3's model-training view, not the GenAI one.
+        assert exps[0].tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_params_are_cut_to_the_store_limit_and_all_sent_past_100(tmp_path):

@@ -7,10 +7,12 @@ in rank 1 after a checkpoint), which the tests inspect from several sides.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,40 @@ def test_plan_from_budget_follows_the_scaling_laws():
 
 
 # ------------------------------------------------------------------ real Ray Train
+def test_progress_cadence_and_figures_with_a_fake_clock(capsys):
+    from pipelines.plan import TrainPlan
+    from pipelines.train_metrics import Progress
+
+    now = [100.0]
+    plan = TrainPlan(
+        seq_len=64,
+        batch_size=4,
+        steps=10,
+        warmup_steps=1,
+        lr=1e-3,
+        flops_per_byte=1e6,
+        num_params=1,
+        batch_from_scaling_law=False,
+        lr_from_scaling_law=False,
+    )
+    p = Progress(plan, every=3, seconds=30, start_step=0, peak_total=1e9, clock=lambda: now[0])
+    m = {"loss": 2.0, "bits_per_byte": 2.8854}
+    shown = []
+    for step in range(1, 11):
+        now[0] += 40.0 if step == 5 else 1.0  # step 5 takes 40 s: a line on time alone
+        if p.update(step, {**m, "val/bits_per_byte": 3.0} if step == 6 else m):
+            shown.append(step)
+    assert shown == [3, 5, 8, 10]  # every 3 steps, after 30 s, then the last step
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("train: step 3/10 (30%) | loss 2.0000")
+    bps = 3 * plan.bytes_per_step / 3.0  # 3 steps in 3 s since the start
+    assert f"{bps / 1e3:.3g} kB/s" in lines[0] or f"{bps:.3g} B/s" in lines[0]
+    assert "ETA 0m07s" in lines[0]  # 1 s per step, 7 steps left
+    assert "val bits/byte" not in lines[2]  # validation ran at step 6, not in the line at 8
+    flops = 2 * plan.flops_per_step / 41.0  # steps 4-5 took 41 s
+    assert f"(MFU {flops / 1e9:.1%})" in lines[1]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray for the module. With the dashboard: Ray 2.60's PlacementGroupCleaner asks the
@@ -167,14 +203,39 @@ def killed_run(ray_session, tmp_path_factory):
     (root / "evdata").mkdir()
     shutil.copy(CORPUS.parent / "quickstart_val.jsonl.gz", root / "evdata/val.jsonl.gz")
     shutil.copy(EVAL / "piqa_sample.jsonl", root / "evdata/piqa.jsonl")
-    spec = _spec(root, eval_suite="eval.yaml", eval_suite_every=3)
+    spec = _spec(
+        root, eval_suite="eval.yaml", eval_suite_every=3, progress_every=2, progress_seconds=1e6
+    )
     marker = root / "killed"
     fault = FaultInjection(step=4, rank=1, marker=str(marker))
-    with _chdir(root):  # the eval YAML's relative paths are the driver's
+    out = io.StringIO()  # what the user's terminal shows: Ray forwards the workers' stdout here
+    with _chdir(root), contextlib.redirect_stdout(out):  # the eval YAML's paths are the driver's
         result = train(spec, run_name="killed", fault=fault)
+        deadline = time.monotonic() + 15  # Ray's log monitor forwards lines asynchronously
+        while "step 8/8" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.2)
     assert marker.read_text() == "4"  # the fault did fire
     records = [json.loads(x) for x in (root / "runs/killed/steps.jsonl").read_text().splitlines()]
+    PROGRESS.append(out.getvalue())
     return spec, root, result, records
+
+
+PROGRESS: list[str] = []  # killed_run's captured stdout
+
+
+def test_progress_lines_at_the_configured_cadence(killed_run):
+    """Every 2 steps of each attempt (the first from step 0, the resumed one from the step-3
+    checkpoint) and the last step, with the step's loss, throughput and ETA."""
+    spec, root, result, records = killed_run
+    lines = [ln for ln in PROGRESS[0].splitlines() if "train: step " in ln]
+    steps = [int(ln.split("train: step ")[1].split("/")[0]) for ln in lines]
+    assert steps == [2, 4, 5, 7, 8], lines
+    last = _chain(records)
+    for ln, step in zip(lines[2:], steps[2:]):  # the resumed attempt is the chain's record
+        assert f"step {step}/8 ({step / 8:.0%})" in ln and f"loss {last[step]['loss']:.4f}" in ln
+        assert "B/s | " in ln and "FLOP/s" in ln and "ETA " in ln
+    assert "val bits/byte" in lines[1] and "val bits/byte" in lines[4]  # steps 4 and 8 validate
+    assert "ETA 0m00s" in lines[-1]
 
 
 def _chain(records: list[dict]) -> dict[int, dict]:
@@ -237,14 +298,30 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
         "tokens/stage0",
         "tokens/stage1",
         "val/bits_per_byte",
+        "memory/peak_bytes",
     ):
         assert key in run.data.metrics, key
+    assert run.data.metrics["memory/peak_bytes"] > 0  # peak RSS on CPU
+    assert run.data.tags["aunet.attention"] == "sdpa"  # train.attention: auto, on CPU
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == list(range(1, 9))
     flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
     assert flops[8] == pytest.approx(8 * flops[1])
     assert run.data.metrics["tokens/stage0"] == 4 * 64  # summed over both ranks
+    # Every validation point carries its compute and data axes (bits/byte vs FLOPs in MLflow).
+    history = {
+        k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+        for k in ("val/bits_per_byte", "val/flops", "val/bytes_seen", "bytes_seen")
+    }
+    assert sorted(history["val/bits_per_byte"]) == sorted(history["val/flops"]) == [4, 8]
+    for step in (4, 8):
+        assert history["val/flops"][step] == pytest.approx(flops[step])
+        assert history["val/bytes_seen"][step] == step * 4 * 64 == history["bytes_seen"][step]
     assert "git_commit" in run.data.tags
+    assert len(run.data.tags["aunet.dataset_hash"]) == 64  # the report's provenance
+    (ds,) = run.inputs.dataset_inputs  # the dataset as a run input: where, and which content
+    assert ds.dataset.digest == run.data.tags["aunet.dataset_hash"][:36]
+    assert ds.dataset.name == "t" and str(root / "dataset") in ds.dataset.source
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset", "final"} <= top
     final = {a.path for a in client.list_artifacts(run.info.run_id, "final")}

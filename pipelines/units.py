@@ -1,0 +1,263 @@
+"""One preprocessing work unit, start to finish, inside one Ray task: read, split, pack, write.
+
+A unit (``corpus.plan_units``: a fixed slice of the inputs) is read into document rows, split
+(``corpus.encode_batch``, with the Splitter built from the strategy JSON here, in the task), packed
+per train/val split into windows of ``T + 1`` (``aunet.packing.Packer``, BOS/EOS added as it
+copies) and written as its own shards, ``<split>/u<unit>-<k>.parquet``, straight to the dataset's
+filesystem. Then, after its shards, the task writes its commit record ``units/u<unit>.json``: the
+unit's statistics, its shards with sizes and hashes, and its ``key`` (a hash of what the unit's
+bytes depend on). The driver gets the same dict back; nothing of the data passes through it.
+
+Windows never cross units, so a unit's output depends on the unit alone: the dataset is the same
+byte for byte whatever ran where. What a unit's stream cannot fill (its tail) is counted in the
+record (docs/data.md, Work units and tails). A rerun reuses a unit whose record exists, has the
+same ``key`` and whose shards are present with their sizes (``committed``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from aunet.packing import Packer, windows
+from pipelines import corpus, storage
+from pipelines.data import SPLITS, write_shard
+
+REJECT_SAMPLE = 20  # rejected document ids kept per unit (and in the manifest)
+
+
+def record_path(base: str, unit: int) -> str:
+    return storage.join(base, "units", f"u{unit:06d}.json")
+
+
+def shard_name(unit: int, k: int) -> str:
+    return f"u{unit:06d}-{k:04d}.parquet"
+
+
+def committed(fs: Any, base: str, unit: int, key: str) -> dict[str, Any] | None:
+    """The unit's commit record if there is one for ``key``, else None (its shards are checked
+    against one listing per split by the caller: ``shards_present``)."""
+    raw = storage.read_bytes(fs, record_path(base, unit))
+    try:
+        rec = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or rec.get("key") != key:
+        return None
+    return rec
+
+
+def shards_present(rec: dict[str, Any], listing: dict[str, dict[str, int]]) -> bool:
+    """Every shard of a record is in ``listing`` (split -> name -> size) with its size."""
+    return all(
+        listing[s].get(sh["file"]) == sh["bytes"]
+        for s in SPLITS
+        for sh in rec["splits"][s]["shards"]
+    )
+
+
+def _runs(split: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(split, first row, end row, documents) of each run of kept rows with the same split.
+
+    Rows of other splits end a run; rejected rows (-1) inside one do not (they hold no bytes).
+    """
+    kept = np.flatnonzero(split >= 0)
+    if not len(kept):
+        return []
+    vals = split[kept]
+    cut = np.flatnonzero(np.diff(vals)) + 1
+    starts, ends = np.r_[0, cut], np.r_[cut, len(kept)]
+    return [
+        (int(vals[a]), int(kept[a]), int(kept[b - 1]) + 1, int(b - a)) for a, b in zip(starts, ends)
+    ]
+
+
+def _binary(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A large_binary column -> (values uint8, offsets int64 [rows + 1]), views without a copy."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    bufs = column.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64)[column.offset : column.offset + len(column) + 1]
+    values = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return values, offsets
+
+
+class _SplitWriter:
+    """One train/val stream of a unit: packs documents and writes each full chunk as a shard."""
+
+    def __init__(self, fs: Any, base: str, split: str, unit: int, T: int, rows: int, K: int):
+        self.fs, self.dir, self.unit, self.T, self.K = fs, storage.join(base, split), unit, T, K
+        self.packer = Packer(T, chunk=rows)
+        self.shards: list[dict[str, Any]] = []
+        self.lengths: list[np.ndarray] = []
+        self.points = np.zeros(K, np.int64)
+        self.peak = np.zeros(K, np.int64)
+        self.sequences = 0
+        self.fs.create_dir(self.dir, recursive=True)
+
+    def add(self, data: np.ndarray, levels: np.ndarray, lengths: np.ndarray) -> None:
+        self.lengths.append(np.asarray(lengths, np.int64))
+        for tok, lev in self.packer.add_documents(data, levels, lengths, self.K):
+            self._write(tok, lev)
+
+    def _write(self, tok: np.ndarray, lev: np.ndarray) -> None:
+        tw, lw = windows(tok, lev, self.T)
+        name = storage.join(self.dir, shard_name(self.unit, len(self.shards)))
+        self.shards.append(write_shard(self.fs, name, tw, lw, self.sequences))
+        self.sequences += len(tw)
+        inputs = lw[:, :-1]  # split points of what the model reads: each window's T inputs
+        for s in range(1, self.K + 1):
+            per_seq = (inputs >= s).sum(1)
+            self.points[s - 1] += int(per_seq.sum())
+            self.peak[s - 1] = max(int(self.peak[s - 1]), int(per_seq.max(initial=0)))
+
+    def finish(self) -> dict[str, Any]:
+        last, dropped = self.packer.finish()
+        if last is not None:
+            self._write(*last)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        tokens = int((lengths + 2).sum())
+        n, T = self.sequences, self.T
+        if n != self.packer.windows_out or tokens != (n * T + 1 if n else 0) + dropped:
+            raise AssertionError(f"unit {self.unit}: packer lost tokens ({tokens} in, {n} seqs)")
+        return {
+            "documents": len(lengths),
+            "bytes": int(lengths.sum()),
+            "tokens": tokens,
+            "sequences": n,
+            "tail": tail_counts(lengths, n * T + 1 if n else 0),
+            "shards": self.shards,
+            "split_points": self.points.tolist(),
+            "max_split_points_per_sequence": self.peak.tolist(),
+        }
+
+
+def tail_counts(lengths: np.ndarray, covered: int) -> dict[str, int]:
+    """What of a unit's stream no window holds: stream positions ``>= covered`` (docs/data.md).
+
+    Document ``i`` occupies positions ``[s_i, s_i + L_i + 2)`` (BOS, bytes, EOS). ``tokens``: the
+    positions past ``covered``; ``bytes``: text bytes among them; ``documents_lost``: documents
+    with no position in any window (BOS at or past ``covered``); ``documents_cut``: documents
+    with positions on both sides of ``covered``.
+    """
+    ends = np.cumsum(lengths + 2)
+    starts = ends - (lengths + 2)
+    total = int(ends[-1]) if len(ends) else 0
+    first_byte, end_byte = starts + 1, starts + 1 + lengths
+    lost_bytes = np.clip(end_byte - np.maximum(first_byte, covered), 0, None)
+    return {
+        "tokens": total - covered,
+        "bytes": int(lost_bytes.sum()),
+        "documents_lost": int((starts >= covered).sum()),
+        "documents_cut": int(((starts < covered) & (ends > covered)).sum()),
+    }
+
+
+class _Counts:
+    """Document accounting of a unit, checked at the end: read == written + rejected + sampled."""
+
+    def __init__(self) -> None:
+        self.read = self.written = 0
+        self.reasons: dict[str, int] = {}
+        self.sample: list[dict[str, str]] = []
+        self.langs: dict[str, dict[str, int]] = {}
+
+    def add(self, batch: pa.Table, cap: int | None) -> tuple[pa.Table, bool]:
+        """Count a batch of document rows; cut it at the ``cap``-th written document."""
+        split = batch.column("split").to_numpy()
+        stop = False
+        if cap is not None and self.written + int((split >= 0).sum()) >= cap:
+            kept = np.flatnonzero(split >= 0)
+            last = int(kept[cap - self.written - 1]) if cap > self.written else -1
+            batch, split, stop = batch.slice(0, last + 1), split[: last + 1], True
+        cols = {c: batch.column(c).to_pylist() for c in ("reject", "ident", "lang", "nbytes")}
+        for sp, reason, ident, lang, n in zip(split, *cols.values()):
+            if lang is not None:
+                st = self.langs.setdefault(lang, {"documents": 0, "bytes": 0, "rejected": 0})
+            if sp >= 0:
+                if lang is not None:
+                    st["documents"] += 1
+                    st["bytes"] += n
+                continue
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            if reason != "sampled_out":
+                if lang is not None:
+                    st["rejected"] += 1
+                if len(self.sample) < REJECT_SAMPLE:
+                    self.sample.append({"id": ident, "reason": reason})
+        self.read += len(split)
+        self.written += int((split >= 0).sum())
+        return batch, stop
+
+
+def run_unit(
+    index: int, unit: dict[str, Any], inputs: list[dict[str, Any]], ctx: dict[str, Any]
+) -> dict[str, Any]:
+    """The Ray task: unit ``index`` -> its shards and commit record; returns the record.
+
+    ``ctx``: dataset location, strategy JSON, seq_len, shard_sequences, seed, val_fraction,
+    block_bytes, the unit's ``key`` and document ``cap`` (``data.max_documents`` left for this
+    unit, or None). A ``CorpusError`` comes back as ``{"error": message}``: the driver raises it
+    as one line naming the file, where a raised exception would be retried and logged by Ray.
+    """
+    try:
+        return _run_unit(index, unit, inputs, ctx)
+    except corpus.CorpusError as e:
+        return {"error": str(e)}
+
+
+def _run_unit(
+    index: int, unit: dict[str, Any], inputs: list[dict[str, Any]], ctx: dict[str, Any]
+) -> dict[str, Any]:
+    fs, base = storage.resolve(ctx["dataset"])
+    K = len(json.loads(ctx["strategy_json"]))
+    writers = [
+        _SplitWriter(fs, base, s, index, ctx["seq_len"], ctx["shard_sequences"], K) for s in SPLITS
+    ]
+    counts = _Counts()
+    for table in corpus.unit_tables(unit, inputs, ctx):
+        batch = corpus.encode_batch(table, ctx["strategy_json"])
+        batch, stop = counts.add(batch, ctx["cap"])
+        data, offsets = _binary(batch.column("data"))
+        levels, lev_offsets = _binary(batch.column("levels"))
+        split = batch.column("split").to_numpy()
+        base_off = int(offsets[0]) if len(offsets) else 0
+        if not np.array_equal(offsets - base_off, lev_offsets - int(lev_offsets[0])):
+            raise AssertionError(f"unit {index}: data and levels are not aligned")
+        for s, start, stop_row, _ in _runs(split):
+            a, b = int(offsets[start]), int(offsets[stop_row])
+            lengths = np.diff(offsets[start : stop_row + 1])[split[start:stop_row] == s]
+            la = a - base_off + int(lev_offsets[0])
+            writers[s].add(data[a:b], levels[la : la + b - a], lengths)
+        if stop:
+            break
+    per_split = {s: w.finish() for s, w in zip(SPLITS, writers)}
+    sampled = counts.reasons.pop("sampled_out", 0)
+    rejected = sum(counts.reasons.values())
+    written = sum(v["documents"] for v in per_split.values())
+    if counts.read != counts.written + rejected + sampled or counts.written != written:
+        raise AssertionError(
+            f"unit {index}: count identity broken: read {counts.read}, written {counts.written}, "
+            f"rejected {rejected}, sampled out {sampled}"
+        )
+    import ray
+
+    record = {
+        "unit": index,
+        "key": ctx["key"],
+        "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        "documents": {
+            "read": counts.read,
+            "written": counts.written,
+            "rejected": rejected,
+            "sampled_out": sampled,
+        },
+        "rejected": {"counts": counts.reasons, "sample": counts.sample},
+        "langs": counts.langs,
+        "splits": per_split,
+    }
+    storage.write_bytes(fs, record_path(base, index), json.dumps(record).encode())
+    return record
