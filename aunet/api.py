@@ -78,12 +78,12 @@ QUANTIZATIONS = ("int8",)
 def quantize_int8(model: AUNet) -> AUNet:
     """Dynamic INT8 quantization of every ``nn.Linear`` (CPU inference; docs/serving.md, INT8).
 
-    Weights are stored as int8 with one scale per output channel; activations are quantized per batch at
-    run time, so no calibration data is needed. Embeddings, norms, the per-position upsampling
-    matrices and attention stay in float. Uses ``torch.ao.quantization.quantize_dynamic``, which
-    torch 2.13 still ships; it warns that its quantized tensor dtypes are deprecated (torchao is
-    the successor), a warning silenced here so that each load does not repeat it. The model is
-    modified in place and put in eval mode; it can no longer be trained or saved as a checkpoint.
+    Weights are stored as int8 with one scale per output channel; activations are quantized per
+    batch at run time, so no calibration data is needed. Embeddings, norms, the per-position
+    upsampling matrices and attention stay in float. Uses ``quantize_dynamic`` from
+    ``torch.ao.quantization``, which torch 2.13 still ships although it is deprecated in favour of
+    torchao (its deprecation warnings are silenced here so that each load does not repeat them).
+    The model is modified in place and put in eval mode; it can no longer be trained or saved.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from aunet.checkpoint import CheckpointError
+from aunet.checkpoint import CheckpointError, read_config
 from pipelines import tracking
 from pipelines.paths import DEFAULT_TRACKING_URI, TRACKING_ENV, absolute_tracking_uri
 from pipelines.tracking_model import (  # noqa: F401  (re-exported: the served model's home)
@@ -134,9 +134,14 @@ def _main(argv: list[str]) -> int:
     for key in ("replicas", "max_batch_size", "port"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')}: expected >= 1, got {getattr(args, key)}")
+    # Fail before Ray starts: the source must resolve to a readable checkpoint here.
+    local = resolve_checkpoint(args.source) or Path(args.source)
+    read_config(local)
     from pipelines.serve_host import run_server
 
-    run_server(args)
+    # Embedded, the replicas share this machine and read the local copy; on a cluster they
+    # resolve the source themselves (MLFLOW_TRACKING_URI reaches them through runtime_env).
+    run_server(args, str(local.resolve()) if not os.environ.get("RAY_ADDRESS") else args.source)
     return 0
 
 

@@ -197,7 +197,8 @@ class AUNetServer:
             total += sum(len(c) for c in chunks if c)
             yield [StopIteration if c is None else c for c in chunks]
         elapsed = time.perf_counter() - start
-        self.metrics.bytes.inc(total)
+        if total > 0:  # Counter.inc refuses 0 (a batch of empty answers)
+            self.metrics.bytes.inc(total)
         if elapsed > 0:
             self.metrics.rate.set(total / elapsed)
 

@@ -28,13 +28,13 @@ def metrics_port() -> int | None:
     return getattr(node, "metrics_export_port", None)
 
 
-def deploy(args: argparse.Namespace) -> str:
+def deploy(args: argparse.Namespace, source: str) -> str:
     """Start the HTTP proxy on 127.0.0.1 and run the application -> its base URL."""
     from ray import serve
 
     serve.start(http_options={"host": LOOPBACK, "port": args.port})
     app = build(
-        args.source,
+        source,
         replicas=args.replicas,
         max_batch_size=args.max_batch_size,
         quantize=args.quantize,
@@ -45,11 +45,18 @@ def deploy(args: argparse.Namespace) -> str:
     return f"http://{LOOPBACK}:{args.port}"
 
 
-def run_server(args: argparse.Namespace) -> None:
+def run_server(args: argparse.Namespace, source: str) -> None:
+    """Start Ray (embedded on loopback unless ``RAY_ADDRESS``), deploy, and wait if embedded."""
     embedded = not os.environ.get("RAY_ADDRESS")
     cpus = max(2, int(args.replicas * args.num_cpus) + 1) if embedded else None
-    init_ray(types.SimpleNamespace(ray_address=None), cpus, include_dashboard=False)
-    url = deploy(args)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    init_ray(
+        types.SimpleNamespace(ray_address=None),
+        cpus,
+        include_dashboard=False,
+        tracking_uri=tracking,
+    )
+    url = deploy(args, source)
     print(f"serving {args.source} at {url}/generate", flush=True)
     port = metrics_port()
     if port:

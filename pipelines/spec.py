@@ -214,6 +214,11 @@ class TrackingConfig:
     system_metrics_s: float | None = setting(
         10.0, rule=POSITIVE, doc="system/* metrics (CPU, memory, disk, network, GPU) every N s"
     )
+    register_model: str | None = setting(
+        None,
+        rule=NONEMPTY,
+        doc="register that model under this name (serve models:/<name>/<version>); needs log_model",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -124,7 +124,8 @@ def log_generation_model(
     registered_model_name: str | None = None,
 ) -> str:
     """Log ``checkpoint_dir`` as a servable pyfunc model in ``run_id`` (default: the active run, or
-    a new one) and return its model URI (``models:/m-...``)."""
+    a new one) and return its model URI: ``models:/<name>/<version>`` when registered under
+    ``registered_model_name`` (the MLflow model registry), else ``models:/m-...``."""
     ckpt = Path(checkpoint_dir)
     read_config(ckpt)  # fail before logging anything: CheckpointError names the path
     import torch
@@ -147,7 +148,15 @@ def log_generation_model(
     )
     active = mlflow.active_run()
     if active is not None and run_id in (None, active.info.run_id):
-        return mlflow.pyfunc.log_model(**kwargs).model_uri
+        return _model_uri(mlflow.pyfunc.log_model(**kwargs), registered_model_name)
     run_name = None if run_id else "generation-model"
     with mlflow.start_run(run_id=run_id, run_name=run_name, nested=active is not None):
-        return mlflow.pyfunc.log_model(**kwargs).model_uri
+        return _model_uri(mlflow.pyfunc.log_model(**kwargs), registered_model_name)
+
+
+def _model_uri(info: Any, registered_model_name: str | None) -> str:
+    """``models:/<name>/<version>`` when the model was registered, else the logged model's URI."""
+    version = getattr(info, "registered_model_version", None)
+    if registered_model_name and version is not None:
+        return f"models:/{registered_model_name}/{version}"
+    return info.model_uri

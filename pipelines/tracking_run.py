@@ -283,15 +283,16 @@ class Tracker:
         except Exception as e:
             warn(f"artifact {path} not logged ({type(e).__name__}: {safe_error(e)})")
 
-    def log_model(self, final_dir: str) -> str | None:
-        """The final checkpoint as the run's pyfunc generation model (``mlflow models serve``),
-        its URI tagged ``aunet.model_uri``. Never fatal (a warning and None): the run's metrics
-        and its checkpoint artifact are already safe."""
+    def log_model(self, final_dir: str, register: str | None = None) -> str | None:
+        """The final checkpoint as the run's pyfunc model (tag ``aunet.model_uri``), registered as
+        ``models:/<register>/<version>`` when asked; never fatal (a warning and None)."""
         try:
             from pipelines.tracking_model import log_generation_model
 
             set_default_uri(self.uri)
-            uri = log_generation_model(final_dir, run_id=self.run_id)
+            uri = log_generation_model(
+                final_dir, run_id=self.run_id, registered_model_name=register
+            )
             self.set_tags({MODEL_URI_TAG: uri})
             return uri
         except Exception as e:

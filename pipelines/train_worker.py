@@ -284,7 +284,7 @@ def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: i
         tracker.log_metrics({"final/val_bits_per_byte": bpb}, step)
         tracker.log_artifact(final_dir, "final")
         if spec.tracking.log_model and not is_uri(final_dir):
-            tracker.log_model(final_dir)
+            tracker.log_model(final_dir, spec.tracking.register_model)
     if args.eval_suite is not None:
         metrics = _suite_eval(args.eval_suite, spec, full, device, rank)
         if tracker is not None:

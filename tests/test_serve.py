@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
@@ -95,3 +97,47 @@ def test_generate_cli(checkpoint, capsys) -> None:
         assert main([*args, "--temperature", "1", "--top-p", "0.9", "--seed", "3"]) == 0
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1]
+
+
+def test_serve_cli_help_and_bad_source(tmp_path, capsys) -> None:
+    """``--help`` lists the serving options; a bad source is one line and exit 2, before Ray."""
+    import ray
+
+    from pipelines.serve import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    for option in ("--replicas", "--max-batch-size", "--quantize", "--port", "--log"):
+        assert option in text
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing (not an AU-Net checkpoint" in err
+    assert err.count("\n") == 1 and not ray.is_initialized()
+    assert main([str(tmp_path), "--replicas", "0"]) == 2
+    assert "--replicas: expected >= 1" in capsys.readouterr().err
+
+
+def test_serve_configs_validate_with_ray_serve_schema() -> None:
+    """experiments/serve/ and the RayService manifest are valid Serve configs whose builder
+    args build the application (validated by Ray Serve's own schema, no cluster needed)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve_app import app_builder
+
+    root = Path(__file__).resolve().parents[1]
+    local = yaml.safe_load((root / "experiments/serve/quickstart.yaml").read_text())
+    service = yaml.safe_load((root / "platform/k8s/rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    assert service["spec"]["rayClusterConfig"]["authOptions"]["mode"] == "token"
+    assert local["http_options"]["host"] == "127.0.0.1"
+    for config in (local, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        ServeDeploySchema.parse_obj(config)
+        (app,) = config["applications"]
+        assert app["import_path"] == "pipelines.serve_app:app_builder"
+        built = app_builder(app["args"])
+        assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="'source'"):
+        app_builder({"replicas": 1})

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_entropy import MODELS, model_value
 from test_generate import make_model, naive_greedy, naive_logits
 
 from aunet import splitstream
@@ -153,3 +154,17 @@ def test_cached_generation_equals_naive_rerun_for_script_strategy():
 
 def test_module_says_where_the_rules_live():
     assert "aunet/splitting.py" in (splitstream.__doc__ or "")
+
+
+ENTROPY_VALUE = model_value(MODELS[0], 4.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=NASTY)
+def test_stream_entropy_stages_resplit_only_their_lookback(data):
+    """Entropy stages (aunet/entropy.py) declare ``lookback``: the stream re-splits that tail only
+    and still equals per-prefix levels, mixed with a word stage kept incrementally."""
+    sp = Splitter({"word1": "1@1", "entropy2": ENTROPY_VALUE})
+    stream = sp.stream()
+    assert [i for i, _, lookback in stream._resplit if lookback] == [1]
+    np.testing.assert_array_equal(stream.push(data), naive_stream(sp, data))

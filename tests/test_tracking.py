@@ -355,7 +355,7 @@ def test_search_runs_pages_and_skips_unknown_experiments(tmp_path):
     assert tracking.find_experiment(uri, "nope") is None
 
 
-def test_log_model_tags_the_run_and_is_never_fatal(store, tmp_path, capsys):
+def test_log_model_tags_the_run_and_is_never_fatal(store, tmp_path, capsys, monkeypatch):
     import torch
 
     from aunet.checkpoint import save_pretrained
@@ -371,9 +371,22 @@ def test_log_model_tags_the_run_and_is_never_fatal(store, tmp_path, capsys):
     )
     ckpt = save_pretrained(AUNet(cfg).eval(), tmp_path / "final")
     uri = t.log_model(str(ckpt))
-    t.close()
     assert uri is not None and uri.startswith("models:/")
     assert MlflowClient(store[0]).get_run(t.run_id).data.tags[tracking.MODEL_URI_TAG] == uri
+    # tracking.register_model: a registry version, served as models:/<name>/<version>
+    assert t.log_model(str(ckpt), "aunet-registered") == "models:/aunet-registered/1"
+    t.close()
+    from aunet.api import AUModel
+    from pipelines.serve import download_mlflow
+
+    got = download_mlflow("models:/aunet-registered/1", tmp_path / "dl", store[0])
+    assert (got / "MLmodel").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0])
+    served = AUModel.from_pretrained("models:/aunet-registered/1").model
+    ref = AUModel.from_pretrained(ckpt).model
+    assert all(
+        torch.equal(a, b) for a, b in zip(served.state_dict().values(), ref.state_dict().values())
+    )
 
 
 # ---------------------------------------------------------------------------------- a real server

@@ -5,7 +5,7 @@
 Random-init models of a meaningful size (AU-Net 2: d = [256, 512]); the bytes fed after the prompt
 are real text (teacher-forced), so stage 1 runs at a realistic rate (once per word) rather than at
 whatever rate a random model's bytes would give. Sampling is excluded; the level computation
-(regex on the growing text) is included, since it is part of every real step.
+(each row's incremental LevelStream, aunet/splitstream.py) is included: part of every step.
 
 - naive: one full forward over BOS + prompt + bytes so far per new byte. It is timed on the first
   ``--naive-steps`` bytes only (its cost grows with the prefix), so its bytes/s is an upper bound
