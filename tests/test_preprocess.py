@@ -487,3 +487,28 @@ def test_s3_compatible_storage(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_dataset_identity_from_contents_not_paths(tmp_path, monkeypatch):
+    """A copy of the corpus elsewhere (a `ray job submit` working dir) finds the same dataset;
+    changed contents do not. Checksums come from the local cache the second time."""
+    from pipelines import corpus
+
+    monkeypatch.setenv("AUNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpus, "_SHA_MEMO", {})
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        write_jsonl(tmp_path / d / "c.jsonl", [{"text": "same words here. " * 20}] * 3)
+
+    def spec(d: str) -> ExperimentSpec:
+        raw = make_spec(tmp_path, [{"path": str(tmp_path / d / "*.jsonl")}]).to_dict()
+        raw["data"].pop("dataset_dir")
+        return ExperimentSpec.from_dict(raw, source="test")
+
+    first = pp.preprocess(spec("a"))
+    assert spec("b").dataset_dir() == spec("a").dataset_dir() == str(first.path)
+    assert pp.preprocess(spec("b")).reused
+    cached = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert {os.path.realpath(tmp_path / d / "c.jsonl") for d in "ab"} <= set(cached)
+    write_jsonl(tmp_path / "b" / "c.jsonl", [{"text": "other words. " * 20}] * 3)
+    assert spec("b").dataset_dir() != spec("a").dataset_dir()
