@@ -6,7 +6,8 @@ per train/val split into windows of ``T + 1`` (``aunet.packing.Packer``, BOS/EOS
 copies) and written as its own shards, ``<split>/u<unit>-<k>.parquet``, straight to the dataset's
 filesystem. Then, after its shards, the task writes its commit record ``units/u<unit>.json``: the
 unit's statistics, its shards with sizes and hashes, its ``key`` (a hash of what the unit's
-bytes depend on) and the Ray node that ran it (for the record only). The driver gets the same dict back; nothing of the data passes through it.
+bytes depend on) and the Ray node that ran it (for the record only). The driver gets the same
+dict back; nothing of the data passes through it.
 
 Windows never cross units, so a unit's output depends on the unit alone: the dataset is the same
 byte for byte whatever ran where. What a unit's stream cannot fill (its tail) is counted in the
