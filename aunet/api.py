@@ -14,6 +14,7 @@ Sources, tried in this order:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,6 +72,30 @@ def load_model(
     )
 
 
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_int8(model: AUNet) -> AUNet:
+    """Dynamic INT8 quantization of every ``nn.Linear`` (CPU inference; docs/serving.md, INT8).
+
+    Weights are stored as int8 with one scale per output channel; activations are quantized per batch at
+    run time, so no calibration data is needed. Embeddings, norms, the per-position upsampling
+    matrices and attention stay in float. Uses ``torch.ao.quantization.quantize_dynamic``, which
+    torch 2.13 still ships; it warns that its quantized tensor dtypes are deprecated (torchao is
+    the successor), a warning silenced here so that each load does not repeat it. The model is
+    modified in place and put in eval mode; it can no longer be trained or saved as a checkpoint.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    if model.tok_embeddings.weight.device.type != "cpu":
+        raise ValueError("quantize='int8': dynamic INT8 runs on CPU only; load with device='cpu'")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+        return quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=True)
+
+
 class AUModel:
     """A loaded AU-Net ready to generate; wraps ``aunet.generate.generate``."""
 
@@ -87,11 +112,20 @@ class AUModel:
 
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True
+        cls,
+        source: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        *,
+        verify: bool = True,
+        quantize: str | None = None,
     ) -> AUModel:
         """Load a checkpoint directory or MLflow URI (see the module docstring); ``verify=False``
-        skips the weights' digest check (very large files)."""
-        return cls(load_model(source, map_location=device, verify=verify))
+        skips the weights' digest check (very large files); ``quantize="int8"`` applies dynamic
+        INT8 quantization to the linear layers (``quantize_int8``, CPU only)."""
+        if quantize is not None and quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize: expected one of {QUANTIZATIONS} or None, got {quantize!r}")
+        model = load_model(source, map_location=device, verify=verify)
+        return cls(quantize_int8(model) if quantize == "int8" else model)
 
     def generate(
         self,

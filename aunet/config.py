@@ -27,6 +27,8 @@ UPSAMPLING_TO_LINGUA = {
     "nonparam_multilinear": "simple_non_param_indexed_matmul",
 }
 UPSAMPLINGS = tuple(UPSAMPLING_TO_LINGUA)
+# Attention kernel families (aunet.layers.resolve_backend; docs/performance.md).
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")
 INIT_STD_FACTORS = ("disabled", "current_depth", "global_depth", "dim_ratio")
 
 # Default splitting per number of pooling stages: words, word pairs, 4-word chunks (the paper).

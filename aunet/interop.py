@@ -29,6 +29,7 @@ from aunet.model import AUNet
 
 LINGUA_TO_UPSAMPLING = {v: k for k, v in UPSAMPLING_TO_LINGUA.items()}
 OFFICIAL_POSITIONS = 16  # ``SimpleTransition.max_pos``, hard-coded officially
+OFFICIAL_STRATEGY_PREFIXES = ("word", "pretok", "punct")  # the official loader's prefixes
 CONSOLIDATED_DIR, CONSOLIDATED_FILE, PARAMS_FILE = "consolidated", "consolidated.pth", "params.json"
 
 # official block keys that are our config fields of the same name (every stage shares the block)
@@ -123,6 +124,10 @@ def config_from_lingua(src: str | os.PathLike | dict[str, Any]) -> AUNetConfig:
     if not isinstance(strategy, dict):
         raise fail("data.regex.strategy", f"missing or not a mapping ({strategy!r})")
     try:
+        _require_official_strategy(strategy, "data.regex.strategy")
+    except InteropError as e:
+        raise InteropError(f"{where}: {e}") from None
+    try:
         kw.update(upsampling=LINGUA_TO_UPSAMPLING[pooling], strategy=dict(strategy))
         kw.update(lambda_level=float(model.get("lambda_level", 0.0)), seed=model.get("seed", 42))
         return AUNetConfig(**lists, **kw, upsampling_positions=OFFICIAL_POSITIONS)
@@ -136,6 +141,20 @@ def config_from_lingua(src: str | os.PathLike | dict[str, Any]) -> AUNetConfig:
         raise InteropError(f"{where}: model: {e}") from None
 
 
+def _require_official_strategy(strategy: dict[str, str], where: str) -> None:
+    """The official loader knows the word, pretok and punct strategies only: a script stage
+    (aunet/scripts.py) or an entropy stage (aunet/entropy.py, a fitted model inside the value)
+    has no official spelling, and a key it reads by another prefix would split differently."""
+    for key in strategy:
+        if not key.startswith(OFFICIAL_STRATEGY_PREFIXES):
+            kind = next((k for k in ("script", "entropy") if key.startswith(k)), "custom")
+            raise InteropError(
+                f"{where}.{key}: a {kind} split strategy cannot be expressed in the official "
+                f"format (it splits by {', '.join(OFFICIAL_STRATEGY_PREFIXES)} only); export a "
+                "model trained with those"
+            )
+
+
 def config_to_lingua(config: AUNetConfig, seq_len: int) -> dict[str, Any]:
     """Ours -> official ``{"model", "data"}`` mapping (``config_from_lingua`` reads it back)."""
     caps = config.capacities
@@ -145,6 +164,7 @@ def config_to_lingua(config: AUNetConfig, seq_len: int) -> dict[str, Any]:
         raise InteropError(f"max_seqlens[0]: {caps[0]} != seq_len {seq_len} (official forward)")
     if any(c == -1 for c in caps[1:]):
         raise InteropError(f"max_seqlens: {caps}: uncapped stages have no official equivalent")
+    _require_official_strategy(config.split_strategy, "strategy")
     model = {k: copy.deepcopy(getattr(config, k)) for k in _MODEL_LISTS}
     model["max_seqlens"] = [seq_len, *caps[1:]]
     model["block"] = {k: getattr(config, k) for k in _BLOCK_FIELDS}
@@ -311,9 +331,9 @@ def load_lingua_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -
 
 def save_lingua_checkpoint(model: AUNet, out_dir: str | os.PathLike, seq_len: int) -> Path:
     """Our model -> official ``consolidated.pth`` + ``params.json`` (what lingua's loaders read)."""
+    params = config_to_lingua(model.config, seq_len)  # refuses before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    params = config_to_lingua(model.config, seq_len)
     params["distributed"] = {"model_dtype": "fp32"}  # read by the official generate loader
     sd = state_dict_to_lingua(model.state_dict(), model.config)
     torch.save({"model": {k: v.detach().cpu() for k, v in sd.items()}}, out / CONSOLIDATED_FILE)

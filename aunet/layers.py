@@ -9,10 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aunet.config import ATTENTION_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------- attention
+
+
 @functools.lru_cache(maxsize=1)
 def _flash_attn_func():  # noqa: ANN202 - optional kernel, imported lazily in one place
     try:
@@ -77,8 +82,85 @@ def _flash_attn_func():  # noqa: ANN202 - optional kernel, imported lazily in on
 
         return flash_attn_func
     except Exception as e:  # pragma: no cover - CUDA only
-        log.info("flash-attn unavailable (%s); using PyTorch SDPA", e)
+        log.info("flash-attn unavailable (%s)", e)
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():  # noqa: ANN202 - (flex_attention, create_block_mask) or None on old torch
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        return flex_attention, create_block_mask
+    except Exception as e:  # pragma: no cover - torch < 2.5
+        log.info("FlexAttention unavailable (%s)", e)
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():  # noqa: ANN202 - one compiled kernel, shapes specialise inside dynamo
+    return torch.compile(_flex()[0], dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_block_mask(length: int, window: int, device: str):  # noqa: ANN202 - BlockMask
+    """Sliding-window causal BlockMask for self-attention over ``length`` positions, built once
+    per (length, window, device): building it costs a pass over all (q, k) blocks."""
+
+    def allowed(b, h, q, k):  # noqa: ANN001, ANN202 - flex mask_mod signature
+        return (k <= q) & (k > q - window)
+
+    return _flex()[1](allowed, None, None, length, length, device=device)
+
+
+def resolve_backend(
+    requested: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """The kernel family ``attention`` uses for sliding-window self-attention.
+
+    ``auto``: flash-attn on CUDA in half precision when importable, else FlexAttention on CUDA
+    (compiled, one block mask per shape), else SDPA with masks (every CPU run: Flex's unfused CPU
+    path materialises all L^2 scores, slower than the blocked SDPA path). Explicit names are
+    honoured where they can run; ``flash`` without flash-attn is an error. Full causal attention
+    always goes through SDPA (its flash kernel on GPU). Logged by the training pipeline.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention: expected one of {ATTENTION_BACKENDS}, got {requested!r}")
+    cuda = torch.device(device).type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+    if requested == "flash":
+        if _flash_attn_func() is None:
+            raise RuntimeError("attention backend 'flash' requested; flash-attn is not importable")
+        return "flash"
+    if requested == "flex":
+        if _flex() is None:
+            raise RuntimeError(
+                "attention backend 'flex' requested; this torch has no FlexAttention"
+            )
+        return "flex"
+    if requested == "auto" and cuda:
+        if half and _flash_attn_func() is not None:
+            return "flash"
+        if _flex() is not None:
+            return "flex"
+    return "sdpa"
+
+
+@torch.compiler.disable  # a compiled block calls the separately compiled kernel (graph break)
+def _flex_window(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal self-attention through FlexAttention: (B, H, L, Dh) -> same.
+
+    Compiled on CUDA (the fused kernel skips blocks outside the band); eager elsewhere, where it is
+    the reference path the CPU tests compare against the masked SDPA and a float64 naive loop.
+    """
+    L = qt.shape[2]
+    mask = _window_block_mask(L, window, str(qt.device))
+    if qt.is_cuda:
+        with torch.autocast("cuda", enabled=False):  # inputs already in the compute dtype
+            return _compiled_flex()(qt, kt, vt, block_mask=mask)
+    with warnings.catch_warnings():  # the unfused-path notice: intended here
+        warnings.simplefilter("ignore")
+        return _flex()[0](qt, kt, vt, block_mask=mask)
 
 
 def window_mask(
@@ -112,24 +194,30 @@ def attention(
 
     q (B, Lq, H, Dh), k/v (B, Lk, H, Dh) with heads already repeated for GQA; the queries are the
     last Lq positions of the Lk keys unless ``q_offset`` says otherwise. Returns (B, Lq, H, Dh).
-    Backends: ``sdpa`` (default, CPU and GPU), ``flash`` (flash-attn, CUDA half precision only),
-    ``auto`` = flash when usable else SDPA.
+    ``backend`` is resolved by ``resolve_backend`` (auto | sdpa | flex | flash). flash-attn and
+    Flex serve sliding-window self-attention (Lq == Lk, no offset) only; everything else (full
+    causal, decoding with a cache) goes through SDPA.
     """
     Lq, Lk = q.shape[1], k.shape[1]
-    if backend in ("auto", "flash") and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    chosen = resolve_backend(backend, q.device, q.dtype) if backend == "auto" else backend
+    full_causal = window is None or window >= Lk
+    self_attn = Lq == Lk and q_offset in (None, 0)
+    if chosen == "flash":  # on CPU or in fp32 it falls through to SDPA, as flash-attn cannot run
         fn = _flash_attn_func()
-        if fn is not None and (q_offset is None or q_offset == Lk - Lq):
+        if fn is None:
+            raise RuntimeError("attention backend 'flash' requested; flash-attn is not importable")
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if q.is_cuda and half and (q_offset is None or q_offset == Lk - Lq):
             ws = (window - 1, 0) if window is not None else (-1, -1)
             return fn(q, k, v, causal=True, window_size=ws)
-        if backend == "flash" and fn is None:
-            raise RuntimeError("attention backend 'flash' requested; flash-attn is not importable")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
-    full_causal = window is None or window >= Lk
-    if full_causal and Lq == Lk and (q_offset in (None, 0)):
+    if chosen == "flex" and self_attn and not full_causal:
+        out = _flex_window(qt, kt, vt, window)
+    elif full_causal and self_attn:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
     elif full_causal and Lq == 1 and (q_offset is None or q_offset == Lk - 1):
         out = F.scaled_dot_product_attention(qt, kt, vt)
-    elif Lq == Lk and q_offset in (None, 0) and Lk >= max(4 * window, LOCAL_MIN_LEN):
+    elif self_attn and Lk >= max(4 * window, LOCAL_MIN_LEN):
         out = _local_attention(qt, kt, vt, window)
     else:
         mask = window_mask(Lq, Lk, window, q.device, q_offset)

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from aunet.config import VOCAB_SIZE, AUNetConfig
-from aunet.layers import CausalTransformer, RMSNorm, TransformerBlock, trunc_normal_
+from aunet.layers import (
+    CausalTransformer,
+    RMSNorm,
+    TransformerBlock,
+    resolve_backend,
+    trunc_normal_,
+)
 from aunet.loss import LossOutput, cross_entropy
 from aunet.pooling import StagePlan, force_first, pooling_plan
 from aunet.transitions import Transition
@@ -81,6 +87,25 @@ class AUNet(nn.Module):
         """Every transformer block (the FSDP / activation-checkpointing units)."""
         for stack in [*self.encoders, *self.decoders, self.trunk]:
             yield from stack.layers
+
+    def stage_blocks(self) -> Iterator[tuple[int, int, TransformerBlock]]:
+        """(stage, index within its stack, block) for every block, in ``blocks()`` order; the
+        per-stage settings (activation checkpointing) key on it."""
+        K = self.config.num_stages
+        for stacks in (self.encoders, self.decoders):
+            for s, stack in enumerate(stacks):
+                for i, block in enumerate(stack.layers):
+                    yield s, i, block
+        for i, block in enumerate(self.trunk.layers):
+            yield K, i, block
+
+    def set_attention(
+        self, backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> str:
+        """Pick the attention kernel once (``aunet.layers.resolve_backend``) and return its name,
+        so the per-call dispatch stays a string compare inside compiled blocks."""
+        self.attn_backend = resolve_backend(backend, device, dtype)
+        return self.attn_backend
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

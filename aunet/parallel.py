@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
+
+from aunet.memory import ac_per_stage, checkpointed
 
 # Dense bf16 tensor-core peak per device (vendor datasheets), matched by substring in this order:
 # the more specific names first ("H100 PCIe" before "H100"). No CPU entry: no MFU on CPUs.
@@ -82,14 +85,23 @@ def shard(
     mixed_precision: bool,
     *,
     compile: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str | Sequence[str] = False,
     reshard_after_forward: bool = False,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """FSDP2 ``fully_shard`` every block of ``model.blocks()``, then the root; in place.
 
     ``mixed_precision``: bf16 parameters and compute with fp32 gradient reduction (the official
     recipe on GPUs); otherwise fp32 throughout (the CPU default). Sharded master weights and the
-    optimizer state stay fp32 either way.
+    optimizer state stay fp32 either way, so AdamW updates fp32 masters. No loss scaling: bf16
+    has fp32's exponent range, so gradients do not underflow the way fp16 ones do (loss scaling
+    exists for fp16's 5-bit exponent).
+    ``activation_checkpointing``: ``none | blocks | selective`` for every stage, or a list with
+    one per stage (stage K = trunk); ``blocks`` recomputes every block of the stage, ``selective``
+    every second one (half the saved activations for half the recompute). ``True`` = ``blocks``.
+    Compiled blocks are compiled with ``dynamic=False``: every stage runs at a fixed length (the
+    byte stage at seq_len, a capped stage at its capacity, ``aunet.pooling``), so each stage shape
+    compiles once; ``compile_backend`` is for tests (``eager`` counts compiles cheaply).
     ``compile`` compiles each block's forward, and ``activation_checkpointing`` recomputes each
     block's activations in the backward pass. Both replace the block's ``forward`` only, so FSDP's
     hooks stay outside the compiled / recomputed region and state-dict keys do not change.
@@ -100,11 +112,14 @@ def shard(
     blocks = list(model.blocks())  # type: ignore[operator]
     if not blocks:
         raise ValueError("shard: the model has no transformer blocks")
-    for block in blocks:
+    ac = activation_checkpointing
+    ac = {True: "blocks", False: "none"}.get(ac, ac) if isinstance(ac, bool) else ac
+    policies = ac_per_stage(ac, model.config.num_stages)  # type: ignore[union-attr]
+    for s, i, block in model.stage_blocks():  # type: ignore[operator]
         forward = block.forward
         if compile:
-            forward = torch.compile(forward, dynamic=None)
-        if activation_checkpointing:
+            forward = torch.compile(forward, dynamic=False, backend=compile_backend)
+        if checkpointed(policies[s], i):
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
         if forward is not block.forward:
             block.forward = forward  # instance attribute: nn.Module.__call__ runs it

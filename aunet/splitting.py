@@ -10,7 +10,9 @@ the key. For word keys the value is ``N@M`` (N words per end match; ``@M`` is re
 exact key ``word``, as officially); pretok, punct and custom strategies ignore the value. A script
 key is a word key whose value may add ``family=K`` options (``"1@1 han=2 thai=4"``): the word
 rules plus a boundary every K characters inside runs of scripts written without spaces
-(aunet/scripts.py; ``@M`` is read for the exact key ``script``). ``levels(data)`` gives each byte
+(aunet/scripts.py; ``@M`` is read for the exact key ``script``). An ``entropy`` key's value is a
+resolved entropy stage (``"t=4.5 order=3 model=... sha256=..."``, aunet/entropy.py): a boundary on
+each codepoint whose last byte's next-byte entropy reaches t bits. ``levels(data)`` gives each byte
 ``1 + max(index of a stage with a boundary there)`` or 0, on the last byte of each codepoint.
 ``levels_batch(data, lengths)`` does the same for many concatenated documents in one pass, each
 document split exactly as on its own (docs/design.md, Splitting: many documents per call).
@@ -30,6 +32,8 @@ each treated as a separate text; the output always has one level per input byte.
 Prefix stability (docs/design.md, Prefix stability; generation gives a new byte the level
 computed on the prefix that ends there and never revises it):
 
+- entropy is prefix-stable: a byte's level reads only the bytes up to it (``_Stage.lookback``
+  of them fix it).
 - word and script (any ``N@M``) are prefix-stable except on a space or tab that starts a
   whitespace run ending in a newline: ``\s*[\r\n]`` puts a boundary there only once the newline
   has arrived.
@@ -50,13 +54,15 @@ from dataclasses import dataclass
 import numpy as np
 import regex
 
+from aunet.entropy import EntropyStage, stage_where
+from aunet.entropy import parse_stage as parse_entropy_stage
 from aunet.scripts import chunk_starts, family_table, parse_chars
 
 # Codepoint class bits. ESCAPE marks a byte that is not UTF-8 (a surrogate from surrogateescape).
 _SPACE, _LETTER, _NUMBER, _DIGIT, _NEWLINE, _BLANK, _ESCAPE = 1, 2, 4, 8, 16, 32, 64
 _GROUP_BYTES = 1 << 18  # levels_batch's unit of work (Splitter.levels_batch)
 # The official prefix order (docs/design.md, Splitting), then ours (aunet/scripts.py).
-_BUILTIN = ("word", "pretok", "punct", "script")
+_BUILTIN = ("word", "pretok", "punct", "script", "entropy")
 _CUSTOM: dict[str, tuple[regex.Pattern, regex.Pattern | None]] = {}
 
 
@@ -78,6 +84,8 @@ class _Stage:
     moduli: tuple[int, ...] = (1,)  # end match n is kept iff n % M == 0 for some M (word only)
     patterns: tuple | None = None  # custom: (start, end), kept here so a pickled Splitter works
     chars: tuple[int, ...] = ()  # script: chunk size per family (aunet/scripts.py)
+    entropy: EntropyStage | None = None  # entropy: model and threshold (aunet/entropy.py)
+    lookback: int | None = None  # entropy: bytes of context that fix the last byte's level
 
 
 def _parse_stage(key: str, value: str) -> _Stage:
@@ -92,6 +100,9 @@ def _parse_stage(key: str, value: str) -> _Stage:
             )
         name = max(custom, key=len)
         return _Stage(key, name, patterns=_CUSTOM[name])
+    if kind == "entropy":
+        stage = parse_entropy_stage(key, value)
+        return _Stage(key, kind, entropy=stage, lookback=stage.lookback)
     if kind not in ("word", "script"):
         return _Stage(key, kind)  # the value is ignored, as officially
     value, *options = str(value).split() or [""]
@@ -334,9 +345,17 @@ class Splitter:
 
     @property
     def prefix_stable(self) -> bool:
-        """True for word and script mappings: prefix-stable up to the whitespace-before-newline
-        case."""
-        return all(s.kind in ("word", "script") for s in self.stages)
+        """True for word, script and entropy mappings: prefix-stable (word and script up to the
+        whitespace-before-newline case)."""
+        return all(s.kind in ("word", "script", "entropy") for s in self.stages)
+
+    def stream(self) -> LevelStream:  # noqa: F821  (aunet/splitstream.py imports this module)
+        """Levels of bytes appended one at a time, as generation gives them: each byte's level
+        on the prefix ending there, O(1) per byte for word and script stages (aunet/splitstream.py).
+        """
+        from aunet.splitstream import LevelStream
+
+        return LevelStream(self)
 
     def levels(self, data: bytes) -> np.ndarray:
         """Level of each byte of ``data`` (uint8, shape (T,)); no BOS/EOS, position 0 not forced."""
@@ -418,6 +437,8 @@ class Splitter:
         t = _Text(bits)
         level = np.zeros(t.n, np.uint8)
         for i, stage in enumerate(self.stages):
+            if stage.kind == "entropy":
+                continue  # on bytes, below
             if stage.kind in ("word", "script"):
                 where = np.concatenate([t.word_start, t.word_end(stage.group, stage.moduli)])
                 if stage.kind == "script" and not ascii_only:
@@ -431,7 +452,7 @@ class Splitter:
                 where = t.custom(text, *stage.patterns)
             level[where] = i + 1  # later stages overwrite: the level is the max stage index + 1
         if ascii_only:
-            return level
+            return self._entropy_levels(level, raw, ~t.escape)
         # A codepoint ends where no continuation byte (10xxxxxx) follows. That holds for every
         # codepoint iff it yields one end per codepoint: an escaped byte of a broken sequence
         # (or a stray continuation byte) would share its end with a neighbour.
@@ -442,4 +463,17 @@ class Splitter:
             last = np.cumsum(width) - 1
         out = np.zeros(len(data), np.uint8)
         out[last] = level
+        if any(s.entropy for s in self.stages):
+            ends = np.zeros(len(data), bool)
+            ends[last[~t.escape]] = True
+            out = self._entropy_levels(out, raw, ends)
+        return out
+
+    def _entropy_levels(self, out: np.ndarray, raw: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Raise ``out`` (per byte) to i + 1 where entropy stage i has a boundary; ``ends``: the
+        last bytes of valid codepoints (bool, shape (len(raw),))."""
+        for i, stage in enumerate(self.stages):
+            if stage.entropy is not None:
+                where = stage_where(stage.entropy, raw, ends)
+                out[where] = np.maximum(out[where], i + 1)
         return out

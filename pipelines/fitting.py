@@ -334,3 +334,42 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(TABLE_KEYS), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def frontier_points(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The lowest-loss run per (variant, budget): with several sizes or lrs per budget, L(C) is
+    the envelope of what each budget can reach, not a cloud of suboptimal runs."""
+    best: dict[tuple[str, float], Mapping[str, Any]] = {}
+    for p in points:
+        key = (p["variant"], p["budget"])
+        if key not in best or p["loss"] < best[key]["loss"]:
+            best[key] = p
+    return list(best.values())
+
+
+def baseline_variant(variants: Sequence[str]) -> str:
+    """The variant named ``baseline`` (the byte Transformer in the shipped specs), else the
+    first one."""
+    return "baseline" if "baseline" in variants else variants[0]
+
+
+def versus_baseline(frontier: Sequence[Mapping[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Each variant against the baseline at every budget both reached (best run per cell)."""
+    base = {float(p["budget"]): float(p["loss"]) for p in frontier if p["variant"] == baseline}
+    rows = []
+    for p in sorted(frontier, key=lambda q: (float(q["budget"]), str(q["variant"]))):
+        b = base.get(float(p["budget"]))
+        if p["variant"] == baseline or b is None:
+            continue
+        loss = float(p["loss"])
+        rows.append(
+            {
+                "budget": float(p["budget"]),
+                "variant": p["variant"],
+                "loss": loss,
+                "baseline_loss": b,
+                "delta": loss - b,
+                "ratio": loss / b - 1,
+            }
+        )
+    return rows

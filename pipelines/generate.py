@@ -2,9 +2,11 @@
 
     python -m pipelines.generate <checkpoint dir | runs:/... | models:/...> --prompt "Once upon"
         [--max-new-bytes N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
-        [--tracking-uri URI]
+        [--echo-prompt] [--tracking-uri URI]
 
-Prints the continuation (UTF-8, invalid bytes replaced) on stdout. A progress bar goes to stderr,
+Prints the continuation (UTF-8, invalid bytes replaced) on stdout, after the prompt with
+``--echo-prompt`` (the bytes are decoded together, so a character split between prompt and
+continuation prints whole). A progress bar goes to stderr,
 only when stderr is a terminal and the generation is long enough to be worth one. An MLflow URI
 is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` if it exists
 (``pipelines.serve.store_for``); a checkpoint that cannot be found or read is one line
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", default=None, help="stop after this string (not printed)")
+    ap.add_argument("--echo-prompt", action="store_true", help="print the prompt before the text")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--tracking-uri", default=None, help="MLflow store of a runs:/ or models:/ source"
@@ -74,7 +77,8 @@ def _main(argv: list[str]) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(out.decode("utf-8", errors="replace"), flush=True)
+    shown = args.prompt.encode("utf-8") + out if args.echo_prompt else out
+    print(shown.decode("utf-8", errors="replace"), flush=True)
     return 0
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from aunet.packing import contraction_ratios
-from pipelines import corpus, storage, units
+from pipelines import corpus, entropy_fit, storage, units
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete
 from pipelines.paths import is_uri
 
@@ -322,6 +322,8 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
             _require_documents(spec, manifest)  # published before empty corpora were refused
             print(f"preprocess: reusing complete dataset {root}", file=sys.stderr)
             return DatasetInfo(path, manifest, reused=True)
+    # Entropy split stages: fit the model on the training split, resolve targets to thresholds.
+    target, (spec, entropy) = spec, entropy_fit.resolve_spec(spec, inputs, block_bytes)
     _old_layout(root)
     fs.create_dir(base, recursive=True)
     storage.delete(fs, storage.join(base, MANIFEST))  # incomplete from here until the new one
@@ -345,7 +347,9 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": code_version(),
         "inputs": inputs,
-        "strategy": list(spec.model.split_strategy.items()),  # order = level
+        "strategy": list(target.model.split_strategy.items()),  # order = level
+        **({"resolved_strategy": list(spec.model.split_strategy.items())} if entropy else {}),
+        **({"entropy": entropy} if entropy else {}),
         "num_stages": K,
         "seq_len": spec.data.seq_len,
         "val_fraction": spec.data.val_fraction,

@@ -19,190 +19,212 @@ from typing import Any
 import numpy as np
 
 from pipelines import fitting as ft
+from pipelines import tables as tb
 from pipelines import tracking
-from pipelines.fitting import TABLE_KEYS, PowerLawFit, cell_text
-from pipelines.results import pyplot
+from pipelines.paths import redact
+from pipelines.report_figures import plot_contraction, plot_loss_vs_compute, plot_training_curves
+from pipelines.tables import Column
 
 TAG_PREFIX = "aunet."
 
 
-# ---------------------------------------------------------------------------------- plots
-def plot_loss_vs_compute(
-    points: Sequence[Mapping[str, Any]], fits: Mapping[str, PowerLawFit], path: Path, title: str
-) -> None:
-    """Final validation bits/byte vs training FLOPs (log-log), fits to 100x the largest C."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    C_all = [float(p["C"]) for p in points]
-    grid = np.logspace(math.log10(min(C_all)) - 0.1, math.log10(100 * max(C_all)), 200)
-    for i, (name, f) in enumerate(fits.items()):
-        col = colors[i % len(colors)]
-        ps = [p for p in points if p["variant"] == name]
-        ax.scatter([p["C"] for p in ps], [p["loss"] for p in ps], color=col, zorder=3, s=22)
-        if not math.isfinite(f.E):
-            ax.plot([], [], color=col, label=f"{name}: no fit ({f.reason})")
-            continue
-        inside = grid <= f.C_max * 1.0001
-        label = f"{name}: {f.E:.3f} + {f.A:.3g} C^-{f.alpha:.3f} (R² {f.r2:.3f})"
-        ax.plot(grid[inside], f.predict(grid[inside]), color=col, label=label)
-        ls = "--" if f.valid else ":"
-        ax.plot(grid[~inside], f.predict(grid[~inside]), color=col, ls=ls, alpha=0.8)
-        band = f.band(grid)
-        if band is not None:
-            ax.fill_between(grid, band[0], band[1], color=col, alpha=0.15, lw=0)
-        if not f.valid:
-            ax.text(
-                grid[-1],
-                float(f.predict(grid[-1])),
-                f" n/a: {f.reason}",
-                color=col,
-                fontsize=7,
-                ha="right",
-                va="bottom",
-            )
-    ax.axvline(max(C_all), color="grey", lw=0.6, ls=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training FLOPs C (aunet.flops accounting)")
-    ax.set_ylabel("final validation bits/byte")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_contraction(contraction: Mapping[str, Sequence[float]], path: Path) -> None:
-    """Bytes per stage-s token, per variant (stage 0 = bytes = 1)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = list(contraction)
-    depth = max((len(v) for v in contraction.values()), default=0)
-    width = 0.8 / max(1, depth)
-    for s in range(depth):
-        xs = [i + s * width for i, n in enumerate(names) if len(contraction[n]) > s]
-        ys = [contraction[n][s] for n in names if len(contraction[n]) > s]
-        bars = ax.bar(xs, ys, width, label=f"stage {s}")
-        for b, y in zip(bars, ys):
-            ax.annotate(
-                f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7
-            )
-    ax.set_xticks([i + width * (depth - 1) / 2 for i in range(len(names))], names)
-    ax.set_ylabel("bytes per stage token (measured)")
-    ax.set_title("per-stage contraction (from run metrics tokens_total/stage*)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_training_curves(
-    curves: Sequence[Mapping[str, Any]], path: Path, variants: Sequence[str] | None = None
-) -> None:
-    """One panel per budget: train loss (bits/byte, thin) and validation bits/byte (markers) vs
-    FLOPs spent, one colour per variant."""
-    plt = pyplot()
-    budgets = sorted({float(c["budget"]) for c in curves})
-    variants = list(variants or dict.fromkeys(c["variant"] for c in curves))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    n = max(1, len(budgets))
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, budget in zip(axes.flat, budgets):
-        for c in curves:
-            if float(c["budget"]) != budget:
-                continue
-            col = colors[variants.index(c["variant"]) % len(colors)]
-            if c["train"]:
-                x, y = zip(*c["train"])
-                ax.plot(x, np.asarray(y) / math.log(2), color=col, lw=0.8, alpha=0.6)
-            if c["val"]:
-                x, y = zip(*c["val"])
-                ax.plot(x, y, "o-", color=col, ms=3, label=c["variant"])
-        ax.set_xscale("log")
-        ax.set_title(f"budget {budget:.3g} FLOPs", fontsize=9)
-        ax.set_xlabel("FLOPs spent", fontsize=8)
-        ax.set_ylabel("bits/byte", fontsize=8)
-        ax.legend(fontsize=7)
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(budgets) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------- HTML
+# ---------------------------------------------------------------------------------- tables
 UNITS_NOTE = (
     "The batch-size and learning-rate formulas BSZ = 0.66 C^0.321 and LR = 6.6 C^-0.176 are "
     "quoted from the paper; they are in neither the official code nor its configs and their "
     "units are UNVERIFIED (docs/flops.md). C is training FLOPs (forward + backward) as counted by "
     "aunet.flops (flops_per_byte x training bytes) and BSZ is in bytes per optimizer step."
 )
+BPB = tb.fixed(4)
+FIT_COLUMNS = (
+    Column("variant", "variant"),
+    Column("runs", "runs"),
+    Column("budgets", "budgets"),
+    Column("E", "E (bits/byte)", BPB),
+    Column("E_sd", "± E", BPB),
+    Column("A", "A (bits/byte·FLOPs^α)", tb.sig(3)),
+    Column("A_sd", "± A", tb.sig(3)),
+    Column("alpha", "α", BPB),
+    Column("alpha_sd", "± α", BPB),
+    Column("r2", "R²", BPB),
+    Column("loss_at_10x", "L(10·C_max) (bits/byte)", BPB),
+    Column("loss_at_100x", "L(100·C_max) (bits/byte)", BPB),
+    Column("status", "status"),
+)
+RUN_COLUMNS = (
+    Column("variant", "variant"),
+    Column("budget", "budget (FLOPs)", tb.sig(3)),
+    Column("C", "C (FLOPs)", tb.sig(4)),
+    Column("params", "params", tb.count),
+    Column("bytes", "bytes seen", tb.sig(3)),
+    Column("lr", "lr", tb.sig(3)),
+    Column("batch_bytes", "batch (bytes/step)", tb.count),
+    Column("loss", "val (bits/byte)", BPB),
+    Column("run_id", "MLflow run", link="link"),
+)
+VS_COLUMNS = (
+    Column("budget", "budget (FLOPs)", tb.sig(3)),
+    Column("variant", "variant"),
+    Column("loss", "val (bits/byte)", BPB),
+    Column("baseline_loss", "baseline (bits/byte)", BPB),
+    Column("delta", "Δ (bits/byte)", lambda v: f"{float(v):+.4f}"),
+    Column("ratio", "Δ (%)", tb.signed_pct),
+)
+OPTIMA_COLUMNS = (
+    Column("variant", "variant"),
+    Column("budget", "budget (FLOPs)", tb.sig(3)),
+    Column("N_opt", "N* (params)", tb.sig(3)),
+    Column("D_opt", "D* (bytes)", tb.sig(3)),
+    Column("loss_opt", "L* (bits/byte)", BPB),
+)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+def contraction_rows(contraction: Mapping[str, Sequence[float]]) -> tuple[list[dict], list[Column]]:
+    """Bytes per token of each pooling stage, for variants that pool (a byte model's only stage
+    is the bytes themselves, 1.00 by definition, which says nothing)."""
+    pooled = {v: c for v, c in contraction.items() if len(c) > 1}
+    depth = max((len(c) for c in pooled.values()), default=1)
+    cols = [Column("variant", "variant")] + [
+        Column(f"stage{s}", f"stage {s} (bytes/token)", tb.fixed(2)) for s in range(1, depth)
+    ]
+    rows = [
+        {"variant": v, **{f"stage{s}": x for s, x in enumerate(c) if s}} for v, c in pooled.items()
+    ]
+    return rows, cols
 
 
-def _html_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell_text(k, r.get(k)))}</td>" for k in keys) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+def report_tables(
+    rows: Sequence[Mapping[str, Any]],
+    points: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any],
+    contraction: Mapping[str, Sequence[float]],
+) -> list[tuple[str, str, list[Mapping[str, Any]], Sequence[Column], str]]:
+    """(caption, label, rows, columns, note) of every table the report shows, in page order."""
+    variants = list(dict.fromkeys(p["variant"] for p in points))
+    baseline = ft.baseline_variant(variants)
+    vs = ft.versus_baseline(ft.frontier_points(points), baseline)
+    optima = [
+        {"variant": v, **o} for v, co in extra["compute_optimal"].items() for o in co["optima"]
+    ]
+    c_rows, c_cols = contraction_rows(contraction)
+    out = [
+        (
+            "Fits L(C) = E + A·C^-α of the best run per (variant, budget)",
+            "tab:fits",
+            list(rows),
+            FIT_COLUMNS,
+            "± columns are bootstrap standard deviations over runs; predictions only for fits "
+            "with enough budgets and R² above the threshold, else n/a (reason).",
+        ),
+        (
+            f"Each variant vs {baseline} at equal training FLOPs",
+            "tab:vs-baseline",
+            vs,
+            VS_COLUMNS,
+            f"Δ < 0: better than {baseline}. Best run per (variant, budget).",
+        ),
+        (
+            "Runs",
+            "tab:runs",
+            [dict(p) for p in sorted(points, key=lambda q: (q["variant"], q["C"]))],
+            RUN_COLUMNS,
+            "MLflow run ids link to the tracking server's run page when the store is a server.",
+        ),
+        (
+            "Compute-optimal model size and data per budget",
+            "tab:optima",
+            optima,
+            OPTIMA_COLUMNS,
+            "Needs >= 3 model sizes per budget (study.size_factors).",
+        ),
+    ]
+    if c_rows:
+        out.append(
+            (
+                "Measured per-stage contraction",
+                "tab:contraction",
+                c_rows,
+                c_cols,
+                "From the runs' tokens_total/stage* metrics; byte models are left out (1.00).",
+            )
+        )
+    return out
 
 
+def refit_text(extra: Mapping[str, Any]) -> str:
+    lines = []
+    for key, name in (("lr_refit", "lr"), ("batch_refit", "batch (bytes/step)")):
+        r = extra.get(key)
+        if not r:
+            lines.append(f"{name}: no variation in the grid (set study.lr_factors to refit it)")
+            continue
+        best = ", ".join(
+            f"{b['variant']}@{b['budget']:.3g}: {list(b.values())[-1]:.3g}" for b in r["best"]
+        )
+        f = r.get("fit")
+        law = f"{name}* = {f['k']:.3g}·C^{f['b']:+.3f}" if f else f"{name}*: fewer than 2 budgets"
+        lines.append(f"{law} (best per cell: {best})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- HTML
 def render_html(
     title: str,
-    rows: Sequence[Mapping[str, Any]],
+    provenance: Mapping[str, str],
+    tables: Sequence[tuple[str, str, Sequence[Mapping[str, Any]], Sequence[Column], str]],
     cross: Sequence[Mapping[str, Any]],
     images: Mapping[str, Path],
     sections: Mapping[str, str],
-    points: Sequence[Mapping[str, Any]],
 ) -> str:
     """One HTML page with everything inlined (PNG as base64): it opens anywhere, offline."""
     esc = html.escape
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px}img{max-width:100%}.warn{background:#fff3cd;padding:.5em}</style>",
+        "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 6px}td{text-align:right}img{max-width:100%}"
+        ".warn{background:#fff3cd;padding:.5em}.prov th{text-align:left}</style>",
         f"</head><body><h1>{esc(title)}</h1>",
+        tb.provenance_html(provenance),
         f"<p class='warn'><b>Units unverified.</b> {esc(UNITS_NOTE)}</p>",
-        "<h2>Fits: L(C) = E + A·C<sup>-alpha</sup></h2>",
-        "<p>Loss is the final validation bits/byte of the best run per (variant, budget); C "
-        "that run's training FLOPs. Uncertainties "
-        "(*_sd) are bootstrap standard deviations over runs. Predictions are given only for fits "
-        "with enough budgets and R² above the threshold; otherwise they read n/a (reason).</p>",
-        _html_table(rows, TABLE_KEYS),
     ]
-    if cross:
-        items = "".join(
-            f"<li>{esc(' vs '.join(c['variants']))}: C = {c['C']:.3g} FLOPs "
-            f"(loss {c['loss']:.4f}; {esc(c['better_above'])} better above"
-            f"{', extrapolated' if c['extrapolated'] else ''})</li>"
-            for c in cross
-        )
-        parts.append(f"<h3>Crossover compute</h3><ul>{items}</ul>")
-    else:
-        parts.append(
-            "<h3>Crossover compute</h3><p>none between valid fits in the plotted range.</p>"
-        )
+    for i, (caption, _label, rows, cols, note) in enumerate(tables):
+        parts.append(f"<h2>{esc(caption)}</h2><p>{esc(note)}</p>")
+        parts.append(tb.render_html(rows, cols) if rows else "<p>(none)</p>")
+        if i == 0:
+            items = "".join(
+                f"<li>{esc(' vs '.join(c['variants']))}: C = {c['C']:.3g} FLOPs "
+                f"(loss {c['loss']:.4f} bits/byte; {esc(c['better_above'])} better above"
+                f"{', extrapolated' if c['extrapolated'] else ''})</li>"
+                for c in cross
+            )
+            none = "<p>none between valid fits in the plotted range.</p>"
+            parts.append(f"<h3>Crossover compute</h3>{f'<ul>{items}</ul>' if cross else none}")
     for caption, path in images.items():
         parts.append(f"<h2>{esc(caption)}</h2>{_img(path)}")
+        parts.append(f"<p>Vector versions: {esc(path.stem)}.svg, {esc(path.stem)}.pdf</p>")
     for head, text in sections.items():
         parts.append(f"<h2>{esc(head)}</h2><pre>{esc(text)}</pre>")
-    keys = ["variant", "budget", "C", "params", "bytes", "lr", "batch_bytes", "loss", "run_id"]
-    pts = [{k: p.get(k) for k in keys} for p in points]
-    parts.append("<h2>Runs</h2><pre>" + esc(json.dumps(pts, indent=1, default=str)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def render_latex(
+    title: str,
+    provenance: Mapping[str, str],
+    tables: Sequence[tuple[str, str, Sequence[Mapping[str, Any]], Sequence[Column], str]],
+) -> str:
+    """Every non-empty table as a booktabs ``table`` float, provenance as comments."""
+    parts = [f"% {title}\n", tb.provenance_latex(provenance)]
+    for caption, label, rows, cols, _note in tables:
+        if rows:
+            parts.append("\n" + tb.render_latex(rows, cols, caption, label))
+    return "".join(parts)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
 # ---------------------------------------------------------------------------------- report
@@ -241,6 +263,10 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
             "loss": m["final/val_bits_per_byte"],
             "contraction": contraction,
             "run_id": r.info.run_id,
+            "link": tb.run_link(uri, r.info.experiment_id, r.info.run_id),
+            "git_commit": t.get("git_commit"),
+            "spec_file": t.get(f"{TAG_PREFIX}experiment_file"),
+            "dataset": t.get(f"{TAG_PREFIX}dataset_hash"),
         }
         points.append(point)
         per_step = C / steps
@@ -260,27 +286,24 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
     return points, curves
 
 
-def frontier_points(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The lowest-loss run per (variant, budget): with several sizes or lrs per budget, L(C) is
-    the envelope of what each budget can reach, not a cloud of suboptimal runs."""
-    best: dict[tuple[str, float], Mapping[str, Any]] = {}
-    for p in points:
-        key = (p["variant"], p["budget"])
-        if key not in best or p["loss"] < best[key]["loss"]:
-            best[key] = p
-    return list(best.values())
-
-
 def build_report(
-    uri: str, experiment: str, study: str, out: Path, fit: Mapping[str, Any]
+    uri: str,
+    experiment: str,
+    study: str,
+    out: Path,
+    fit: Mapping[str, Any],
+    spec_file: str | None = None,
 ) -> dict[str, Any]:
-    """Fit, plot and write the report files; log them to a report run. Returns the fit rows."""
+    """Fit, plot and write the report files; log them to a report run. Returns the fit rows.
+
+    Files: report.html (self-contained), tables.tex (booktabs), fits.csv, fits.json, and every
+    figure as PNG, SVG and PDF."""
     points, curves = collect_points(uri, experiment, study)
     if not points:
         raise LookupError(f"no finished runs tagged aunet.study={study!r} in {experiment!r}")
     out.mkdir(parents=True, exist_ok=True)
     variants = list(dict.fromkeys(p["variant"] for p in points))
-    fits, frontier = {}, frontier_points(points)
+    fits, frontier = {}, ft.frontier_points(points)
     for v in variants:
         ps = [p for p in frontier if p["variant"] == v]
         fits[v] = ft.fit_power_law(
@@ -296,19 +319,21 @@ def build_report(
     rows = ft.fit_rows(fits, C_max)
     cross = ft.crossovers(fits, min(p["C"] for p in points), 100 * C_max)
     title = f"scaling study {study} ({experiment})"
-    images = {
-        "Loss vs compute": out / "loss_vs_compute.png",
-        "Per-stage contraction": out / "contraction.png",
-        "Training curves per budget": out / "training_curves.png",
-    }
-    plot_loss_vs_compute(points, fits, images["Loss vs compute"], title)
     contraction = {}
     for v in variants:
         cs = [p["contraction"] for p in points if p["variant"] == v and p["contraction"]]
         if cs:
             contraction[v] = [float(x) for x in np.mean(np.array(cs), axis=0)]
-    plot_contraction(contraction, images["Per-stage contraction"])
+    images = {
+        "Loss vs compute": out / "loss_vs_compute.png",
+        "Training curves per budget": out / "training_curves.png",
+    }
+    plot_loss_vs_compute(points, fits, images["Loss vs compute"], title)
     plot_training_curves(curves, images["Training curves per budget"], variants)
+    pooled = {v: c for v, c in contraction.items() if len(c) > 1}
+    if pooled:  # a byte model's 1.00 alone is a chart that says nothing
+        images["Per-stage contraction"] = out / "contraction.png"
+        plot_contraction(pooled, images["Per-stage contraction"])
     extra = {
         "compute_optimal": {
             v: ft.compute_optimal([p for p in points if p["variant"] == v]) for v in variants
@@ -316,32 +341,40 @@ def build_report(
         "lr_refit": ft.hyperparam_refit(points, "lr"),
         "batch_refit": ft.hyperparam_refit(points, "batch_bytes"),
     }
+    prov = tb.provenance(
+        study=study,
+        experiment=experiment,
+        **{"tracking store": redact(uri)},
+        **{"spec file": spec_file or {p["spec_file"] for p in points}},
+        **{"dataset hash": {p["dataset"] for p in points}},
+        **{"runs' code": {p["git_commit"] for p in points}},
+    )
+    tables = report_tables(rows, points, extra, contraction)
     sections = {
-        "Compute-optimal size and data": json.dumps(extra["compute_optimal"], indent=1)
-        + "\n(needs >= 3 model sizes per budget: study.size_factors)",
-        "Batch size / learning rate refit": json.dumps(
-            {"lr": extra["lr_refit"], "batch_bytes": extra["batch_refit"]}, indent=1
-        )
-        + "\n(null: the grid has no lr / batch variation; set study.lr_factors to refit LR)",
-        "Per-stage contraction (bytes per token)": json.dumps(contraction, indent=1),
-        "Fit settings": json.dumps(dict(fit), indent=1),
+        "Batch size / learning rate refit": refit_text(extra),
+        "Fit settings": "\n".join(f"{k}: {v}" for k, v in fit.items()),
     }
-    (out / "report.html").write_text(render_html(title, rows, cross, images, sections, points))
+    (out / "report.html").write_text(render_html(title, prov, tables, cross, images, sections))
+    (out / "tables.tex").write_text(render_latex(title, prov, tables))
     ft.write_csv(rows, out / "fits.csv")
     result = {
         "study": study,
         "experiment": experiment,
+        "provenance": prov,
         "fits": rows,
         "fit_details": {v: f.to_dict() for v, f in fits.items()},
         "crossovers": cross,
         **extra,
         "contraction": contraction,
+        "versus_baseline": tables[1][2],
         "points": points,
         "units_note": UNITS_NOTE,
     }
     (out / "fits.json").write_text(json.dumps(result, indent=1, default=str))
     result["report_run_id"] = _log_report(uri, experiment, study, out, rows)
-    result["table"] = ft.format_table(rows)
+    result["table"] = tb.render_text(rows, FIT_COLUMNS[:-1]) + "".join(
+        f"\n{r['variant']}: {r['status']}" for r in rows
+    )
     return result
 
 

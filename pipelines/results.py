@@ -4,8 +4,9 @@ read back from a sweep directory or from MLflow.
 Apart from ``pipelines.sweep`` (the Tune program) because the table is read without running
 anything (``python -m pipelines.sweep --summary``) and its pieces serve the scaling report too
 (``pyplot``). Layout of a sweep directory: ``trials/<trial id>.json`` (the trial's record,
-replaced atomically), ``trials/<trial id>.attempts`` (one line per start),
-``results.{csv,json,png}`` and ``best.yaml`` once the sweep has run to the end.
+replaced atomically), ``trials/<trial id>.attempts`` (one line per start), ``results.{csv,json,
+tex}``, the plot as ``results.{png,svg,pdf}``, ``summary.html`` and ``best.yaml`` once the sweep
+has run to the end.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipelines import tables as tb
+from pipelines.tables import Column
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 COLUMNS = (
     "rank",
     "variant",
@@ -134,6 +140,8 @@ def summary_rows(target: str, tracking_uri: str | None = None) -> list[dict[str,
         if (d / "trials").is_dir():
             return collect(str(d), None, None)
         raise FileNotFoundError(f"{d}: not a sweep directory (no results.csv, no trials/)")
+    if not RUN_ID.fullmatch(target):  # a path that is not there: say so, not "no such run"
+        raise FileNotFoundError(f"{target}: no such sweep directory (nor an MLflow run id)")
     uri = tracking.cli_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_run_artifact(uri, target, "results.csv", tmp)
@@ -248,14 +256,59 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
         lo, hi = min(vals), max(vals)
         ax.set_ylim(max(0.0, lo - 0.2 * (hi - lo + 0.05)), hi + 0.3 * (hi - lo + 0.05))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tb.save_figure(fig, path)
     plt.close(fig)
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], out: Path, title: str) -> list[Path]:
-    """results.csv, results.json and results.png in ``out``; their paths."""
+SUMMARY_COLUMNS = (
+    Column("rank", "rank"),
+    Column("variant", "variant"),
+    Column("trial", "trial"),
+    Column("num_params", "params", tb.count),
+    Column("steps", "steps"),
+    Column("batch_size", "batch (sequences)"),
+    Column("flops", "C (FLOPs)", tb.sig(4)),
+    Column("flops_vs_budget", "C vs budget", tb.signed_pct),
+    Column("val_bits_per_byte", "val (bits/byte)", tb.fixed(4)),
+    Column("status", "status"),
+    Column("mlflow_run_id", "MLflow run", link="link"),
+)
+
+
+def write_results(
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    title: str,
+    provenance: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """results.csv, results.json, results.tex, summary.html and the plot (PNG, SVG, PDF) in
+    ``out``; their paths. The summary page is the scaling report's kind of page for a sweep: a
+    provenance header, the ranked table with units, the plot inlined."""
+    import base64
+    import html
+
     files = [out / "results.csv", out / "results.json", out / "results.png"]
     write_csv(rows, files[0])
     write_json(files[1], rows)
     plot(rows, files[2], title)
-    return files
+    files += [out / "results.svg", out / "results.pdf"]
+    prov = tb.provenance(**dict(provenance or {}))
+    table = [{**r, "link": r.get("link")} for r in rows]
+    (out / "results.tex").write_text(
+        f"% {title}\n"
+        + tb.provenance_latex(prov)
+        + tb.render_latex(table, SUMMARY_COLUMNS, title, "tab:sweep")
+    )
+    png = base64.b64encode(files[2].read_bytes()).decode("ascii")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 6px}img{max-width:100%}.prov th{text-align:left}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{tb.provenance_html(prov)}"
+        f"<h2>Trials, ranked</h2>{tb.render_html(table, SUMMARY_COLUMNS)}"
+        f'<h2>Final validation bits/byte</h2><img alt="results" src="data:image/png;base64,{png}">'
+        "<p>Vector versions: results.svg, results.pdf; LaTeX: results.tex.</p></body></html>"
+    )
+    (out / "summary.html").write_text(page)
+    return files + [out / "results.tex", out / "summary.html"]

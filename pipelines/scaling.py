@@ -252,8 +252,9 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("--min-budgets", type=int)
     ap.add_argument("--bootstrap", type=int)
     args = ap.parse_args(argv)
-    fit = dataclasses.asdict(StudyFit())
+    fit, spec_file = dataclasses.asdict(StudyFit()), None
     if args.target.endswith((".yaml", ".yml")) and Path(args.target).is_file():
+        spec_file = str(Path(args.target).absolute())
         spec, study = load_study(args.target)
         uri, experiment = spec.tracking.tracking_uri, spec.tracking.experiment
         name, fit, out = study.name, study.fit_settings(), study_dir(spec, study) / "report"
@@ -271,7 +272,7 @@ def report_main(argv: list[str]) -> int:
         fit[key] = getattr(args, key) if getattr(args, key) is not None else fit[key]
     out = Path(args.out if args.out else out).absolute()
     check_tracking_reachable(uri)
-    result = build_report(uri, experiment, name, out, fit)
+    result = build_report(uri, experiment, name, out, fit, spec_file=spec_file)
     print(result["table"])
     for c in result["crossovers"]:
         where = ", extrapolated" if c["extrapolated"] else ""
@@ -279,7 +280,10 @@ def report_main(argv: list[str]) -> int:
             f"crossover {' vs '.join(c['variants'])}: C = {c['C']:.3g} FLOPs "
             f"({c['better_above']} better above{where})"
         )
-    print(f"report: {out / 'report.html'} (MLflow run {result['report_run_id']})")
+    print(
+        f"report: {out / 'report.html'}, tables.tex (LaTeX), figures as PNG/SVG/PDF "
+        f"(MLflow run {result['report_run_id']})"
+    )
     return 0
 
 

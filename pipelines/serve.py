@@ -1,8 +1,10 @@
-"""MLflow URIs as checkpoint sources, and the command that logs a checkpoint as a servable model.
+"""The serving command, and MLflow URIs as checkpoint sources.
 
-``python -m pipelines.serve <checkpoint dir> [--run-id ID] [--name N] [--register NAME]
-[--tracking-uri URI]`` logs the checkpoint as the pyfunc generation model
-(``pipelines.tracking_model``, which documents it) and prints the ``mlflow models serve`` command.
+``python -m pipelines.serve <checkpoint | runs:/ | models:/ URI> [--replicas N] [--max-batch-size B]
+[--quantize int8] [--port P]`` serves the model over HTTP with Ray Serve on 127.0.0.1
+(``pipelines.serve_host`` starts it, ``pipelines.serve_app`` is the application; docs/serving.md).
+``python -m pipelines.serve <checkpoint dir> --log [--run-id ID] [--name N] [--register NAME]``
+logs the checkpoint as the pyfunc generation model (``pipelines.tracking_model``) instead.
 
 ``resolve_checkpoint`` is the ``aunet.checkpoint_sources`` plugin (pyproject.toml): with it
 ``AUModel.from_pretrained("runs:/...")`` works without ``aunet`` importing MLflow.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -89,25 +92,53 @@ def resolve_checkpoint(source: str) -> Path | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> str:
-    """``python -m pipelines.serve <checkpoint dir> [--run-id ID] [--name N]``: print the URI."""
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        description="Log a trained AU-Net as an MLflow pyfunc model, so "
-        "``mlflow models serve -m <uri>`` serves it."
+        prog="python -m pipelines.serve",
+        description="Serve a trained AU-Net over HTTP with Ray Serve on 127.0.0.1 "
+        "(POST /generate, docs/serving.md); with --log, log it as an MLflow pyfunc model instead.",
     )
-    ap.add_argument("checkpoint", help="consolidated checkpoint dir (config.json + safetensors)")
-    ap.add_argument("--run-id", default=None, help="log into this run (default: a new run)")
-    ap.add_argument("--name", default="aunet_generator")
-    ap.add_argument("--register", default=None, help="also register under this model name")
+    ap.add_argument("source", help="checkpoint dir, runs:/ or models:/ URI, or MLflow model dir")
+    ap.add_argument("--replicas", type=int, default=1, help="Serve replicas (default 1)")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="requests per batch")
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="dynamic INT8 (CPU)")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
+    ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
+    ap.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this")
     ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    args = ap.parse_args(argv)
+    ap.add_argument("--log", action="store_true", help="log as a pyfunc model, print its URI")
+    ap.add_argument("--run-id", default=None, help="--log: into this run (default: a new run)")
+    ap.add_argument("--name", default="aunet_generator", help="--log: artifact name")
+    ap.add_argument("--register", default=None, help="--log: also register under this name")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; a bad source or argument is one line on stderr and exit code 2."""
+    from pipelines.cli import run_main
+
+    return run_main(_main, argv, extra=(ValueError,))
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     if args.tracking_uri:
-        tracking.set_default_uri(absolute_tracking_uri(args.tracking_uri))
-    uri = log_generation_model(args.checkpoint, args.run_id, args.name, args.register)
-    print(uri)
-    print(f"serve with: mlflow models serve -m {uri} --env-manager local", flush=True)
-    return uri
+        uri = absolute_tracking_uri(args.tracking_uri)
+        os.environ[TRACKING_ENV] = uri  # read by resolve_checkpoint, here and in the replicas
+        tracking.set_default_uri(uri)
+    if args.log:
+        uri = log_generation_model(args.source, args.run_id, args.name, args.register)
+        print(uri)
+        print(f"serve with: python -m pipelines.serve {uri}", flush=True)
+        return 0
+    for key in ("replicas", "max_batch_size", "port"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')}: expected >= 1, got {getattr(args, key)}")
+    from pipelines.serve_host import run_server
+
+    run_server(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,9 +17,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from aunet.config import AUNetConfig, ConfigError
+from aunet.config import ATTENTION_BACKENDS, AUNetConfig, ConfigError
 from pipelines import schema
 from pipelines.paths import absolute_path, is_uri, join_path, redact, resolve_tracking_uri
 from pipelines.schema import (
@@ -66,6 +66,7 @@ __all__ = [
 
 FORMATS = ("auto", "txt", "jsonl", "parquet")
 DTYPES = ("auto", "float32", "bfloat16")
+AcPolicy = Literal["none", "blocks", "selective"]  # aunet.memory.AC_POLICIES
 # Longest suffix first: ".jsonl.gz" must not be read as unknown ".gz".
 EXTENSIONS = {
     ".jsonl.gz": "jsonl",
@@ -165,8 +166,16 @@ class TrainConfig:
     checkpoint_every: int = setting(100, rule=AT_LEAST_1, doc="steps between checkpoints")
     log_every: int = setting(1, rule=AT_LEAST_1, doc="steps between logged metrics")
     seed: int = setting(42, rule=NONNEG, doc="seed of the per-rank torch and Python RNGs")
-    compile: bool = setting(False, doc="torch.compile the model")
-    activation_checkpointing: bool = setting(False, doc="recompute blocks in the backward")
+    compile: bool = setting(False, doc="torch.compile each block (cap every pooled stage)")
+    activation_checkpointing: bool | AcPolicy | list[AcPolicy] = setting(
+        False, doc="none|blocks|selective, or one per stage; true = blocks"
+    )
+    attention: str = setting(
+        "auto", rule=choice(ATTENTION_BACKENDS), doc="auto: flash-attn, else Flex on GPU; CPU: SDPA"
+    )
+    peak_flops: float | None = setting(
+        None, rule=POSITIVE, doc="device bf16 peak FLOP/s for MFU; null: the known-GPU table"
+    )
     dtype: str = setting("auto", rule=choice(DTYPES), doc="auto: bfloat16 on GPU, else float32")
     eval_suite: str | None = setting(None, rule=NONEMPTY, doc="eval YAML, run at the end")
     eval_suite_every: int | None = setting(
@@ -244,6 +253,14 @@ class ExperimentSpec:
     variants: dict[str, dict[str, Any]] | None = setting(
         None, doc="name -> {dotted.key: value}: override sets trained one after the other"
     )
+
+    def __post_init__(self) -> None:
+        ac, n = self.train.activation_checkpointing, self.model.num_stages + 1
+        if isinstance(ac, list) and len(ac) != n:
+            raise SpecError(
+                f"train.activation_checkpointing: expected one value or {n} (one per stage, "
+                f"the trunk last), got {len(ac)}"
+            )
 
     @classmethod
     def from_dict(

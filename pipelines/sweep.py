@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from pipelines import schema, tracking
-from pipelines.paths import is_uri
+from pipelines.paths import is_uri, redact
 from pipelines.results import (
     best_row,
     collect,
@@ -90,6 +90,7 @@ def prepare(spec: ExperimentSpec, sweep: Sweep) -> list[dict[str, Any]]:
                 "steps": plan.steps,
                 "batch_size": plan.batch_size,
                 "flops": plan.total_flops,
+                "dataset_hash": manifest["config_hash"],
             }
         )
     return rows
@@ -314,15 +315,26 @@ def run_sweep(path: str, overrides: Sequence[str] = ()) -> tuple[list[dict[str, 
     trials = grid._experiment_analysis.trials  # statuses are not on ``Result``
     rows = collect(sweep_dir, trials, sweep)
     complete = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-    finalize(ctx, spec, rows, complete)
+    finalize(ctx, spec, rows, complete, {r["dataset_hash"] for r in planned})
     return rows, complete
 
 
 # ---------------------------------------------------------------------------------- results
-def finalize(ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: bool) -> None:
-    """Results CSV/JSON, plot and best config into the sweep dir and onto the parent run."""
+def finalize(
+    ctx: Context, spec: ExperimentSpec, rows: list[dict], complete: bool, datasets: set[str]
+) -> None:
+    """Results (CSV, JSON, LaTeX, summary page), plot and best config into the sweep dir and
+    onto the parent run; ``datasets``: the config hashes of the datasets the trials read."""
     out = Path(ctx.sweep_dir)
-    files = write_results(rows, out, f"sweep {ctx.sweep.name}: final validation bits/byte")
+    prov = {
+        "sweep": ctx.sweep.name,
+        "spec file": ctx.spec_file,
+        "dataset hash": datasets,
+        "tracking store": redact(ctx.tracking_uri),
+        "MLflow parent run": ctx.parent_run_id,
+    }
+    title = f"sweep {ctx.sweep.name}: final validation bits/byte"
+    files = write_results(rows, out, title, prov)
     best = best_row(rows)
     if best is not None:
         config = json.loads(best["params"])
@@ -376,7 +388,10 @@ def _main(argv: list[str]) -> int:
         uri = argv[argv.index("--tracking-uri") + 1] if "--tracking-uri" in argv else None
         try:
             rows = summary_rows(argv[1], uri)
-        except Exception as e:  # a wrong path or run id: say which, no traceback
+        except FileNotFoundError as e:  # already names the path
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # a wrong run id or store: say which, no traceback
             print(f"error: {argv[1]}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         print(format_table(rows))

@@ -5,7 +5,8 @@ sweep file fails in one line before Ray starts, and ``python -m pipelines.sweep 
 the keys. A dimension is categorical (``choices``: a list of values, or a mapping label ->
 dotted overrides, or ``variants`` for the spec's own) or a numeric range (``loguniform``,
 ``uniform``, ``int``) on one key; a range cannot change the dataset (``data.*``, the split
-strategy), since every dataset is built before the first trial.
+strategy), since every dataset is built before the first trial. The ``strategy`` dimension's
+choices are whole split strategies (``{label: {word1: "1@1"}}``), checked at load.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
     if not isinstance(raw, Mapping) or len(raw) != 1:
         raise SpecError(f"{where}: expected one of choices/{'/'.join(RANGES)}, got {raw!r}")
     ((kind, value),) = raw.items()
+    if key == "strategy" and kind == "choices":
+        return _strategy_dim(where, value)
     if kind == "choices":
         if value == "variants":
             value = dict(spec.variants or {})
@@ -141,6 +144,37 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
     kinds = ["choices", *RANGES]
     hint = schema.suggest(str(kind), kinds)
     raise SpecError(f"{where}: unknown kind {kind!r} (valid: {', '.join(kinds)}){hint}")
+
+
+def _strategy_dim(where: str, value: Any) -> Dim:
+    """``strategy: {choices: {label: {key: value, ...}}}``: each choice is a whole
+    ``model.strategy`` (one entry per pooling stage), checked here so a typo fails before any
+    dataset is built. Entropy stages are given as targets (``rate=0.2``): preprocessing resolves
+    them per variant (docs/design.md, Splitting: entropy-driven boundaries)."""
+    from aunet.entropy import EntropyStrategyError, parse_options
+    from aunet.splitting import Splitter
+
+    if not isinstance(value, Mapping) or not value:
+        raise SpecError(f"{where}.choices: expected a mapping label -> strategy, got {value!r}")
+    choices = {}
+    for label, strategy in value.items():
+        if not isinstance(strategy, Mapping) or not strategy:
+            raise SpecError(
+                f"{where}.choices.{label}: expected a strategy mapping (key: value per pooling "
+                f"stage), got {strategy!r}"
+            )
+        strategy = {str(k): str(v) for k, v in strategy.items()}
+        try:
+            for k, v in strategy.items():
+                if k.startswith("entropy"):
+                    parse_options(k, v)
+            plain = {k: v for k, v in strategy.items() if not k.startswith("entropy")}
+            if plain:
+                Splitter(plain)
+        except (EntropyStrategyError, ValueError) as e:
+            raise SpecError(f"{where}.choices.{label}: {e}") from None
+        choices[str(label)] = {"model.strategy": strategy}
+    return Dim("strategy", choices=choices)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentSpec, Sweep]:

@@ -30,6 +30,7 @@ from pipelines.checkpointing import (
     latest_saved_state,
     require_intact_checkpoint,
 )
+from pipelines.entropy_fit import dataset_spec
 from pipelines.paths import is_uri, join_path
 from pipelines.plan import TrainPlan, plan_training
 from pipelines.runtime import (
@@ -107,6 +108,7 @@ def build_trainer(
     from aunet.parallel import backend_for
     from pipelines.train_worker import TrackingArgs, WorkerArgs, train_loop_per_worker
 
+    spec = dataset_spec(spec, manifest)  # entropy stages as the dataset resolved them
     res = spec.resources
     storage = storage_path or res.storage_path
     uri = tracking_uri or spec.tracking.tracking_uri
@@ -176,7 +178,7 @@ def train(
     require_intact_checkpoint(run_dir)  # a damaged run fails in one line, before Ray starts
     explicit = {"seq_len": spec.data.seq_len}  # the batch may need the dataset: checked below
     explicit.update({"batch_size": spec.train.batch_size} if spec.train.batch_size else {})
-    _check_resumable(saved, explicit, spec, name)  # before Ray starts
+    _check_resumable(saved, explicit, _published_spec(spec), name)  # before Ray starts
     init_ray(spec.resources, tracking_uri=uri)
     info = preprocess(spec)
     train_rows = info.sequences["train"]
@@ -186,7 +188,7 @@ def train(
             f"train.batch_size: {plan.batch_size} sequences per step, but the dataset "
             f"{info.path} has only {train_rows} training sequences"
         )
-    _check_resumable(saved, plan.to_dict(), spec, name)  # before any worker starts
+    _check_resumable(saved, plan.to_dict(), dataset_spec(spec, info.manifest), name)
     print(
         f"train: run {name}: {plan.num_params:,} params, {plan.steps} steps x "
         f"{plan.batch_size} x {plan.seq_len} bytes, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
@@ -223,12 +225,25 @@ def train(
     )
 
 
+def _published_spec(spec: ExperimentSpec) -> ExperimentSpec | None:
+    """The spec as its published dataset resolved it (entropy stages); None when it has entropy
+    stages and no dataset yet, so the check waits for preprocessing."""
+    from pipelines.data import is_complete, read_manifest
+    from pipelines.entropy_fit import has_entropy
+
+    if not has_entropy(spec.model.split_strategy):
+        return spec
+    if not is_complete(spec.dataset_dir()):
+        return None
+    return dataset_spec(spec, read_manifest(spec.dataset_dir()))
+
+
 def _check_resumable(
-    saved: dict[str, Any] | None, plan: dict[str, Any], spec: ExperimentSpec, name: str
+    saved: dict[str, Any] | None, plan: dict[str, Any], spec: ExperimentSpec | None, name: str
 ) -> None:
     """A run directory whose checkpoint another spec wrote fails here, in one line, instead of
-    in every retried worker."""
-    if saved is None:
+    in every retried worker (``spec`` with entropy stages as its dataset resolved them)."""
+    if saved is None or spec is None:
         return
     try:
         check_resumable(saved, plan, spec.model.to_dict(), name)

@@ -8,15 +8,26 @@ tracking server that is down (docs/checkpoints.md).
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from aunet.loss import LN2
 from pipelines.checkpointing import TrainState
 from pipelines.data import DataPosition
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """This rank's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU (tensors
+    only, what ``aunet.memory`` estimates), the process's peak RSS on CPU (everything)."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 class StepMeter:
@@ -27,8 +38,11 @@ class StepMeter:
     and not charged as per-step overhead.
     """
 
-    def __init__(self, plan: TrainPlan, world: int, peak: float | None) -> None:
+    def __init__(
+        self, plan: TrainPlan, world: int, peak: float | None, device: torch.device | None = None
+    ) -> None:
         self.plan, self.world, self.peak = plan, world, peak
+        self.device = device or torch.device("cpu")
         self.other_s = 0.0
 
     def begin(self) -> None:
@@ -71,6 +85,7 @@ class StepMeter:
         }
         if self.peak:
             metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
+        metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
         for s, n in enumerate(step_tokens):
             metrics[f"tokens/stage{s}"] = n
             metrics[f"tokens_total/stage{s}"] = state.tokens[s]

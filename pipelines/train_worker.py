@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aunet.entropy import abbreviate
 from aunet.loss import LN2
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
@@ -138,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
     tracker = _open_tracker(args, world, state) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
+    if tracker is not None:
+        tracker.set_tags({"aunet.attention": model.attn_backend})  # resolve_backend's pick
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
         args.dataset,
@@ -147,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         seed=tr.seed,
         position=state.position,
     )
-    batches, meter = iter(data), StepMeter(plan, world, peak_flops(device))
+    peak = tr.peak_flops or peak_flops(device)
+    batches, meter = iter(data), StepMeter(plan, world, peak, device)
 
     while state.step < plan.steps:
         meter.begin()
@@ -233,6 +237,8 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
         activation_checkpointing=tr.activation_checkpointing,
     )
     model.to(device)
+    chosen = model.set_attention(tr.attention, device, param_dtype(tr.dtype, device))
+    print(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
     opt = build_optimizer(
         model,
         plan.lr,
@@ -304,6 +310,9 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         "aunet.experiment_file": args.spec_file or "",
         "aunet.run_dir": args.run_dir,
     }
+    manifest = Path(args.dataset) / "manifest.json"
+    if manifest.is_file():  # the dataset's identity (docs/data.md), for reports' provenance
+        tags["aunet.dataset_hash"] = json.loads(manifest.read_text()).get("config_hash", "")
     commit, job = code_version().get("git_commit"), ray_job_id()
     tags.update({"git_commit": commit} if commit else {})
     tags.update({"ray_job_id": job} if job else {})
@@ -319,16 +328,16 @@ def _open_tracker(args: WorkerArgs, world: int, state: TrainState) -> Tracker:
         **_tracker_files(args),
         resumed_step=state.step,
     )
-    tracker.log_params(
-        {
-            **flatten(spec),
-            **args.plan.params(),
-            "derived.world_size": world,
-            "derived.num_stages": spec.model.num_stages,
-            "derived.split_strategy": json.dumps(spec.model.split_strategy),
-            "derived.variant": args.variant,
-        }
-    )
+    params = {
+        **flatten(spec),
+        **args.plan.params(),
+        "derived.world_size": world,
+        "derived.num_stages": spec.model.num_stages,
+        "derived.split_strategy": json.dumps(spec.model.split_strategy),
+        "derived.variant": args.variant,
+    }
+    # A resolved entropy stage carries its model (KBs), a param at most 6000 chars: sha256 stays.
+    tracker.log_params({k: abbreviate(v) if isinstance(v, str) else v for k, v in params.items()})
     if not tracker.resumed:
         import yaml
 

@@ -238,6 +238,18 @@ def test_generate_bad_checkpoint_and_settings(work):
     assert_one_error(out, "model.safetensors: SHA-256")
 
 
+def test_generate_echo_prompt_and_sweep_summary_of_a_missing_directory(work):
+    args = ("pipelines.generate", "ckpt", "--prompt", "h\u00e9", "--max-new-bytes", "4")
+    plain = run_cli(work, *args, "--temperature", "0", timeout=300)[0]
+    echoed = run_cli(work, *args, "--temperature", "0", "--echo-prompt", timeout=300)[0]
+    assert plain.returncode == echoed.returncode == 0, plain.stderr + echoed.stderr
+    assert echoed.stdout.startswith("h\u00e9")
+    # Same bytes after the prompt (decoded together, so compare as bytes where it is valid).
+    assert echoed.stdout.encode()[len("h\u00e9".encode()) :] == plain.stdout.encode()
+    out = no_ray(work, "pipelines.sweep", "--summary", "no/such/dir")
+    assert_one_error(out, "no/such/dir: no such sweep directory")
+
+
 def test_interop_missing_and_corrupt_checkpoints(work):
     out = no_ray(work, "aunet.interop", "nope", "out")
     assert_one_error(out, "nope: no consolidated.pth + params.json")

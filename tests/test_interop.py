@@ -23,6 +23,7 @@ from aunet.interop import (
     key_map,
     load_lingua_checkpoint,
     main,
+    save_lingua_checkpoint,
     state_dict_from_lingua,
     state_dict_to_lingua,
 )
@@ -222,6 +223,27 @@ def test_config_round_trip_block_options() -> None:
         assert config_from_lingua(lingua) == c
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [
+        ("script1", "1@1 han=2", "script"),
+        ("entropy1", "t=4 order=3 model=eJzt sha256=0123456789abcdef", "entropy"),
+    ],
+)
+def test_export_refuses_script_and_entropy_strategies(
+    key: str, value: str, kind: str, tmp_path: Path
+) -> None:
+    """The official format splits by word, pretok and punct only (docs/design.md, Splitting)."""
+    config = AUNetConfig(
+        dimensions=[8, 16], layers=[1, 1], head_dims=[4, 8], max_seqlens=[32, 12]
+    ).replace(strategy={key: value})
+    with pytest.raises(InteropError, match=f"strategy.{key}: a {kind} split strategy cannot"):
+        config_to_lingua(config, 32)
+    with pytest.raises(InteropError, match=f"{kind} split strategy"):
+        save_lingua_checkpoint(AUNet(config), tmp_path / "out", 32)
+    assert not (tmp_path / "out").exists()
+
+
 def test_official_2b_configs_param_counts() -> None:
     """The shipped 2B configs (values transcribed) give the official parameter totals
     (docs/flops.md, Reference numbers)."""
@@ -262,6 +284,10 @@ def test_official_2b_configs_param_counts() -> None:
         (lambda c: c["model"].update(up_attn=True), "model.up_attn: unknown key"),
         (lambda c: c["data"].pop("seq_len"), "data.seq_len"),
         (lambda c: c["data"].pop("regex"), "data.regex.strategy"),
+        (
+            lambda c: c["data"]["regex"].update(strategy={"script1": "1@1"}),
+            "data.regex.strategy.script1: a script split strategy cannot be expressed",
+        ),
         (
             lambda c: c["model"].update(residuals=[]) or c["model"].update(head_dims=[8, 6]),
             "model.head_dims[1]",

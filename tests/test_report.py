@@ -9,6 +9,7 @@ import pytest
 
 from pipelines import fitting as ft
 from pipelines import report as rp
+from pipelines import tables as tb
 
 truth = {"E": 1.2, "A": 80.0, "alpha": 0.22}
 
@@ -183,11 +184,64 @@ def test_html_report_is_self_contained_and_says_why_it_refuses(tmp_path):
     png = tmp_path / "loss.png"
     rp.plot_loss_vs_compute(points, fits, png, "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = rp.render_html("t", rows, [], {"Loss vs compute": png}, {"s": "x"}, points)
+    assert (tmp_path / "loss.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in (tmp_path / "loss.svg").read_bytes()[:2000]
+    extra = {"compute_optimal": {}, "lr_refit": None, "batch_refit": None}
+    tables = rp.report_tables(rows, points, extra, {"good": [1.0, 4.5], "bad": [1.0]})
+    prov = tb.provenance(**{"spec file": "s.yaml", "dataset hash": {"abc", ""}})
+    page = rp.render_html("t", prov, tables, [], {"Loss vs compute": png}, {"s": "x"})
     assert "data:image/png;base64," in page and 'src="http' not in page
     assert "UNVERIFIED" in page and "bytes per optimizer step" in page
     assert "n/a (2 budgets (&lt; 3): no fit)" in page
+    assert "<th>spec file</th><td>s.yaml</td>" in page and "<td>abc</td>" in page
+    assert "E (bits/byte)" in page and "stage 1 (bytes/token)" in page  # units in the headers
     text = ft.format_table(rows)
     assert "n/a (2 budgets (< 3): no fit)" in text
     ft.write_csv(rows, tmp_path / "fits.csv")
     assert (tmp_path / "fits.csv").read_text().splitlines()[0].startswith("variant,runs,budgets")
+    tex = rp.render_latex("t", prov, tables)
+    assert tex.count("\\begin{tabular}") == 4  # fits, vs baseline, runs, contraction (no optima)
+    assert "% spec file: s.yaml" in tex and "\\toprule" in tex
+
+
+def test_versus_baseline_is_the_hand_computed_difference_at_each_budget():
+    pts = [
+        {"variant": "baseline", "budget": 1e9, "loss": 2.0},
+        {"variant": "baseline", "budget": 1e9, "loss": 1.9},  # the best run of a cell counts
+        {"variant": "aunet2", "budget": 1e9, "loss": 1.71},
+        {"variant": "aunet2", "budget": 1e10, "loss": 1.5},  # no baseline at 1e10: left out
+        {"variant": "baseline", "budget": 1e8, "loss": 2.5},
+        {"variant": "aunet2", "budget": 1e8, "loss": 2.75},
+    ]
+    assert ft.baseline_variant(["aunet2", "baseline"]) == "baseline"
+    assert ft.baseline_variant(["a", "b"]) == "a"
+    rows = ft.versus_baseline(ft.frontier_points(pts), "baseline")
+    assert [(r["budget"], r["variant"]) for r in rows] == [(1e8, "aunet2"), (1e9, "aunet2")]
+    assert rows[0]["delta"] == pytest.approx(0.25) and rows[0]["ratio"] == pytest.approx(0.1)
+    assert rows[1]["delta"] == pytest.approx(-0.19) and rows[1]["ratio"] == pytest.approx(-0.1)
+
+
+def test_tables_render_the_same_cells_as_text_html_and_latex():
+    cols = [
+        tb.Column("name", "name"),
+        tb.Column("bpb", "val (bits/byte)", tb.fixed(3)),
+        tb.Column("run", "run", link="url"),
+    ]
+    rows = [
+        {"name": "a_b & 100%", "bpb": 1.23456, "run": "r1", "url": "http://h/#/r1"},
+        {"name": "c", "bpb": float("nan"), "run": "r2"},
+    ]
+    text = tb.render_text(rows, cols).splitlines()
+    assert text[0].split() == ["name", "val", "(bits/byte)", "run"]
+    assert text[2].split() == ["a_b", "&", "100%", "1.235", "r1"]
+    assert text[3].split() == ["c", "-", "r2"]
+    page = tb.render_html(rows, cols)
+    assert '<a href="http://h/#/r1">r1</a>' in page and "a_b &amp; 100%" in page
+    tex = tb.render_latex(rows, cols, "cap_x", "tab:x")
+    assert r"a\_b \& 100\% & 1.235 & r1 \\" in tex and r"\caption{cap\_x}" in tex
+    assert r"\begin{tabular}{lrl}" in tex
+    assert (
+        tb.run_link("http://u:p@host:5000", "3", "abc")
+        == "http://host:5000/#/experiments/3/runs/abc"
+    )
+    assert tb.run_link("sqlite:///x.db", "3", "abc") is None

@@ -189,15 +189,11 @@ def test_tiny_study_end_to_end(tmp_path, ray_local, monkeypatch):
         out,
         {"r2_threshold": 0.9, "min_budgets": 3, "bootstrap": 50, "seed": 0},
     )
-    for name in (
-        "report.html",
-        "loss_vs_compute.png",
-        "contraction.png",
-        "training_curves.png",
-        "fits.csv",
-        "fits.json",
-    ):
+    for name in ("report.html", "tables.tex", "fits.csv", "fits.json"):
         assert (out / name).stat().st_size > 0, name
+    for stem in ("loss_vs_compute", "contraction", "training_curves"):
+        for ext in ("png", "svg", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 0, (stem, ext)
     fits = json.loads((out / "fits.json").read_text())
     assert [f["variant"] for f in fits["fits"]] == ["aunet2", "aunet3"]
     for f in fits["fits"]:
@@ -209,6 +205,19 @@ def test_tiny_study_end_to_end(tmp_path, ray_local, monkeypatch):
     assert len(fits["contraction"]["aunet3"]) == 3 and fits["contraction"]["aunet3"][0] == 1.0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "UNVERIFIED" in page
+    prov = fits["provenance"]  # the header: when, which code, which spec and dataset
+    assert prov["date"].endswith("UTC") and prov["study"] == "tiny"
+    hashes = prov["dataset hash"].split(", ")  # one dataset per split strategy (2 and 3 stages)
+    assert len(hashes) == 2 and all(len(h) == 64 for h in hashes)
+    assert prov["spec file"].endswith(".yaml") and f"<td>{prov['dataset hash']}</td>" in page
+    vs = fits["versus_baseline"]  # no variant named baseline: aunet2 is the reference
+    assert sorted(r["budget"] for r in vs) == [4e8, 1e9, 2.5e9]
+    for r in vs:
+        assert r["variant"] == "aunet3" and r["delta"] == pytest.approx(
+            r["loss"] - r["baseline_loss"]
+        )
+    tex = (out / "tables.tex").read_text()
+    assert "\\begin{tabular}" in tex and "% study: tiny" in tex
     client = MlflowClient(tracking_uri=uri)
     arts = {a.path for a in client.list_artifacts(result["report_run_id"], "report")}
     assert {"report/report.html", "report/fits.csv", "report/loss_vs_compute.png"} <= arts

@@ -142,6 +142,31 @@ def test_space_parsing_and_errors(tmp_path):
         spec.with_overrides(sw.overrides({"s": "bad"}))
 
 
+def test_strategy_dimension(tmp_path):
+    """Whole split strategies per choice, entropy targets included, checked at load."""
+    choices = {
+        "word": {"word1": "1@1"},
+        "script": {"script1": "1@1 han=2"},
+        "entropy": {"entropy1": "contraction=5 order=2"},
+    }
+    spec, sw = load_sweep(write_sweep(tmp_path, {"space": {"strategy": {"choices": choices}}}))
+    grid = categorical_grid(sw)
+    assert [sw.label(c) for c in grid] == [f"strategy={k}" for k in choices]
+    dirs = set()
+    for c in grid:
+        v = spec.with_overrides(sw.overrides(c))
+        assert v.model.split_strategy == choices[c["strategy"]]
+        dirs.add(v.dataset_dir())
+    assert len(dirs) == 3  # one dataset per strategy, each preprocessed once (pipelines.sweep)
+    for bad, msg in [
+        ({"x": {"punc1": "1"}}, r"sweep\.space\.strategy\.choices\.x: .*'punc1'.*'punct'"),
+        ({"x": {"entropy1": "rate=0.2 order"}}, r"choices\.x: strategy 'entropy1'.*'order'"),
+        ({"x": "word1"}, r"choices\.x: expected a strategy mapping"),
+    ]:
+        with pytest.raises(SpecError, match=msg):
+            load_sweep(write_sweep(tmp_path, {"space": {"strategy": {"choices": bad}}}))
+
+
 # ---------------------------------------------------------------------------------- resume
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     path = write_sweep(
@@ -250,6 +275,11 @@ def test_sweep_parent_and_child_runs(depth_sweep, capsys):
         assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "results.png", "best.yaml"} <= artifacts
+    assert {"results.svg", "results.pdf", "results.tex", "summary.html"} <= artifacts
+    page = (depth_sweep["dir"] / "summary.html").read_text()  # same kind of page as the report
+    hashes = page.split("<th>dataset hash</th><td>")[1].split("<")[0].split(", ")
+    assert len(hashes) == 3 and all(len(h) == 64 for h in hashes)  # one dataset per depth
+    assert page.count("<tr><td>") == 3 and "val (bits/byte)" in page
     best = yaml.safe_load((depth_sweep["dir"] / "best.yaml").read_text())
     assert best["model"]["dimensions"] == [32, 64]  # k1 ranked first above
     assert client.get_run(parent).data.metrics["trials_finished"] == 3

@@ -13,6 +13,9 @@ Splitter.levels_batch (all documents in one call, as preprocessing does), of one
 call per document, of the per-character loop, and of plain regex.finditer on the official patterns
 (docs/design.md, Splitting) per document; all four are checked equal first. Target: levels_batch
 >= 50 MB/s on one core for documents of 1-8 KB.
+
+Then the script and entropy strategies on 1 MB of Chinese, of one run of Han (and of English for
+entropy). Target: 1 MB of Han in under a second.
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ def main() -> None:
     per_size_table(args.doc_mb, args.loop_mb)
     print()
     script_runs()
+    print()
+    entropy_runs()
 
 
 def per_size_table(doc_mb: float, loop_mb: float) -> None:
@@ -236,6 +241,37 @@ def script_runs() -> None:
         worst = max(worst, seconds)
         print(f"{strategy} on 1 MB, {name}: {seconds:.3f} s ({len(data) / seconds / 1e6:.0f} MB/s)")
     print(f"target script: 1 MB of Han in under a second: {'met' if worst < 1 else 'NOT met'}")
+
+
+def entropy_runs() -> None:
+    """The entropy strategy (aunet/entropy.py) on 1 MB: a model fitted on the Chinese passage and
+    English, thresholds for 0.2 and 0.07 boundaries per byte; per-document cost in the batch."""
+    from aunet.entropy import resolve
+
+    english = Path("/usr/share/common-licenses/GPL-3").read_bytes()
+    strategy, _ = resolve(
+        {"entropy1": "rate=0.2", "entropy2": "rate=0.07"}, [CHINESE.encode(), english]
+    )
+    sp = Splitter(strategy)
+    worst = 0.0
+    for name, text in (
+        ("Chinese passage", CHINESE),
+        ("one run of Han", "中文字"),
+        ("English", None),
+    ):
+        unit = english if text is None else text.encode()
+        data = (unit * (1_000_000 // len(unit) + 1))[: 1_000_000 // 3 * 3]
+        seconds = best_seconds(3, sp.levels, data)[0]
+        worst = max(worst, seconds)
+        print(
+            f"entropy (2 stages) on 1 MB, {name}: {seconds:.3f} s "
+            f"({len(data) / seconds / 1e6:.0f} MB/s)"
+        )
+    docs = cut_documents(english * 4, 4096, 2_000_000)
+    lengths = np.array([len(d) for d in docs])
+    batch_s = best_seconds(3, sp.levels_batch, b"".join(docs), lengths)[0]
+    print(f"entropy levels_batch, 4 KB documents: {lengths.sum() / batch_s / 1e6:.0f} MB/s")
+    print(f"target entropy: 1 MB of Han in under a second: {'met' if worst < 1 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Entropy split stages in preprocessing: fit the byte model on the training split and resolve
+the stages' targets to thresholds, before any document is encoded (docs/design.md, Splitting:
+entropy-driven boundaries).
+
+The resolved strategy (thresholds, and the model inside each value) is what the shards are
+encoded with; the manifest records it (``resolved_strategy``) with the fit report (``entropy``),
+and ``dataset_spec`` hands it to training, so checkpoints, evaluation and generation use exactly
+the boundaries the data was encoded with. The fit reads the documents the dataset keeps (same
+split hash, same ``data.max_documents`` cut, in input order), training split only, at most
+``FIT_BYTES`` of them: a deterministic sample whatever the cluster size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from aunet.entropy import EntropyStrategyError, resolve
+from pipelines import corpus
+from pipelines.schema import SpecError
+
+FIT_BYTES = 32 << 20  # counts converge long before; the fit runs in the driver at ~2 MB/s
+
+
+def has_entropy(strategy: dict[str, str]) -> bool:
+    return any(k.startswith("entropy") for k in strategy)
+
+
+def training_documents(spec: Any, inputs: list[dict[str, Any]], block_bytes: int) -> list[bytes]:
+    """The training split's documents in dataset order (work units in order, the same split hash
+    and ``data.max_documents`` cut as the unit tasks), up to ``FIT_BYTES``."""
+    settings = {
+        "seed": spec.data.seed,
+        "val_fraction": spec.data.val_fraction,
+        "block_bytes": block_bytes,
+    }
+    docs: list[bytes] = []
+    size = kept = 0
+    cap = spec.data.max_documents
+    for unit in corpus.plan_units(inputs, spec.data.unit_bytes):
+        for table in corpus.unit_tables(unit, inputs, settings):
+            for split, data in zip(
+                table.column("split").to_pylist(), table.column("data").to_pylist()
+            ):
+                if split < 0:
+                    continue
+                kept += 1
+                if split == 0:
+                    docs.append(data)
+                    size += len(data)
+                if size >= FIT_BYTES or (cap is not None and kept >= cap):
+                    return docs
+    return docs
+
+
+def resolve_spec(spec: Any, inputs: list[dict[str, Any]], block_bytes: int) -> tuple[Any, dict]:
+    """``spec`` with its entropy stages resolved, and the fit report ({} without entropy)."""
+    strategy = spec.model.split_strategy
+    if not has_entropy(strategy):
+        return spec, {}
+    docs = training_documents(spec, inputs, block_bytes)
+    if not docs:
+        raise SpecError("model.strategy: the entropy model needs training documents; none kept")
+    try:
+        resolved, report = resolve(strategy, docs)
+    except EntropyStrategyError as e:
+        raise SpecError(f"model.strategy: {e}") from None
+    return with_strategy(spec, resolved), report
+
+
+def with_strategy(spec: Any, strategy: dict[str, str]) -> Any:
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, strategy=strategy))
+
+
+def dataset_spec(spec: Any, manifest: dict[str, Any] | None) -> Any:
+    """The spec a run trains with: its strategy as the dataset resolved it (manifest)."""
+    pairs = (manifest or {}).get("resolved_strategy")
+    return with_strategy(spec, dict(pairs)) if pairs else spec

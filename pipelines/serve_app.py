@@ -1,0 +1,288 @@
+"""The Ray Serve application behind ``python -m pipelines.serve`` (docs/serving.md).
+
+``POST /generate`` with a JSON object:
+
+- ``prompt``: UTF-8 text, or ``{"prompt_b64": "..."}`` (also accepted as a top-level
+  ``prompt_b64``) for arbitrary bytes;
+- ``max_new_bytes`` (default 256), ``temperature`` (1.0), ``top_k``, ``top_p``, ``stop`` (text,
+  not returned), ``seed``: as ``aunet.generate.generate`` takes them;
+- ``stream``: false -> one JSON object ``{"text", "b64", "generated_bytes"}``; true -> the raw
+  bytes, streamed as they are generated.
+
+Concurrent requests are batched by ``@serve.batch`` into one cached batched generation
+(``aunet.generate.decode_rows``): each row has its own settings and RNG, so a request returns
+exactly what ``generate`` returns for its prompt and seed, whatever else shares its batch; rows
+finish independently. A bad request is HTTP 400 with a one-line reason; past
+``max_queued_requests`` Serve answers 503. Application metrics (``aunet_*``) go to Ray's
+Prometheus endpoint next to Serve's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from aunet.generate import Sampling, decode_rows
+
+KEYS = ("prompt", "prompt_b64", "max_new_bytes", "temperature", "top_k", "top_p", "stop", "seed")
+KEYS += ("stream",)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: bounds on the work one client can queue."""
+
+    max_prompt_bytes: int = 16384
+    max_new_bytes: int = 4096
+    max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class Job:
+    """One parsed request."""
+
+    prompt: bytes
+    sampling: Sampling
+    stream: bool
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with HTTP 400; the message is the one-line reason."""
+
+
+def _number(body: dict, key: str, default: Any, kind: type) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise BadRequest(
+            f"{key}: expected {'a number' if kind is float else 'an integer'}, got "
+            f"{json.dumps(value)[:40]}"
+        )
+    return kind(value)
+
+
+def parse_request(raw: bytes, limits: Limits = Limits()) -> Job:
+    """Request body -> Job; BadRequest names the key at fault."""
+    if len(raw) > limits.max_body_bytes:
+        raise BadRequest(f"body: {len(raw)} bytes, over the limit of {limits.max_body_bytes}")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body: not JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"body: expected a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(KEYS))
+    if unknown:
+        raise BadRequest(f"{unknown[0]}: unknown key (expected some of {', '.join(KEYS)})")
+    prompt, b64 = body.get("prompt"), body.get("prompt_b64")
+    if isinstance(prompt, dict):
+        if set(prompt) != {"prompt_b64"}:
+            raise BadRequest('prompt: an object must be exactly {"prompt_b64": "..."}')
+        prompt, b64 = None, prompt["prompt_b64"]
+    if (prompt is None) == (b64 is None):
+        raise BadRequest("prompt: give exactly one of prompt (text) and prompt_b64 (base64)")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise BadRequest(f"prompt: expected a string, got {type(prompt).__name__}")
+        data = prompt.encode("utf-8", "surrogatepass")
+    else:
+        if not isinstance(b64, str):
+            raise BadRequest(f"prompt_b64: expected a base64 string, got {type(b64).__name__}")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("prompt_b64: not valid base64") from None
+    if len(data) > limits.max_prompt_bytes:
+        raise BadRequest(f"prompt: {len(data)} bytes, over the limit of {limits.max_prompt_bytes}")
+    stop = body.get("stop")
+    if stop is not None and (not isinstance(stop, str) or not stop):
+        raise BadRequest("stop: expected a non-empty string")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: expected true or false")
+    sampling = Sampling(
+        max_new_bytes=_number(body, "max_new_bytes", 256, int),
+        temperature=_number(body, "temperature", 1.0, float),
+        top_k=_number(body, "top_k", None, int),
+        top_p=_number(body, "top_p", None, float),
+        stop=stop.encode("utf-8", "surrogatepass") if stop else None,
+        seed=_number(body, "seed", None, int),
+    )
+    if sampling.temperature is None:
+        raise BadRequest("temperature: expected a number, got null")
+    if sampling.max_new_bytes is None or sampling.max_new_bytes > limits.max_new_bytes:
+        raise BadRequest(
+            f"max_new_bytes: expected an integer in [0, {limits.max_new_bytes}], got "
+            f"{sampling.max_new_bytes}"
+        )
+    try:
+        sampling.check()
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return Job(data, sampling, stream)
+
+
+class _Metrics:
+    """The application's own metrics, exported with Serve's (docs/serving.md, Metrics)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "aunet_requests", "Generation requests by HTTP status.", tag_keys=("status",)
+        )
+        self.bytes = metrics.Counter("aunet_generated_bytes", "Bytes generated for clients.")
+        self.ttfb = metrics.Histogram(
+            "aunet_time_to_first_byte_seconds",
+            "From a request's arrival to its first generated byte.",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+        )
+        self.batch = metrics.Histogram(
+            "aunet_batch_size",
+            "Requests per batched generation.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self.rate = metrics.Gauge(
+            "aunet_bytes_per_second", "Generated bytes per second of the latest batch."
+        )
+
+
+class AUNetServer:
+    """One replica: a loaded model and a batched, cached generator (the module docstring)."""
+
+    def __init__(
+        self,
+        source: str,
+        quantize: str | None = None,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+        limits: dict | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import torch
+
+        from aunet.api import AUModel
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = AUModel.from_pretrained(source, quantize=quantize).model
+        self.limits = Limits(**(limits or {}))
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.metrics = _Metrics()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[Job]) -> AsyncIterator[list]:
+        """One decode step per iteration: per job its new bytes, or StopIteration once done."""
+        self.metrics.batch.observe(len(jobs))
+        rows = decode_rows(self.model, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        start, total = time.perf_counter(), 0
+        while True:
+            # The step runs in a thread so that the replica keeps accepting requests meanwhile.
+            chunks = await asyncio.to_thread(next, rows, None)
+            if chunks is None:
+                break
+            total += sum(len(c) for c in chunks if c)
+            yield [StopIteration if c is None else c for c in chunks]
+        elapsed = time.perf_counter() - start
+        self.metrics.bytes.inc(total)
+        if elapsed > 0:
+            self.metrics.rate.set(total / elapsed)
+
+    async def _bytes(self, job: Job, arrived: float) -> AsyncIterator[bytes]:
+        first = True
+        async for chunk in self._batched(job):
+            if chunk:
+                if first:
+                    self.metrics.ttfb.observe(time.perf_counter() - arrived)
+                    first = False
+                yield chunk
+
+    async def __call__(self, request: Request) -> Response:
+        arrived = time.perf_counter()
+        if request.url.path.rstrip("/").endswith("/healthz"):
+            return PlainTextResponse("ok\n")
+        if not request.url.path.rstrip("/").endswith("/generate"):
+            return self._status(PlainTextResponse("not found: POST /generate\n", 404))
+        if request.method != "POST":
+            return self._status(PlainTextResponse("method not allowed: POST /generate\n", 405))
+        try:
+            job = parse_request(await request.body(), self.limits)
+        except BadRequest as e:
+            return self._status(PlainTextResponse(f"bad request: {e}\n", 400))
+        if job.stream:
+            self.metrics.requests.inc(tags={"status": "200"})
+            return StreamingResponse(
+                self._bytes(job, arrived), media_type="application/octet-stream"
+            )
+        out = b"".join([c async for c in self._bytes(job, arrived)])
+        return self._status(
+            JSONResponse(
+                {
+                    "text": out.decode("utf-8", errors="replace"),
+                    "b64": base64.b64encode(out).decode("ascii"),
+                    "generated_bytes": len(out),
+                }
+            )
+        )
+
+    def _status(self, response: Response) -> Response:
+        self.metrics.requests.inc(tags={"status": str(response.status_code)})
+        return response
+
+
+def build(
+    source: str,
+    *,
+    replicas: int = 1,
+    max_batch_size: int = 16,
+    quantize: str | None = None,
+    max_queued_requests: int | None = None,
+    batch_wait_timeout_s: float = 0.01,
+    limits: dict | None = None,
+    num_cpus: float = 1,
+) -> serve.Application:
+    """The bound Serve application. ``max_ongoing_requests`` is one batch per replica (what it
+    can run at once); ``max_queued_requests`` (default 4 batches) bounds the wait: past it Serve
+    answers 503 instead of queueing without end."""
+    if source and "://" not in source and ":/" not in source and os.path.exists(source):
+        source = os.path.abspath(source)  # replicas run in Ray's session directory
+    deployment = serve.deployment(AUNetServer).options(
+        name="aunet",
+        num_replicas=replicas,
+        max_ongoing_requests=max_batch_size,
+        max_queued_requests=max_queued_requests or 4 * max_batch_size,
+        ray_actor_options={"num_cpus": num_cpus},
+    )
+    return deployment.bind(
+        source,
+        quantize,
+        max_batch_size,
+        batch_wait_timeout_s,
+        limits,
+        max(1, int(num_cpus)),
+    )
+
+
+def app_builder(args: dict) -> serve.Application:
+    """``serve run`` entry (experiments/serve/): the keys of ``build`` plus ``source``."""
+    args = dict(args)
+    try:
+        source = args.pop("source")
+    except KeyError:
+        raise ValueError(
+            "serve config args: 'source' (checkpoint dir or MLflow URI) is required"
+        ) from None
+    return build(str(source), **args)
