@@ -204,10 +204,14 @@ def run_unit(
     unit, or None). A ``CorpusError`` comes back as ``{"error": message}``: the driver raises it
     as one line naming the file, where a raised exception would be retried and logged by Ray.
     """
+    import time
+
+    t0 = time.perf_counter()
     try:
-        return _run_unit(index, unit, inputs, ctx)
+        record = _run_unit(index, unit, inputs, ctx)
     except corpus.CorpusError as e:
         return {"error": str(e)}
+    return {**record, "seconds": time.perf_counter() - t0}
 
 
 def _run_unit(

@@ -7,10 +7,12 @@ copied into enough plain .jsonl files to reach --mb MB of text, cut into work un
 Each Ray run is a fresh process (``ray.init(num_cpus=k)``), warmed by one small pipeline of 2k
 units, which starts the k worker processes, so that the timing is the steady-state pipeline, not
 Ray's start-up (the warm-up time is printed too). The loop does the same work in one process:
-input checksums, read -> Splitter -> BOS/EOS -> pack -> the pipeline's shard writer (windows,
+read -> Splitter -> BOS/EOS -> pack -> the pipeline's shard writer (windows,
 Parquet, split-point statistics). The driver's share is its CPU time over all the machine's busy
 CPU time during the run: the tasks do every per-byte step, so it says how many CPUs one driver
-could feed (2% -> 50).
+could feed (2% -> 50). Input checksums (once per corpus and machine, then cached) are excluded
+from both sides. "tasks running" is the unit tasks' summed wall time over the run's: on a
+machine shared with other work, it shows the parallelism even when the cores are not ours.
 Every setting is timed ``--repeat`` times and its fastest run is kept (every time is printed): on a
 shared VM a single 3-5 s run varies by ~10%.
 Targets: 2 CPUs >= 1.8x one CPU; the pipeline on one CPU >= 0.8x the loop; driver share < 2%.
@@ -135,6 +137,11 @@ def child(cpus: int, corpus: Path, out: Path, seq_len: int, pin: bool, repeat: i
     t = time.perf_counter()
     preprocess(spec_for(warm_src, Path(f"{out}-warm"), seq_len), force=True)
     warm = time.perf_counter() - t
+    # Input checksums are computed once per corpus and machine (cached by size and mtime): hash
+    # them here so every timed run is the steady state (the loop excludes them too).
+    from pipelines.corpus import resolve_inputs
+
+    resolve_inputs(spec_for(corpus, out, seq_len).data.sources)
     runs = []
     for _ in range(repeat):
         busy, c, t = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
@@ -147,6 +154,8 @@ def child(cpus: int, corpus: Path, out: Path, seq_len: int, pin: bool, repeat: i
                 "driver_cpu": cpu,
                 "busy_cpu": _busy_cpu_seconds() - busy,
                 "bytes": info.manifest["bytes"],
+                "task_seconds": info.manifest["units"]["task_seconds"],
+                "pipeline_seconds": info.manifest["seconds"],
             }
         )
     print("RESULT", json.dumps(_best(runs)))
@@ -171,14 +180,14 @@ def run_ray(
 
 
 def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
-    """The same work in one Python process, no Ray: input checksums (the manifest lists them),
-    read -> Splitter -> BOS/EOS -> pack, and each shard through the pipeline's own shard writer
-    (windows, Parquet, the split-point statistics of the manifest)."""
+    """The same work in one Python process, no Ray: read -> Splitter -> BOS/EOS -> pack, and each
+    shard through the pipeline's own shard writer (windows, Parquet, the split-point statistics
+    of the manifest). Input checksums are excluded, as in the timed Ray runs."""
     import pyarrow.fs as pafs
 
     from aunet.packing import Packer, encode_document, windows
     from aunet.splitting import Splitter
-    from pipelines.corpus import file_sha256, hash01, records, to_bytes
+    from pipelines.corpus import hash01, records, to_bytes
     from pipelines.data import write_shard
 
     t = time.perf_counter()
@@ -200,8 +209,6 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
         shards += 1
 
     files = sorted(corpus.glob("*.jsonl"))
-    for f in files:
-        file_sha256(str(f))
     for f in files:
         for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
             data, reason = to_bytes(value)
@@ -262,8 +269,10 @@ def main() -> None:
         extra = ""
         if k != "loop":
             used = r["busy_cpu"] / r["seconds"]
+            running = r["task_seconds"] / r["pipeline_seconds"]
             extra = (
-                f"  wall {r['seconds']:.2f} s, cores busy {used:.2f}, driver CPU "
+                f"  wall {r['seconds']:.2f} s, tasks running {running:.2f}"
+                f" on average, cores busy {used:.2f}, driver CPU "
                 f"{r['driver_cpu']:.2f} s, warm-up {r['warmup_seconds']:.1f} s (excluded)"
             )
         every = "/".join(f"{x:.2f}" for x in r["all_seconds"])
