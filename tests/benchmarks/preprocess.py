@@ -1,6 +1,6 @@
 """Preprocessing throughput: the Ray pipeline on 1 and 2 CPUs vs a single-process Python loop.
 
-    python tests/benchmarks/preprocess.py [--mb 50] [--seq-len 8192] [--repeat 3]
+    python tests/benchmarks/preprocess.py [--mb 100] [--unit-mb 4] [--seq-len 8192] [--repeat 3]
 
 The corpus is experiments/data/*.jsonl.gz (or /usr/share/common-licenses text files when absent),
 copied into enough plain .jsonl files to reach --mb MB of text, cut into work units of --unit-mb.
@@ -228,10 +228,10 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--mb", type=float, default=100.0)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per setting; best is kept")
-    ap.add_argument("--unit-mb", type=float, default=2.0, help="data.unit_bytes in MB")
+    ap.add_argument("--unit-mb", type=float, default=4.0, help="data.unit_bytes in MB")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.child:
