@@ -10,7 +10,8 @@ boundaries); EOS gets level 0.
 Documents are concatenated in stream order and cut into windows of ``T + 1`` tokens that overlap by
 one: window ``k`` covers stream positions ``[k*T, k*T + T]``, so window ``k+1``'s first input is
 window ``k``'s last target and no byte is lost between windows. Inputs are ``window[:-1]``, targets
-``window[1:]``. Only the tail that cannot fill a last window is dropped (reported by ``finish``).
+``window[1:]``. Only the tail that cannot fill a last window is dropped (reported by ``finish``);
+the preprocessing pipeline packs each work unit with its own Packer (docs/data.md, Work units).
 
 Pure numpy: used by the Ray preprocessing pipeline, the single-process benchmark loop and tests.
 """

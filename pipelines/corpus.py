@@ -129,6 +129,8 @@ def cached_sha256(path: str) -> str:
         return hit[2]
     digest = file_sha256(real)
     _SHA_MEMO[real] = (*key, digest)
+    for gone in [p for p in _SHA_MEMO if not os.path.exists(p)]:  # deleted files: forget them
+        del _SHA_MEMO[gone]
     try:  # best effort: a read-only home only costs the re-hash next time
         os.makedirs(os.path.dirname(_cache_file()), exist_ok=True)
         tmp = f"{_cache_file()}.{os.getpid()}"

@@ -357,7 +357,13 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
         "max_documents": spec.data.max_documents,
         "shard_sequences": spec.data.shard_sequences,
         "unit_bytes": spec.data.unit_bytes,
-        "units": {"planned": len(runner.units), "used": len(records), "reused": runner.reused},
+        "units": {
+            "planned": len(runner.units),
+            "used": len(records),
+            "reused": runner.reused,
+            # run here (not reused): task wall seconds, summed; over ``seconds``: the concurrency
+            "task_seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
+        },
         **stats,
         "seconds": round(seconds, 3),
         "mb_per_s": round(stats["bytes"] / 1e6 / seconds, 3),

@@ -5,8 +5,9 @@ A unit (``corpus.plan_units``: a fixed slice of the inputs) is read into documen
 per train/val split into windows of ``T + 1`` (``aunet.packing.Packer``, BOS/EOS added as it
 copies) and written as its own shards, ``<split>/u<unit>-<k>.parquet``, straight to the dataset's
 filesystem. Then, after its shards, the task writes its commit record ``units/u<unit>.json``: the
-unit's statistics, its shards with sizes and hashes, and its ``key`` (a hash of what the unit's
-bytes depend on). The driver gets the same dict back; nothing of the data passes through it.
+unit's statistics, its shards with sizes and hashes, its ``key`` (a hash of what the unit's
+bytes depend on) and the Ray node that ran it (for the record only). The driver gets the same
+dict back; nothing of the data passes through it.
 
 Windows never cross units, so a unit's output depends on the unit alone: the dataset is the same
 byte for byte whatever ran where. What a unit's stream cannot fill (its tail) is counted in the
@@ -203,10 +204,14 @@ def run_unit(
     unit, or None). A ``CorpusError`` comes back as ``{"error": message}``: the driver raises it
     as one line naming the file, where a raised exception would be retried and logged by Ray.
     """
+    import time
+
+    t0 = time.perf_counter()
     try:
-        return _run_unit(index, unit, inputs, ctx)
+        record = _run_unit(index, unit, inputs, ctx)
     except corpus.CorpusError as e:
         return {"error": str(e)}
+    return {**record, "seconds": time.perf_counter() - t0}
 
 
 def _run_unit(

@@ -1,16 +1,18 @@
 """Preprocessing throughput: the Ray pipeline on 1 and 2 CPUs vs a single-process Python loop.
 
-    python tests/benchmarks/preprocess.py [--mb 50] [--seq-len 8192] [--repeat 3]
+    python tests/benchmarks/preprocess.py [--mb 100] [--unit-mb 4] [--seq-len 8192] [--repeat 3]
 
 The corpus is experiments/data/*.jsonl.gz (or /usr/share/common-licenses text files when absent),
 copied into enough plain .jsonl files to reach --mb MB of text, cut into work units of --unit-mb.
 Each Ray run is a fresh process (``ray.init(num_cpus=k)``), warmed by one small pipeline of 2k
 units, which starts the k worker processes, so that the timing is the steady-state pipeline, not
 Ray's start-up (the warm-up time is printed too). The loop does the same work in one process:
-input checksums, read -> Splitter -> BOS/EOS -> pack -> the pipeline's shard writer (windows,
+read -> Splitter -> BOS/EOS -> pack -> the pipeline's shard writer (windows,
 Parquet, split-point statistics). The driver's share is its CPU time over all the machine's busy
 CPU time during the run: the tasks do every per-byte step, so it says how many CPUs one driver
-could feed (2% -> 50).
+could feed (2% -> 50). Input checksums (once per corpus and machine, then cached) are excluded
+from both sides. "tasks running" is the unit tasks' summed wall time over the run's: on a
+machine shared with other work, it shows the parallelism even when the cores are not ours.
 Every setting is timed ``--repeat`` times and its fastest run is kept (every time is printed): on a
 shared VM a single 3-5 s run varies by ~10%.
 Targets: 2 CPUs >= 1.8x one CPU; the pipeline on one CPU >= 0.8x the loop; driver share < 2%.
@@ -135,6 +137,11 @@ def child(cpus: int, corpus: Path, out: Path, seq_len: int, pin: bool, repeat: i
     t = time.perf_counter()
     preprocess(spec_for(warm_src, Path(f"{out}-warm"), seq_len), force=True)
     warm = time.perf_counter() - t
+    # Input checksums are computed once per corpus and machine (cached by size and mtime): hash
+    # them here so every timed run is the steady state (the loop excludes them too).
+    from pipelines.corpus import resolve_inputs
+
+    resolve_inputs(spec_for(corpus, out, seq_len).data.sources)
     runs = []
     for _ in range(repeat):
         busy, c, t = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
@@ -147,6 +154,8 @@ def child(cpus: int, corpus: Path, out: Path, seq_len: int, pin: bool, repeat: i
                 "driver_cpu": cpu,
                 "busy_cpu": _busy_cpu_seconds() - busy,
                 "bytes": info.manifest["bytes"],
+                "task_seconds": info.manifest["units"]["task_seconds"],
+                "pipeline_seconds": info.manifest["seconds"],
             }
         )
     print("RESULT", json.dumps(_best(runs)))
@@ -171,15 +180,16 @@ def run_ray(
 
 
 def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
-    """The same work in one Python process, no Ray: input checksums (the manifest lists them),
-    read -> Splitter (``levels_batch`` per file) -> BOS/EOS -> pack, and each shard through the
-    pipeline's own shard writer (windows, Parquet, the split-point statistics of the manifest)."""
+    """The same work in one Python process, no Ray: read -> Splitter (``levels_batch`` per file)
+    -> BOS/EOS -> pack, and each shard through the pipeline's own shard writer (windows, Parquet,
+    the split-point statistics of the manifest). Input checksums are excluded, as in the timed Ray
+    runs."""
     import numpy as np
     import pyarrow.fs as pafs
 
     from aunet.packing import Packer, encode_document, windows
     from aunet.splitting import Splitter
-    from pipelines.corpus import file_sha256, hash01, records, to_bytes
+    from pipelines.corpus import hash01, records, to_bytes
     from pipelines.data import write_shard
 
     t = time.perf_counter()
@@ -201,8 +211,6 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
         shards += 1
 
     files = sorted(corpus.glob("*.jsonl"))
-    for f in files:
-        file_sha256(str(f))
     for f in files:
         docs = []  # a file's documents split in one levels_batch call, as the pipeline does
         for _, value, ident, _ in records(str(f), "jsonl", "text", "id", None):
@@ -229,10 +237,10 @@ def run_loop(corpus: Path, out: Path, seq_len: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mb", type=float, default=50.0)
+    ap.add_argument("--mb", type=float, default=100.0)
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per setting; best is kept")
-    ap.add_argument("--unit-mb", type=float, default=2.0, help="data.unit_bytes in MB")
+    ap.add_argument("--unit-mb", type=float, default=4.0, help="data.unit_bytes in MB")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.child:
@@ -270,8 +278,10 @@ def main() -> None:
         extra = ""
         if k != "loop":
             used = r["busy_cpu"] / r["seconds"]
+            running = r["task_seconds"] / r["pipeline_seconds"]
             extra = (
-                f"  wall {r['seconds']:.2f} s, cores busy {used:.2f}, driver CPU "
+                f"  wall {r['seconds']:.2f} s, tasks running {running:.2f}"
+                f" on average, cores busy {used:.2f}, driver CPU "
                 f"{r['driver_cpu']:.2f} s, warm-up {r['warmup_seconds']:.1f} s (excluded)"
             )
         every = "/".join(f"{x:.2f}" for x in r["all_seconds"])
