@@ -137,9 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     if checkpointer.restore(model, opt, sched, state) and rank == 0:
         print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
-    # The attention backend resolve_backend picked, as a tag of a new run (a set_tag after the
-    # run opened would fail a worker restarted during a tracking outage).
-    attention = {"aunet.attention": model.attn_backend}
+    attention = {"aunet.attention": model.attn_backend}  # a tag at creation: outage-safe
     tracker = _open_tracker(args, world, state, attention) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
@@ -315,21 +313,22 @@ def _open_tracker(
     marker an earlier ``Tracker.close`` left when the store did not answer (issue 18): the same
     command run again completes the run's metrics and finishes it.
     """
+    from pipelines.data import is_complete, read_manifest
     from pipelines.preprocess import code_version
     from pipelines.runtime import ray_job_id
     from pipelines.spec import flatten
+    from pipelines.tracking import dataset_input
     from pipelines.tracking_run import Tracker
 
     spec, t = args.spec, args.tracking
+    manifest = read_manifest(args.dataset) if is_complete(args.dataset) else {}
     tags = {
         "aunet.variant": args.variant or "",
         "aunet.experiment_file": args.spec_file or "",
         "aunet.run_dir": args.run_dir,
+        "aunet.dataset_hash": manifest.get("config_hash", ""),  # identity (docs/data.md)
         **extra_tags,
     }
-    manifest = Path(args.dataset) / "manifest.json"
-    if manifest.is_file():  # the dataset's identity (docs/data.md), for reports' provenance
-        tags["aunet.dataset_hash"] = json.loads(manifest.read_text()).get("config_hash", "")
     commit, job = code_version().get("git_commit"), ray_job_id()
     tags.update({"git_commit": commit} if commit else {})
     tags.update({"ray_job_id": job} if job else {})
@@ -366,10 +365,8 @@ def _open_tracker(
             (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
-        if manifest.is_file():
-            from pipelines.tracking import dataset_input
-
-            tracker.log_input(dataset_input(args.dataset, json.loads(manifest.read_text())))
+        if manifest:
+            tracker.log_input(dataset_input(args.dataset, manifest))
     return tracker
 
 
