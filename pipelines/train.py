@@ -17,6 +17,7 @@ timings), and one MLflow run.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -59,6 +60,18 @@ class TrainResult:
     tracking_uri: str
     wall_s: float
     metrics: dict[str, Any] | None
+    num_params: int | None = None
+    total_flops: float | None = None
+
+    def median_bytes_per_s(self) -> float | None:
+        """Median training throughput over the run's steps (rank 0's ``steps.jsonl``); None
+        when the run directory is remote or holds no steps."""
+        path = Path(self.run_dir) / "steps.jsonl"
+        if is_uri(self.run_dir) or not path.is_file():
+            return None
+        rates = [json.loads(x).get("bytes_per_s") for x in path.read_text().splitlines() if x]
+        rates = sorted(r for r in rates if r)
+        return float(rates[len(rates) // 2]) if rates else None
 
 
 def run_name_for(spec: ExperimentSpec, variant: str | None = None) -> str:
@@ -222,6 +235,8 @@ def train(
         tracking_uri=uri,
         wall_s=time.perf_counter() - t0,
         metrics=result.metrics,
+        num_params=plan.num_params,
+        total_flops=plan.total_flops,
     )
 
 
@@ -345,11 +360,35 @@ def _main(argv: list[str]) -> int:
         print(summary(result, spec.tracking.experiment), flush=True)
         results.append(result)
     if len(results) > 1:
-        print("train: summary (validation bits/byte, wall time):")
-        for r in results:
-            bpb = "n/a" if r.val_bits_per_byte is None else f"{r.val_bits_per_byte:.4f}"
-            print(f"  {r.run_name:40s} {bpb:>8s} {r.wall_s:7.0f} s")
+        print(summary_table(results))
     return 0
+
+
+def summary_table(results: list[TrainResult]) -> str:
+    """The variants side by side: what each cost (params, FLOPs, throughput) beside what it
+    reached, so equal-compute comparisons read off one table."""
+    from pipelines import tables as tb
+
+    cols = [
+        tb.Column("run", "run"),
+        tb.Column("params", "params", tb.count),
+        tb.Column("flops", "FLOPs", tb.sig(3)),
+        tb.Column("bpb", "val (bits/byte)", tb.fixed(4)),
+        tb.Column("bytes_s", "median bytes/s", tb.sig(3)),
+        tb.Column("wall", "wall (s)", lambda v: f"{v:.0f}"),
+    ]
+    rows = [
+        {
+            "run": r.run_name,
+            "params": r.num_params,
+            "flops": r.total_flops,
+            "bpb": r.val_bits_per_byte,
+            "bytes_s": r.median_bytes_per_s(),
+            "wall": r.wall_s,
+        }
+        for r in results
+    ]
+    return "train: summary\n" + tb.render_text(rows, cols)
 
 
 if __name__ == "__main__":

@@ -592,3 +592,21 @@ def pickle_bytes(obj) -> bytes:
     import pickle
 
     return pickle.dumps(obj)
+
+
+def test_multi_variant_summary_table_has_cost_beside_result(tmp_path):
+    from pipelines.train import TrainResult, summary_table
+
+    runs = []
+    for name, rates in (("aunet2", [30.0, 10.0, 20.0, 50.0]), ("baseline", [])):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [json.dumps({"step": i + 1, "bytes_per_s": r}) for i, r in enumerate(rates)]
+        (d / "steps.jsonl").write_text("".join(x + "\n" for x in lines))
+        runs.append(TrainResult(name, str(d), "", 4, 2.5, None, "", 12.4, None, 1234567, 3.21e12))
+    assert runs[0].median_bytes_per_s() == 30.0  # upper median of 10, 20, 30, 50
+    assert runs[1].median_bytes_per_s() is None
+    text = summary_table(runs).splitlines()
+    assert text[1].split()[:4] == ["run", "params", "FLOPs", "val"]
+    assert text[3].split() == ["aunet2", "1,234,567", "3.21e+12", "2.5000", "30", "12"]
+    assert text[4].split() == ["baseline", "1,234,567", "3.21e+12", "2.5000", "-", "12"]
