@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 LOOPBACK = "127.0.0.1"
 # Env vars a worker needs to reach the same services as the driver (values never logged).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
+VERBOSE_ENV = "AUNET_VERBOSE"  # 1: Ray's own INFO lines on the terminal too (train --verbose)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", VERBOSE_ENV)
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for the entrypoint
 _GCS_ADDRESS = re.compile(r"^[A-Za-z0-9.-]+:\d+$")  # host:port (not auto, ray://, http://)
 _GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray's Node when it starts a head (node.py)
@@ -159,6 +160,33 @@ def configure_ray_data() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty()  # bars flood CI logs and files
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # same input -> same shards, byte for byte
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_ray_console() -> None:
+    """In a Ray worker: Ray's own INFO records ("Reporting training result ...") stay in Ray's
+    log files instead of reaching the user's terminal, unless verbose. Records are matched by the
+    file that logged them (some Ray loggers are named by file path, not ``ray.*``); the worker's
+    file handlers are left alone."""
+    import logging
+
+    import ray
+
+    if verbose():
+        return
+    ray_dir = os.path.dirname(ray.__file__)
+
+    class _NoRayInfo(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.levelno >= logging.WARNING or not record.pathname.startswith(ray_dir)
+
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler)  # Ray's session files are not
+        if console and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_NoRayInfo())
 
 
 def worker_env(tracking_uri: str | None = None) -> dict[str, str]:

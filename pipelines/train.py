@@ -18,6 +18,7 @@ timings), and one MLflow run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -35,10 +36,12 @@ from pipelines.entropy_fit import dataset_spec
 from pipelines.paths import is_uri, join_path
 from pipelines.plan import TrainPlan, plan_training
 from pipelines.runtime import (
+    VERBOSE_ENV,
     artifact_location_for,
     check_tracking_reachable,
     init_ray,
     open_filesystem,
+    verbose,
 )
 from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
 
@@ -115,7 +118,13 @@ def build_trainer(
     paths are the user's, not the worker's (Ray runs workers in a session directory); loaded here
     against this process's directory when not given. ``fault`` is for tests only.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aunet.parallel import backend_for
@@ -162,6 +171,9 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (controller, placement groups) go to its log files only;
+            # AUNET_VERBOSE=1 (train --verbose) shows them on the terminal too.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 
@@ -318,6 +330,8 @@ def _pop_flags(argv: list[str]) -> tuple[list[str], str | None, bool]:
             variant = next(it, None)
         elif arg == "--fresh":
             fresh = True
+        elif arg == "--verbose":  # read by build_trainer and the workers (Ray copies the env)
+            os.environ[VERBOSE_ENV] = "1"
         else:
             rest.append(arg)
     return rest, variant, fresh
@@ -326,6 +340,7 @@ def _pop_flags(argv: list[str]) -> tuple[list[str], str | None, bool]:
 HELP_FLAGS = (
     ("variant=NAME, --variant NAME", "train only this entry of variants:"),
     ("--fresh", "start a new, time-stamped run instead of resuming"),
+    ("--verbose", "also show Ray's own INFO lines (else only in Ray's log files)"),
     ("key=value, --set key=value", "override a spec key"),
     ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,10 @@ class Progress:
         mfu = f" (MFU {flops_s / self.peak:.1%})" if self.peak else ""
         parts += [_rate(flops_s, "FLOP/s") + mfu, f"ETA {_duration(eta)}"]
         line = "train: " + " | ".join(parts)
-        print(line, flush=True)
+        # Not print(): Ray Train routes a worker's print() through logging, whose console
+        # handlers put it on the terminal twice (stdout and stderr).
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
         self.last_t, self.last_step = now, step
         return line
 

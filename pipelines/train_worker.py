@@ -34,6 +34,7 @@ from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_f
 from pipelines.data import TrainBatches, val_batches
 from pipelines.paths import is_uri, redact
 from pipelines.plan import TrainPlan
+from pipelines.runtime import quiet_ray_console, ray_job_id
 from pipelines.spec import ExperimentSpec
 from pipelines.train_metrics import Progress, StepLog, StepMeter
 
@@ -115,6 +116,7 @@ def validate(
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
 
+    quiet_ray_console()
     args = WorkerArgs.from_config(config)
     spec, plan = args.spec, args.plan
     tr = spec.train
@@ -315,7 +317,6 @@ def _open_tracker(
     """
     from pipelines.data import is_complete, read_manifest
     from pipelines.preprocess import code_version
-    from pipelines.runtime import ray_job_id
     from pipelines.spec import flatten
     from pipelines.tracking import dataset_input
     from pipelines.tracking_run import Tracker

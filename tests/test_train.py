@@ -208,9 +208,9 @@ def killed_run(ray_session, tmp_path_factory):
     ).with_overrides({"tracking.system_metrics_s": 1})
     marker = root / "killed"
     fault = FaultInjection(step=4, rank=1, marker=str(marker))
-    out = io.StringIO()  # what the user's terminal shows: Ray forwards the workers' stdout here
-    with _chdir(root), contextlib.redirect_stdout(out):  # the eval YAML's paths are the driver's
-        result = train(spec, run_name="killed", fault=fault)
+    out = io.StringIO()  # what the user's terminal shows: Ray forwards the workers' output here
+    with _chdir(root), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        result = train(spec, run_name="killed", fault=fault)  # the eval paths are the driver's
         deadline = time.monotonic() + 15  # Ray's log monitor forwards lines asynchronously
         while "step 8/8" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -236,6 +236,8 @@ def test_progress_lines_at_the_configured_cadence(killed_run):
         assert "B/s | " in ln and "FLOP/s" in ln and "ETA " in ln
     assert "val bits/byte" in lines[1] and "val bits/byte" in lines[4]  # steps 4 and 8 validate
     assert "ETA 0m00s" in lines[-1]
+    # Ray Train's own INFO chatter stays in Ray's log files (no --verbose).
+    assert "Reporting training result" not in PROGRESS[0]
 
 
 def _chain(records: list[dict]) -> dict[int, dict]:
