@@ -283,7 +283,7 @@ class ShardReader:
         self.files = [storage.join(base, split, s["file"]) for s in shards]
         self.names = [s["file"] for s in shards]
         counts = np.array([s["sequences"] for s in shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.starts = np.cumsum(counts) - counts  # global id of each shard's first row
         for s, want in zip(shards, self.starts):
             if s.get("start", want) != want:
                 raise ValueError(
