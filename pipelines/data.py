@@ -32,7 +32,7 @@ on W. ``DataPosition`` (epoch, next batch) is all the state there is: a checkpoi
 ``load_split`` (a whole split in memory) remains as the obvious reference the tests compare with.
 
 Length: the shard format, the manifest checks, the in-memory reference and the streaming reader
-share one module (about 480 lines) because the reader's correctness is defined against the other
+share one module (about 510 lines) because the reader's correctness is defined against the other
 three; splitting them would only add an import edge between two halves of one contract.
 """
 
