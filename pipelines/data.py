@@ -427,13 +427,16 @@ class TrainBatches:
         self.batch_size, self.seed = batch_size, seed
         self.batches_per_epoch = n // batch_size  # the last partial batch of an epoch is dropped
         self.position = position or DataPosition()
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of global_ids
         if self.position.batch >= self.batches_per_epoch:
             raise ValueError(f"position {self.position} past the {self.batches_per_epoch} batches")
 
     def global_ids(self, position: DataPosition) -> np.ndarray:
         """Sequence ids of the global batch at ``position`` (all ranks together), [B]."""
-        rng = np.random.default_rng([self.seed, position.epoch])
-        perm = rng.permutation(self.num_sequences)
+        if self._perm is None or self._perm[0] != position.epoch:  # once per epoch, not per step
+            rng = np.random.default_rng([self.seed, position.epoch])
+            self._perm = (position.epoch, rng.permutation(self.num_sequences))
+        perm = self._perm[1]
         b = position.batch * self.batch_size
         return perm[b : b + self.batch_size]
 

@@ -184,6 +184,8 @@ def test_streaming_reader_equals_the_in_memory_reference(multi_group):
                 perm = np.random.default_rng([seed, epoch]).permutation(n)
                 ids = perm[i * B : (i + 1) * B][r * (B // W) : (r + 1) * (B // W)]
                 np.testing.assert_array_equal(b.ids, ids)
+                glob = data.global_ids(DataPosition(epoch, i))  # what steps.jsonl records
+                np.testing.assert_array_equal(glob, perm[i * B : (i + 1) * B])
                 want = torch.from_numpy(tok[ids].astype(np.int64))
                 want_lev = torch.from_numpy(lev[ids].astype(np.int64))
                 assert torch.equal(b.tokens, want[:, :-1]) and torch.equal(b.targets, want[:, 1:])
