@@ -105,7 +105,7 @@ def validate(
     model.eval()
     nats, count = 0.0, 0.0
     for b in val_batches(dataset, batch_size, rank=rank, world_size=world, max_batches=batches):
-        out = model(b.tokens, b.levels, b.targets)
+        out = model(*b.model_inputs())
         nats += float(out.ce) * b.tokens.numel()
         count += b.tokens.numel()
     model.train()
@@ -162,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     while state.step < plan.steps:
         meter.begin()
         position = data.position
-        batch = [x.to(device, non_blocking=True) for x in next(batches)]
+        batch = [x.to(device, non_blocking=True) for x in next(batches).model_inputs()]
         meter.data_loaded()
         lr = sched.get_last_lr()[0]
         loss, ce, stage_tokens, grad_norm = train_step(model, opt, sched, batch, tr.grad_clip)
@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 def train_step(
     model, opt, sched, batch, grad_clip: float
 ) -> tuple[float, float, list[float], float]:
-    """One optimizer step on this rank's ``batch`` (tokens, levels, targets: [B/W, T]).
+    """One optimizer step on this rank's ``batch`` (tokens, levels, targets, target_levels:
+    [B/W, T]; ``Batch.model_inputs``): target_levels train the level head when lambda_level > 0.
 
     Returns (loss, ce, tokens per stage, grad norm) as floats: reading the loss synchronises the
     device, so the caller's timing of the step is real.

@@ -130,3 +130,139 @@ def test_val_batches_fixed_order_and_even_across_ranks(dataset):
     np.testing.assert_array_equal(union, np.arange(len(union)))
     assert len(union) >= n - 1
     assert len(list(val_batches(dataset, 4, max_batches=1))) == 1
+
+
+# Streaming reader (issue 19 item 3) against the naive reference: load_split and the permutation.
+
+W8 = 9  # window T+1 of the synthetic dataset
+UNITS = {"train": [[600, 300], [37], [513]], "val": [[260], [5]]}  # shard sizes per unit
+
+
+@pytest.fixture(scope="module")
+def multi_group(tmp_path_factory):
+    """A dataset written with ``write_shard`` (no Ray): shards of several 256-row groups, a unit of
+    two shards, a short one, so that batches cross shard, row-group and unit boundaries."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import FORMAT_VERSION, MANIFEST, write_shard
+
+    root = tmp_path_factory.mktemp("multi") / "ds"
+    fs, rng, splits = pafs.LocalFileSystem(), np.random.default_rng(7), {}
+    for split, units in UNITS.items():
+        (root / split).mkdir(parents=True)
+        shards, start = [], 0
+        for u, sizes in enumerate(units):
+            k = 0
+            for j, n in enumerate(sizes):
+                tok = rng.integers(0, 258, (n, W8), dtype=np.uint16)
+                lev = rng.integers(0, 4, (n, W8), dtype=np.uint8)
+                path = str(root / split / f"u{u:06d}-{j:04d}.parquet")
+                entry = write_shard(fs, path, tok, lev, k)
+                shards.append({**entry, "unit": u, "start": start})
+                k, start = k + n, start + n
+        splits[split] = {"sequences": start, "shards": shards}
+    manifest = {"complete": True, "format_version": FORMAT_VERSION, "seq_len": W8 - 1}
+    (root / MANIFEST).write_text(json.dumps({**manifest, "splits": splits}))
+    return root
+
+
+def test_streaming_reader_equals_the_in_memory_reference(multi_group):
+    from pipelines.data import ShardReader
+
+    tok, lev = load_split(multi_group)
+    n = len(tok)
+    assert n == 1450
+    for seed, B, W, max_groups in [(0, 64, 1, 2), (3, 64, 2, 3), (9, 50, 5, 1), (4, 1450, 2, 4)]:
+        per_epoch = n // B
+        steps = per_epoch + 3  # into the second epoch
+        for r in range(W):
+            data = TrainBatches(multi_group, B, seed=seed, rank=r, world_size=W)
+            data.reader.max_row_groups = max_groups
+            got = [b for b, _ in zip(data, range(steps))]
+            for k, b in enumerate(got):
+                epoch, i = divmod(k, per_epoch)
+                perm = np.random.default_rng([seed, epoch]).permutation(n)
+                ids = perm[i * B : (i + 1) * B][r * (B // W) : (r + 1) * (B // W)]
+                np.testing.assert_array_equal(b.ids, ids)
+                glob = data.global_ids(DataPosition(epoch, i))  # what steps.jsonl records
+                np.testing.assert_array_equal(glob, perm[i * B : (i + 1) * B])
+                want = torch.from_numpy(tok[ids].astype(np.int64))
+                want_lev = torch.from_numpy(lev[ids].astype(np.int64))
+                assert torch.equal(b.tokens, want[:, :-1]) and torch.equal(b.targets, want[:, 1:])
+                assert torch.equal(b.levels, want_lev[:, :-1])
+                assert torch.equal(b.target_levels, want_lev[:, 1:])
+                nxt = (epoch, i + 1) if i + 1 < per_epoch else (epoch + 1, 0)
+                assert b.position == DataPosition(*nxt)
+            # memory bound: at most max_groups decoded row groups held, of the 9 the split has
+            assert data.reader.peak_held <= max_groups < data.reader.row_groups_read
+            k = max(per_epoch - 2, 0)  # resume just before the epoch boundary
+            resumed = TrainBatches(
+                multi_group,
+                B,
+                seed=seed,
+                rank=r,
+                world_size=W,
+                position=got[k].position,
+                prefetch=0,
+            )
+            for want_b, b in zip(got[k + 1 :], resumed):  # across the epoch boundary
+                np.testing.assert_array_equal(b.ids, want_b.ids)
+                assert torch.equal(b.tokens, want_b.tokens)
+    reader = ShardReader(multi_group, "train", max_row_groups=2)
+    ids = np.array([1449, 0, 255, 256, 599, 600, 899, 900, 936, 937, 5, 1449])  # the boundaries
+    np.testing.assert_array_equal(reader.rows(ids)[0], tok[ids])
+    np.testing.assert_array_equal(reader.rows(ids)[1], lev[ids])
+    with pytest.raises(IndexError):
+        reader.rows(np.array([n]))
+    vtok, vlev = load_split(multi_group, "val")
+    for W in (1, 3):
+        for r in range(W):
+            vb = list(val_batches(multi_group, 24, rank=r, world_size=W, max_row_groups=1))
+            ids = np.concatenate([b.ids for b in vb])
+            assert torch.equal(
+                torch.cat([b.tokens for b in vb]), torch.from_numpy(vtok[ids, :-1].astype(np.int64))
+            )
+            assert torch.equal(
+                torch.cat([b.target_levels for b in vb]),
+                torch.from_numpy(vlev[ids, 1:].astype(np.int64)),
+            )
+    assert len(list(val_batches(multi_group, 24))) == -(-265 // 24)
+
+
+def test_reader_names_a_shard_whose_ids_do_not_match(multi_group, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(multi_group, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][1]["unit"] = 5  # ids then restart at 0 in that shard
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"u000000-0001\.parquet: row group 0 sequence ids"):
+        next(iter(TrainBatches(bad, 1450, seed=0)))
+
+
+def test_lambda_level_trains_from_the_pipeline_batch(dataset):
+    """The reader's target_levels reach the loss: loss = ce + lambda * level CE (float64 ref)."""
+    from aunet.config import AUNetConfig
+    from aunet.model import AUNet
+    from aunet.optim import build_optimizer, build_scheduler
+    from pipelines.train_worker import train_step
+
+    config = AUNetConfig(dimensions=[8, 16, 32], layers=[1, 1, 1], head_dims=[8, 8, 8])
+    _, lev = load_split(dataset)
+    batch = next(iter(TrainBatches(dataset, 4, seed=2)))
+    assert torch.equal(batch.target_levels, torch.from_numpy(lev[batch.ids, 1:].astype(np.int64)))
+    assert int(batch.target_levels.max()) > 0  # real split points in the targets
+    torch.manual_seed(0)
+    model = AUNet(config.replace(lambda_level=0.5))
+    x, lv, y, ty = batch.model_inputs()
+    with torch.no_grad():
+        hidden = model.features(x, lv).hidden
+        logp = torch.log_softmax(model.level_logits(hidden, y).double(), -1)
+        level_ce = -logp.gather(-1, ty.clamp(max=model.config.num_stages)[..., None]).mean()
+    before = model.level_mask.weight.detach().clone()
+    opt = build_optimizer(model, 1e-2, weight_decay=0.0)
+    sched = build_scheduler(opt, 1, 10, 0.1)
+    loss, ce, _, _ = train_step(model, opt, sched, batch.model_inputs(), 1.0)
+    assert loss - ce == pytest.approx(0.5 * float(level_ce), rel=1e-4)
+    assert not torch.equal(model.level_mask.weight, before)  # the level head trains

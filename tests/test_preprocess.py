@@ -542,6 +542,16 @@ def test_s3_compatible_storage(tmp_path, monkeypatch):
         for split in ("train", "val"):
             for a, b in zip(load_split(uri, split), load_split(local.path, split)):
                 np.testing.assert_array_equal(a, b)
+        import torch
+
+        from pipelines.data import TrainBatches, val_batches
+
+        streamed = [b for b, _ in zip(TrainBatches(uri, 4, seed=1), range(2))]  # row groups on S3
+        for a, b in zip(streamed, TrainBatches(local.path, 4, seed=1)):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.target_levels, b.target_levels)
+        for a, b in zip(val_batches(uri, 4, max_batches=2), val_batches(local.path, 4)):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.levels, b.levels)
         names = [i.path for i in fs.get_file_info(pafs.FileSelector("bkt/datasets/ds/units"))]
         assert len(names) == info.manifest["units"]["planned"] > 3
         assert pp.preprocess(make_spec(tmp_path, src, dataset_dir=uri, **kw)).reused
