@@ -103,11 +103,10 @@ def validate(
 ) -> float | None:
     """Mean bits/byte over the first ``batches`` validation batches (all ranks); None if empty."""
     model.eval()
-    nats, count = 0.0, 0.0
+    nats = count = 0.0
     for b in val_batches(dataset, batch_size, rank=rank, world_size=world, max_batches=batches):
         out = model(*b.model_inputs())
-        nats += float(out.ce) * b.tokens.numel()
-        count += b.tokens.numel()
+        nats, count = nats + float(out.ce) * b.tokens.numel(), count + b.tokens.numel()
     model.train()
     nats, count = all_reduce_sum([nats, count])
     return nats / count / LN2 if count else None

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from test_preprocess import digest, make_spec, write_jsonl
 
 from pipelines import preprocess as pp
+
+
+@ray.remote(num_cpus=1)
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 @pytest.mark.slow
@@ -39,6 +45,14 @@ def test_three_nodes_spread_units_and_match_one_node(tmp_path):
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.time() < deadline:
             time.sleep(0.1)
+        # A worker process ready on every node first: on a loaded machine the head's warm worker
+        # can drain all the tiny units before the new nodes have started one.
+        ready = [
+            _node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], False))
+            for n in ray.nodes()
+            if n["Alive"]
+        ]
+        assert len(set(ray.get([f.remote() for f in ready]))) == 3
         three = pp.preprocess(make_spec(tmp_path, src, dataset_dir=str(tmp_path / "three"), **kw))
         nodes = {
             json.loads(p.read_text())["node"] for p in (tmp_path / "three" / "units").glob("*.json")
