@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -398,8 +399,11 @@ def dataset_input(path: str, manifest: Mapping[str, Any]) -> Any:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
+    with warnings.catch_warnings():  # "local file or local artifact": the same path either way
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path))
     ds = MetaDataset(
-        resolve_dataset_source(str(path)),
+        source,
         name=str(manifest.get("name") or "dataset"),
         digest=str(manifest.get("config_hash", ""))[:36] or None,
     )

@@ -101,6 +101,13 @@ class StepMeter:
         self.other_s = 0.0 if periodic else other
 
 
+def say(line: str) -> None:
+    """A line on a worker's stdout. Not print(): Ray Train routes a worker's print() through
+    logging, whose console handlers put it on the terminal twice (stdout and stderr)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -162,10 +169,7 @@ class Progress:
         mfu = f" (MFU {flops_s / self.peak:.1%})" if self.peak else ""
         parts += [_rate(flops_s, "FLOP/s") + mfu, f"ETA {_duration(eta)}"]
         line = "train: " + " | ".join(parts)
-        # Not print(): Ray Train routes a worker's print() through logging, whose console
-        # handlers put it on the terminal twice (stdout and stderr).
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        say(line)
         self.last_t, self.last_step = now, step
         return line
 

@@ -36,7 +36,7 @@ from pipelines.paths import is_uri, redact
 from pipelines.plan import TrainPlan
 from pipelines.runtime import quiet_ray_console, ray_job_id
 from pipelines.spec import ExperimentSpec
-from pipelines.train_metrics import Progress, StepLog, StepMeter
+from pipelines.train_metrics import Progress, StepLog, StepMeter, say
 
 if TYPE_CHECKING:
     from pipelines.eval_config import EvalConfig
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         model_config=spec.model.to_dict(),
     )
     if checkpointer.restore(model, opt, sched, state) and rank == 0:
-        print(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
+        say(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
     attention = {"aunet.attention": model.attn_backend}  # a tag at creation: outage-safe
     tracker = _open_tracker(args, world, state, attention) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
@@ -251,8 +251,8 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
     chosen = model.set_attention(tr.attention, device, param_dtype(tr.dtype, device))
     uncapped = [s for s, c in enumerate(spec.model.capacities) if s > 0 and c < 1]
     if tr.compile and uncapped:  # docs/performance.md (Compiled blocks and static shapes)
-        print(f"train: warning: compile with uncapped stages {uncapped} recompiles per length")
-    print(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
+        say(f"train: warning: compile with uncapped stages {uncapped} recompiles per length")
+    say(f"train: attention {chosen} (train.attention={tr.attention}), dtype {tr.dtype}")
     opt = build_optimizer(
         model,
         plan.lr,
