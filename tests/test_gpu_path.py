@@ -265,3 +265,32 @@ def test_gpu_bench_imports_and_refuses_cpu_without_smoke(capsys):
     if not torch.cuda.is_available():
         assert bench.main([]) == 2
         assert "--smoke" in capsys.readouterr().err
+
+
+def test_gpu_kernel_profile_families_and_cpu_refusal(capsys):
+    """tests/gpu/kernels.py files each kernel under one family (the MFU breakdown in
+    docs/performance.md is read from these) and, like the bench, refuses CPU without --smoke."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "gpu" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("gpu_kernels", path)
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    assert "import ray" not in path.read_text() and "mlflow" not in path.read_text()
+    names = {
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+        "triton_tem_fused_flex_attention_backward_1": "attention",
+        "triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_1": "fused pointwise (triton)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOpti": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>": (
+            "copy/cast/fill"
+        ),
+        "void at_cuda_detail::cub::DeviceRadixSortOnesweepKernel": "gather/sort/scan",
+        "some_unknown_kernel": "other",
+    }
+    assert {n: kernels.family(n) for n in names} == names
+    if not torch.cuda.is_available():
+        assert kernels.main([]) == 2
+        assert "--smoke" in capsys.readouterr().err
