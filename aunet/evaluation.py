@@ -50,7 +50,7 @@ def _token_scores(
     model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence of n tokens: log p(seq[t+1] | seq[:t+1]) (n-1,) float32 and whether seq[t+1]
-    is the argmax of that prediction (n-1,) bool, batched with right padding.
+    is the greedy choice at t (n-1,) bool, batched with right padding.
 
     Right padding is harmless: the model is causal and capacity caps keep the first boundaries, so
     padding after a sequence changes none of its logits.
@@ -70,7 +70,9 @@ def _token_scores(
         logits = model(toks.to(device), lvls.to(device)).float()
         logp = F.log_softmax(logits[:, :-1], dim=-1)
         ll = logp.gather(-1, toks[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-        greedy = logp.argmax(-1).cpu() == toks[:, 1:]
+        # greedy decoding never emits BOS (aunet.generate.sample_next): leave it out of argmax
+        greedy = logp.index_fill(-1, torch.tensor([BOS_ID], device=device), -torch.inf)
+        greedy = greedy.argmax(-1).cpu() == toks[:, 1:]
         for r, i in enumerate(idx):
             n = len(seqs[i][0]) - 1
             out[i] = (ll[r, :n], greedy[r, :n])
