@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -50,6 +51,28 @@ def _batch_size(value: int | str | None, default: int = 16) -> int:
     return size
 
 
+def _device(device: str | None) -> str | None:
+    """The device to run on; lm-eval's default ``cuda`` on a machine without CUDA is the CPU."""
+    if device in (None, "auto"):
+        return None if device is None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        print(
+            f"lm_eval_model: device {device!r}: CUDA is not available; using the CPU",
+            file=sys.stderr,
+        )
+        return "cpu"
+    return device
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating-point torch dtype name, got {name!r}")
+    return dtype
+
+
 @register_model(MODEL_NAME)
 class AUNetLM(LM):
     """An AU-Net as an lm-eval ``LM``: strings in, UTF-8 bytes to the model, strings out."""
@@ -61,21 +84,25 @@ class AUNetLM(LM):
         max_length: int | None = None,
         stride: int | None = None,
         device: str | None = None,
+        dtype: str | None = None,
         verify: bool = True,
         **unused: Any,
     ) -> None:
         """``max_length``: bytes per scored window (default: the checkpoint's training
-        ``seq_len``); ``stride``: rolling-window step (default ``max_length // 2``); lm-eval's
-        ``max_batch_size`` and other harness-wide arguments are accepted and ignored."""
+        ``seq_len``); ``stride``: rolling-window step (default ``max_length // 2``); ``device``:
+        lm-eval's ``--device`` (its default ``cuda`` falls back to the CPU on a machine without
+        one, with a message); ``dtype``: a floating-point torch dtype name (``bfloat16``);
+        lm-eval's ``max_batch_size`` and other harness-wide arguments are accepted and ignored."""
         super().__init__()
+        device = _device(device)
         if isinstance(pretrained, AUModel):
             self.aumodel = pretrained
         elif isinstance(pretrained, AUNet):
             self.aumodel = AUModel(pretrained)
         else:
             self.aumodel = AUModel.from_pretrained(str(pretrained), device or "cpu", verify=verify)
-        if device is not None:
-            self.aumodel.to(device)
+        if device is not None or dtype is not None:
+            self.aumodel.to(device, _dtype(dtype))
         self.batch_size = _batch_size(batch_size)
         self.max_length = self.aumodel._scoring_context(max_length)
         if self.max_length < 2:
