@@ -12,6 +12,8 @@ for training to call (periodically or at the end).
 
 Scoring uses ``aunet.evaluation`` (training forward, docs/design.md): sliding-window bits/byte with
 the training context, byte log-likelihoods for choices, greedy generation for character tasks.
+``kind: lm_eval`` suites run lm-evaluation-harness tasks through the ``aunet`` adapter
+(``pipelines.lm_eval_model``, imported only then), which scores with the same functions.
 """
 
 from __future__ import annotations

@@ -244,3 +244,13 @@ def test_evaluate_pipeline_logs_lm_eval_metrics_to_mlflow(tmp_path, monkeypatch)
     assert got["eval/harness/aunet_mc_sample/acc"] == pytest.approx(own.accuracy)
     assert got["eval/harness/aunet_mc_sample/acc_norm"] == pytest.approx(own.accuracy_norm)
     assert run.data.params["context"] == str(MAX_LENGTH)
+
+
+def test_an_lm_eval_suite_needs_task_names(tmp_path):
+    from pipelines.eval_config import load_eval_config
+    from pipelines.spec import SpecError
+
+    cfg = {"name": "h", "tasks": {"harness": {"kind": "lm_eval", "path": str(TASKS)}}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SpecError, match="lm_eval_tasks: an lm_eval suite needs"):
+        load_eval_config(tmp_path / "eval.yaml")
