@@ -197,7 +197,7 @@ class AUModel:
     ) -> TextScore:
         """Negative log-likelihood of one text's bytes (``nats``, ``num_bytes``, ``bits_per_byte``)
         after BOS, with the training forward over sliding windows (``aunet.evaluation``)."""
-        ctx = self._scoring_context(context)
+        ctx = self.scoring_context(context)
         return score_texts(self.model, [_as_bytes(text)], ctx, stride, batch_size)[0]
 
     def bits_per_byte(
@@ -210,11 +210,11 @@ class AUModel:
     ) -> float:
         """Summed bits over summed bytes of several texts (each scored on its own, from BOS): long
         texts weigh by their bytes, as in the bits/byte of an evaluation set."""
-        ctx = self._scoring_context(context)
+        ctx = self.scoring_context(context)
         docs = [_as_bytes(t) for t in texts]
         return aggregate(score_texts(self.model, docs, ctx, stride, batch_size)).bits_per_byte
 
-    def _scoring_context(self, context: int | None) -> int:
+    def scoring_context(self, context: int | None = None) -> int:
         """The window of scoring: the argument, the checkpoint's training ``seq_len``, else the
         byte stage's capacity; the model's capacities are sized for that window."""
         if context is not None:

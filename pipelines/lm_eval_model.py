@@ -104,7 +104,7 @@ class AUNetLM(LM):
         if device is not None or dtype is not None:
             self.aumodel.to(device, _dtype(dtype))
         self.batch_size = _batch_size(batch_size)
-        self.max_length = self.aumodel._scoring_context(max_length)
+        self.max_length = self.aumodel.scoring_context(max_length)
         if self.max_length < 2:
             raise ValueError(f"max_length: expected >= 2 (BOS and one byte), got {max_length}")
         self.stride = stride

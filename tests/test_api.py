@@ -86,7 +86,7 @@ def test_default_context_is_the_checkpoint_seq_len_else_the_byte_capacity():
     assert model.score(TEXTS[0]).nats == model.score(TEXTS[0], context=16).nats
     capped = tiny_model()
     capped = AUModel(AUNet(capped.config.replace(max_seqlens=[16, 8])))
-    assert capped._scoring_context(None) == 16
+    assert capped.scoring_context(None) == 16
 
 
 def test_to_returns_self_and_casts():
