@@ -1,7 +1,9 @@
 """``AUModel``: load a trained AU-Net from wherever it lives and generate bytes.
 
     model = AUModel.from_pretrained("path/to/checkpoint")   # or runs:/..., models:/...
-    out = model.generate("The quick brown fox".encode(), max_new_bytes=64)
+    out = model.generate("The quick brown fox", max_new_bytes=64)   # str or bytes prompts
+    model.score("Some text").bits_per_byte, model.bits_per_byte(["a text", b"another"])
+    model.to("cuda", torch.bfloat16).save_pretrained("path/to/copy")
 
 Sources, tried in this order:
 - our consolidated directory (``config.json`` + ``model.safetensors``; never unpickled);
@@ -17,11 +19,19 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from aunet.checkpoint import CONFIG_FILE, CheckpointError, load_pretrained
+from aunet.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    load_pretrained,
+    read_config,
+    save_pretrained,
+)
 from aunet.config import AUNetConfig
+from aunet.evaluation import TextScore, aggregate, score_texts
 from aunet.generate import generate
 from aunet.model import AUNet
 
@@ -97,10 +107,13 @@ def quantize_int8(model: AUNet) -> AUNet:
 
 
 class AUModel:
-    """A loaded AU-Net ready to generate; wraps ``aunet.generate.generate``."""
+    """A loaded AU-Net ready to generate and score; wraps ``aunet.generate`` and
+    ``aunet.evaluation``."""
 
     def __init__(self, model: AUNet) -> None:
         self.model = model.eval()
+        # Training window (bytes) from the checkpoint's metadata: the default context of scoring.
+        self.context: int | None = None
 
     @property
     def config(self) -> AUNetConfig:
@@ -125,11 +138,13 @@ class AUModel:
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize: expected one of {QUANTIZATIONS} or None, got {quantize!r}")
         model = load_model(source, map_location=device, verify=verify)
-        return cls(quantize_int8(model) if quantize == "int8" else model)
+        out = cls(quantize_int8(model) if quantize == "int8" else model)
+        out.context = _checkpoint_context(source)
+        return out
 
     def generate(
         self,
-        prompts: bytes | Sequence[bytes],
+        prompts: str | bytes | Sequence[str | bytes],
         max_new_bytes: int = 256,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -138,7 +153,99 @@ class AUModel:
         seed: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> bytes | list[bytes]:
-        """Continuation bytes for one prompt (bytes) or a list of prompts (list of bytes)."""
+        """Continuation bytes for one prompt or a list of prompts; text prompts are UTF-8 encoded.
+
+        The output is bytes either way: a continuation may stop inside a UTF-8 character."""
+        prompts = _as_bytes(prompts) if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (bytes, bytearray)):
+            prompts = [_as_bytes(p) for p in prompts]
         return generate(
             self.model, prompts, max_new_bytes, temperature, top_k, top_p, stop, seed, on_step
         )
+
+    # ------------------------------------------------------------------------- scoring and saving
+    def save_pretrained(
+        self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
+    ) -> Path:
+        """Write our consolidated checkpoint (``config.json`` with the weights' SHA-256 +
+        ``model.safetensors``) that ``from_pretrained`` loads; the scoring context is kept in the
+        metadata as training records it (``plan.seq_len``)."""
+        if any(_is_quantized(m) for m in self.model.modules()):
+            raise ValueError("save_pretrained: an INT8-quantized model cannot be saved")
+        meta = dict(metadata or {})
+        if self.context is not None:
+            meta.setdefault("plan", {}).setdefault("seq_len", self.context)
+        return save_pretrained(self.model, directory, metadata=meta)
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> AUModel:
+        """Move (and/or cast the floating-point weights of) the model in place; returns self so
+        that calls chain: ``AUModel.from_pretrained(p).to("cuda", torch.bfloat16)``."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating-point dtype, got {dtype}")
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def score(
+        self,
+        text: str | bytes,
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+    ) -> TextScore:
+        """Negative log-likelihood of one text's bytes (``nats``, ``num_bytes``, ``bits_per_byte``)
+        after BOS, with the training forward over sliding windows (``aunet.evaluation``)."""
+        ctx = self.scoring_context(context)
+        return score_texts(self.model, [_as_bytes(text)], ctx, stride, batch_size)[0]
+
+    def bits_per_byte(
+        self,
+        texts: Sequence[str | bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+    ) -> float:
+        """Summed bits over summed bytes of several texts (each scored on its own, from BOS): long
+        texts weigh by their bytes, as in the bits/byte of an evaluation set."""
+        ctx = self.scoring_context(context)
+        docs = [_as_bytes(t) for t in texts]
+        return aggregate(score_texts(self.model, docs, ctx, stride, batch_size)).bits_per_byte
+
+    def scoring_context(self, context: int | None = None) -> int:
+        """The window of scoring: the argument, the checkpoint's training ``seq_len``, else the
+        byte stage's capacity; the model's capacities are sized for that window."""
+        if context is not None:
+            return context
+        if self.context is not None:
+            return self.context
+        caps = self.config.max_seqlens
+        if caps and caps[0] > 0:
+            return caps[0]
+        raise ValueError(
+            "context: unknown for this model (no training seq_len in its checkpoint and no "
+            "byte-stage capacity in its config); pass context="
+        )
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    if isinstance(text, str):
+        return text.encode("utf-8")
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text)
+    raise TypeError(f"expected str or bytes, got {type(text).__name__}")
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized")
+
+
+def _checkpoint_context(source: str | os.PathLike) -> int | None:
+    """The training ``seq_len`` recorded in a local consolidated checkpoint's metadata, if any."""
+    path = Path(source)
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    seq_len = (read_config(path)[1].get("plan") or {}).get("seq_len")
+    return int(seq_len) if isinstance(seq_len, int) and seq_len >= 2 else None

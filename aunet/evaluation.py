@@ -41,14 +41,23 @@ def encode_with_levels(data: bytes, splitter: Splitter | None, top: int) -> tupl
 def _token_logprobs(
     model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
 ) -> list[torch.Tensor]:
-    """log p(seq[t+1] | seq[:t+1]) for every sequence, batched with right padding.
+    """log p(seq[t+1] | seq[:t+1]) for every sequence, batched with right padding."""
+    return [lp for lp, _ in _token_scores(model, seqs, batch_size)]
+
+
+@torch.no_grad()
+def _token_scores(
+    model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence of n tokens: log p(seq[t+1] | seq[:t+1]) (n-1,) float32 and whether seq[t+1]
+    is the greedy choice at t (n-1,) bool, batched with right padding.
 
     Right padding is harmless: the model is causal and capacity caps keep the first boundaries, so
     padding after a sequence changes none of its logits.
     """
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(seqs)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         L = max(len(seqs[i][0]) for i in idx)
@@ -61,8 +70,12 @@ def _token_logprobs(
         logits = model(toks.to(device), lvls.to(device)).float()
         logp = F.log_softmax(logits[:, :-1], dim=-1)
         ll = logp.gather(-1, toks[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        # greedy decoding never emits BOS (aunet.generate.sample_next): leave it out of argmax
+        greedy = logp.index_fill(-1, torch.tensor([BOS_ID], device=device), -torch.inf)
+        greedy = greedy.argmax(-1).cpu() == toks[:, 1:]
         for r, i in enumerate(idx):
-            out[i] = ll[r, : len(seqs[i][0]) - 1]
+            n = len(seqs[i][0]) - 1
+            out[i] = (ll[r, :n], greedy[r, :n])
     return out
 
 
@@ -137,18 +150,33 @@ def aggregate(scores: Iterable[TextScore]) -> TextScore:
 
 
 # ---------------------------------------------------------------------------------------- choices
+# lm-eval's default target delimiter: it scores ``delimiter + choice`` after the context.
+TARGET_DELIMITER = " "
+
+
 @dataclass(frozen=True)
 class ChoiceItem:
     context: str
-    choices: tuple[str, ...]
+    choices: tuple[str, ...]  # as scored after the context (with the delimiter, when one is used)
     gold: int
+    delimiter: str = TARGET_DELIMITER  # the target delimiter the choices carry, if they start so
+
+
+def choice_length(choice: str, delimiter: str = TARGET_DELIMITER) -> int:
+    """lm-eval's ``acc_norm`` denominator: the choice's length in characters (not bytes) without
+    the target delimiter. lm-eval scores ``delimiter + choice`` but divides by ``len(choice)``; our
+    choices carry the delimiter, so a leading ``delimiter`` is not counted (docs/design.md,
+    Evaluation)."""
+    if delimiter and choice.startswith(delimiter):
+        return len(choice) - len(delimiter)
+    return len(choice)
 
 
 @dataclass
 class ChoiceResult:
     loglik: list[list[float]]  # per item, per choice: summed log-likelihood (nats)
     pred: list[int]  # argmax of loglik
-    pred_norm: list[int]  # argmax of loglik / len(choice) in characters (lm-eval acc_norm)
+    pred_norm: list[int]  # argmax of loglik / choice_length(choice) (lm-eval's acc_norm)
     accuracy: float
     accuracy_norm: float
 
@@ -185,7 +213,7 @@ def score_choices(
             k += 1
         loglik.append(row)
         pred.append(int(np.argmax(row)))
-        norm = [v / max(len(c), 1) for v, c in zip(row, it.choices)]
+        norm = [v / max(choice_length(c, it.delimiter), 1) for v, c in zip(row, it.choices)]
         pred_norm.append(int(np.argmax(norm)))
     n = max(len(items), 1)
     return ChoiceResult(
@@ -195,6 +223,51 @@ def score_choices(
         accuracy=sum(p == it.gold for p, it in zip(pred, items)) / n,
         accuracy_norm=sum(p == it.gold for p, it in zip(pred_norm, items)) / n,
     )
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    loglik: float  # summed log-probability (nats) of the continuation's bytes
+    greedy: bool  # every continuation byte is the argmax of its prediction
+    num_bytes: int
+
+
+@torch.no_grad()
+def score_continuations(
+    model: AUNet,
+    pairs: Sequence[tuple[bytes, bytes]],
+    batch_size: int = 16,
+    max_len: int | None = None,
+) -> list[ContinuationScore]:
+    """log p(continuation | context) of each (context, continuation) pair of bytes, and whether
+    greedy decoding would produce the continuation: lm-eval's ``loglikelihood`` request.
+
+    Scored exactly as ``score_choices`` scores a choice: one sequence ``[BOS] + context +
+    continuation`` with levels from the whole sequence; a context longer than ``max_len`` allows
+    is cut from the left (after BOS), never the continuation.
+    """
+    cfg = model.config
+    splitter = splitter_for(cfg)
+    seqs, spans = [], []
+    for k, (ctx, cont) in enumerate(pairs):
+        if max_len is not None and len(cont) + 1 > max_len:
+            raise ValueError(
+                f"pair {k}: the continuation has {len(cont)} bytes; with BOS it does not fit "
+                f"the {max_len}-byte context"
+            )
+        if max_len is not None and len(ctx) + len(cont) + 1 > max_len:
+            ctx = ctx[len(ctx) + len(cont) + 1 - max_len :]
+        seqs.append(encode_with_levels(ctx + cont, splitter, cfg.num_stages))
+        spans.append((len(ctx), len(cont)))
+    out = []
+    for (lp, greedy), (c0, n) in zip(_token_scores(model, seqs, batch_size), spans):
+        # the prediction of token j (j >= 1) is entry j-1; the continuation is tokens c0+1..c0+n
+        out.append(
+            ContinuationScore(
+                float(lp[c0 : c0 + n].double().sum()), bool(greedy[c0 : c0 + n].all()), n
+            )
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------ char tasks

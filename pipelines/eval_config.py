@@ -31,7 +31,7 @@ from pipelines.schema import (
 )
 from pipelines.spec import TrackingConfig
 
-KINDS = ("bpb", "choice", "cloze", "char")
+KINDS = ("bpb", "choice", "cloze", "char", "lm_eval")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,10 +45,15 @@ class HubConfig:
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
     """One suite. ``bpb``: held-out text; ``choice``: a multiple-choice file or hub set;
-    ``cloze``: line endings generated from held-out text; ``char``: generated character tasks."""
+    ``cloze``: line endings generated from held-out text; ``char``: generated character tasks;
+    ``lm_eval``: lm-evaluation-harness tasks defined by the YAMLs under ``path``
+    (``pipelines.lm_eval_model``)."""
 
     kind: str = setting(rule=choice(KINDS), doc="which suite")
-    path: str | None = setting(None, doc="JSONL (bpb, cloze, choice) or a word list (char)")
+    path: str | None = setting(
+        None,
+        doc="JSONL (bpb, cloze, choice), a word list (char) or a folder of task YAMLs (lm_eval)",
+    )
     hub: HubConfig | None = setting(None, doc="choice only, instead of path")
     format: str = setting("common", rule=choice(tuple(FORMATS)), doc="choice: record layout")
     text_field: str = setting("text", doc="record field holding the text")
@@ -63,6 +68,12 @@ class TaskConfig:
     seed: int = setting(0, rule=NONNEG, doc="seed of generated items")
     tasks: list[str] = setting(factory=lambda: list(CHAR_TASKS), doc="char: which tasks")
     shots: int = setting(3, rule=NONNEG, doc="char: examples in the prompt")
+    lm_eval_tasks: list[str] = setting(
+        factory=list, doc="lm_eval: names of tasks defined under path (their `task:` key)"
+    )
+    num_fewshot: int | None = setting(
+        None, rule=NONNEG, doc="lm_eval: examples in the prompt; null: each task's own"
+    )
 
     def __post_init__(self) -> None:
         if self.kind == "choice" and (self.path is None) == (self.hub is None):
@@ -71,6 +82,8 @@ class TaskConfig:
             raise SpecError(f"path: required for a {self.kind} task")
         if self.kind != "choice" and self.hub is not None:
             raise SpecError(f"hub: only choice tasks load from the hub, not {self.kind}")
+        if self.kind == "lm_eval" and not self.lm_eval_tasks:
+            raise SpecError("lm_eval_tasks: an lm_eval suite needs at least one task name")
         bad = [t for t in self.tasks if t not in CHAR_TASKS]
         if bad:
             hint = schema.suggest(bad[0], CHAR_TASKS)

@@ -12,6 +12,8 @@ for training to call (periodically or at the end).
 
 Scoring uses ``aunet.evaluation`` (training forward, docs/design.md): sliding-window bits/byte with
 the training context, byte log-likelihoods for choices, greedy generation for character tasks.
+``kind: lm_eval`` suites run lm-evaluation-harness tasks through the ``aunet`` adapter
+(``pipelines.lm_eval_model``, imported only then), which scores with the same functions.
 """
 
 from __future__ import annotations
@@ -122,6 +124,36 @@ def _char(model: AUNet, t: TaskConfig, bs: int) -> dict[str, float]:
     return out
 
 
+def _lm_eval(
+    model: AUNet, name: str, t: TaskConfig, ctx: int, stride: int | None, bs: int
+) -> dict[str, float]:
+    """lm-evaluation-harness tasks through the ``aunet`` adapter: ``<lm task>/<metric>``."""
+    try:
+        from pipelines.lm_eval_model import run_tasks  # lm_eval is optional: imported when used
+    except ImportError as e:
+        raise SpecError(
+            f"tasks.{name}: kind lm_eval needs the lm_eval package ({e}); "
+            "pip install 'lm_eval>=0.4' (the project's eval extra)"
+        ) from None
+    if t.path is None or not Path(t.path).is_dir():
+        raise TaskDataError(f"{t.path}: tasks.{name}.path: expected a folder of lm-eval task YAMLs")
+    try:
+        metrics, _ = run_tasks(
+            model,
+            t.lm_eval_tasks,
+            t.path,
+            max_length=ctx,
+            batch_size=bs,
+            stride=stride,
+            limit=t.limit,
+            num_fewshot=t.num_fewshot,
+            seed=t.seed,
+        )
+    except ValueError as e:  # an unknown task name, a continuation longer than the context
+        raise TaskDataError(f"tasks.{name}: {e}") from None
+    return metrics
+
+
 def evaluate(
     model: AUNet | Any,
     eval_cfg: EvalConfig | str | Path,
@@ -165,6 +197,8 @@ def evaluate(
                 hub = None if t.hub is None else (t.hub.path, t.hub.name, t.hub.split)
                 items = load_choice_items(t.format, t.path, hub, t.limit)
                 res = {k: _mean(h) for k, h in _choice_hits(net, items, bs, ctx).items()}
+            elif t.kind == "lm_eval":
+                res = _lm_eval(net, name, t, ctx, cfg.stride, bs)
             else:
                 try:
                     generation_splitter(net.config)
