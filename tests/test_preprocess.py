@@ -595,3 +595,32 @@ def test_dataset_identity_from_contents_not_paths(tmp_path, monkeypatch):
     assert {os.path.realpath(tmp_path / d / "c.jsonl") for d in "ab"} <= set(cached)
     write_jsonl(tmp_path / "b" / "c.jsonl", [{"text": "other words. " * 20}] * 3)
     assert spec("b").dataset_dir() != spec("a").dataset_dir()
+
+
+def test_checksum_cache_survives_concurrent_writers(tmp_path):
+    """Four processes hash files into one cache at once (pytest -n, jobs on one node): the cache
+    is always whole JSON (each write is a rename), every entry is the file's true SHA-256, and no
+    temporary file is left behind."""
+    files = []
+    for i in range(24):
+        files.append(tmp_path / "in" / f"f{i}.txt")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_bytes(bytes([i]) * (1000 * i))
+    code = (
+        "import sys; from pipelines.corpus import cached_sha256\n"
+        "for p in sys.argv[1:]: cached_sha256(p)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AUNET_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, *map(str, files[k::4])], env=env)
+        for k in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    cached = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert os.listdir(tmp_path / "cache") == ["sha256.json"]
+    assert len(cached) >= 6  # at least the last writer's own files
+    for path, (size, _, digest) in cached.items():
+        assert (size, digest) == (
+            os.path.getsize(path),
+            hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        )
