@@ -100,7 +100,7 @@ def resume_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, done: int) ->
     """Put a fresh ``build_scheduler`` schedule at ``done`` finished updates, and its lr on the
     optimizer (the lr of update ``done + 1``).
 
-    A resumed run follows its own spec's schedule (docs/checkpoints.md, What must match): loading
+    A resumed run follows its own spec's schedule (docs/checkpoints.md, Resume rules): loading
     the saved scheduler state would bring back the old run's base lr and total steps, and the
     restored optimizer the old run's next lr, so a run whose ``train.steps`` or ``train.lr`` grew
     would take its first update after the resume on the old schedule.
