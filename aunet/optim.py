@@ -96,6 +96,19 @@ def build_scheduler(
     )
 
 
+def resume_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, done: int) -> None:
+    """Put a fresh ``build_scheduler`` schedule at ``done`` finished updates, and its lr on the
+    optimizer (the lr of update ``done + 1``).
+
+    A resumed run follows its own spec's schedule (docs/checkpoints.md, Resume rules): loading
+    the saved scheduler state would bring back the old run's base lr and total steps, and the
+    restored optimizer the old run's next lr, so a run whose ``train.steps`` or ``train.lr`` grew
+    would take its first update after the resume on the old schedule.
+    """
+    scheduler.last_epoch = done - 1
+    scheduler.step()  # lr = base lr (from the spec) * factor(done + 1), on every param group
+
+
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Clip the global gradient norm (over every shard on every rank) to ``max_norm``.
 

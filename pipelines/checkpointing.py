@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from aunet.checkpoint import CheckpointError, file_sha256, save_pretrained
+from aunet.optim import resume_scheduler
 from aunet.parallel import all_reduce_sum
 from pipelines.data import DataPosition
 from pipelines.paths import is_uri
@@ -172,7 +173,7 @@ class Checkpointer:
                 why = next((x for x in lines if "Unsupported global" in x), lines[0])[:200]
                 raise CheckpointError(f"{rng}: refused, not a plain RNG state ({why})") from None
             _set_rng_state(rng_state)
-        sched.load_state_dict(saved["scheduler"])
+        resume_scheduler(sched, int(saved["scheduler"]["last_epoch"]))
         state.load_state_dict(saved)
 
     def save(self, model, opt, sched, state: TrainState, report: dict[str, Any]) -> None:

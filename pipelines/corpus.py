@@ -21,12 +21,14 @@ produces does not depend on how Ray schedules it (``pipelines.preprocess`` relie
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
 import struct
+import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -131,15 +133,24 @@ def cached_sha256(path: str) -> str:
     _SHA_MEMO[real] = (*key, digest)
     for gone in [p for p in _SHA_MEMO if not os.path.exists(p)]:  # deleted files: forget them
         del _SHA_MEMO[gone]
-    try:  # best effort: a read-only home only costs the re-hash next time
-        os.makedirs(os.path.dirname(_cache_file()), exist_ok=True)
-        tmp = f"{_cache_file()}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(_SHA_MEMO, f)
-        os.replace(tmp, _cache_file())
-    except OSError:
-        pass
+    _write_cache(_cache_file())
     return digest
+
+
+def _write_cache(path: str) -> None:
+    """Concurrent drivers (parallel tests, jobs on one node) never see half a file: a uniquely
+    named temporary file renamed over the cache; entries other processes wrote are merged in
+    first. Best effort: a read-only home only costs the re-hash next time."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            for k, v in json.load(f).items():
+                if k not in _SHA_MEMO and os.path.exists(k):
+                    _SHA_MEMO[k] = tuple(v)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256-", suffix=".part", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(_SHA_MEMO, f)
+        os.replace(tmp, path)
 
 
 def source_digests(path: str) -> list[str] | str:

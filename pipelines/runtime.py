@@ -56,10 +56,11 @@ class TrackingUnreachable(ConnectionError):
 
 # ---------------------------------------------------------------------------------- paths
 def open_filesystem(path_or_uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or any ``pyarrow.fs`` URI (s3://, gs://)."""
-    import pyarrow.fs
+    """(filesystem, path inside it) for a local path or any ``pyarrow.fs`` URI (s3://, gs://),
+    with the S3 options of ``pipelines.storage.resolve``."""
+    from pipelines.storage import resolve
 
-    return pyarrow.fs.FileSystem.from_uri(absolute_path(path_or_uri))
+    return resolve(path_or_uri)
 
 
 # ---------------------------------------------------------------------------------- MLflow

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.paths import is_uri
+from pipelines.paths import absolute_path, is_uri
 
 FORWARDED_PREFIXES = ("AWS_", "GOOGLE_", "ARROW_S3_")
 
@@ -31,7 +31,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
             # of a three-request multipart upload.
             location += ("&" if "?" in location else "?") + "allow_delayed_open=true"
         return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), os.path.abspath(location)
+    return pafs.LocalFileSystem(), absolute_path(location)
 
 
 def join(base: str, *parts: str) -> str:
@@ -88,3 +88,12 @@ def delete(fs: pafs.FileSystem, path: str) -> None:
 def forwarded_env() -> dict[str, Any]:
     """The driver's storage credentials and endpoint variables, for the tasks' ``runtime_env``."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def fetch_local(location: str, into: str) -> str:
+    """Copy a file or directory of ``location`` (a URI) under the local directory ``into``;
+    returns the local copy's path (same base name), for clients that read only local files."""
+    fs, path = resolve(location)
+    local = os.path.join(into, path.rstrip("/").rsplit("/", 1)[-1])
+    pafs.copy_files(path, local, source_filesystem=fs)  # a file, or a directory recursively
+    return local

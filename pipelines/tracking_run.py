@@ -20,14 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipelines.paths import redact
+from pipelines.paths import is_uri, redact
 from pipelines.runtime import check_tracking_reachable
+from pipelines.storage import fetch_local
 from pipelines.tracking import (
     METRICS_PER_REQUEST,
     MODEL_URI_TAG,
@@ -276,12 +278,20 @@ class Tracker:
             warn(f"dataset input not logged ({type(e).__name__}: {safe_error(e)})")
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        """A file or a whole directory; a failure is a warning, not an error."""
-        fn = self.client.log_artifacts if os.path.isdir(path) else self.client.log_artifact
+        """A file or a whole directory, local or on a ``pyarrow.fs`` URI (copied through a
+        temporary directory: MLflow's clients read local files); a failure is a warning."""
         try:
-            self._call(lambda: fn(self.run_id, path, artifact_path), f"log artifact {path}")
+            if is_uri(path):
+                with tempfile.TemporaryDirectory() as tmp:
+                    self._log_local(fetch_local(path, tmp), artifact_path)
+            else:
+                self._log_local(path, artifact_path)
         except Exception as e:
             warn(f"artifact {path} not logged ({type(e).__name__}: {safe_error(e)})")
+
+    def _log_local(self, path: str, artifact_path: str | None) -> None:
+        fn = self.client.log_artifacts if os.path.isdir(path) else self.client.log_artifact
+        self._call(lambda: fn(self.run_id, path, artifact_path), f"log artifact {path}")
 
     def log_model(self, final_dir: str, register: str | None = None) -> str | None:
         """The final checkpoint as the run's pyfunc model (tag ``aunet.model_uri``), registered as

@@ -40,10 +40,11 @@ from pipelines.runtime import (
     artifact_location_for,
     check_tracking_reachable,
     init_ray,
-    open_filesystem,
     verbose,
 )
 from pipelines.spec import ExperimentSpec, SpecError, load_spec, parse_cli
+from pipelines.storage import forwarded_env, read_bytes, write_bytes
+from pipelines.storage import resolve as storage_resolve
 
 LAUNCH_ID_FILE = "launch_id"
 
@@ -133,6 +134,10 @@ def build_trainer(
     spec = dataset_spec(spec, manifest)  # entropy stages as the dataset resolved them
     res = spec.resources
     storage = storage_path or res.storage_path
+    # A URI goes to Ray as the filesystem pipelines.storage resolves (the same S3 options as the
+    # datasets'); the workers' storage credentials travel in their runtime_env (docs/data.md).
+    fs, ray_storage = storage_resolve(storage) if is_uri(storage) else (None, storage)
+    forwarded = forwarded_env()
     uri = tracking_uri or spec.tracking.tracking_uri
     args = WorkerArgs(
         spec=spec,
@@ -167,7 +172,9 @@ def build_trainer(
         torch_config=TorchConfig(backend=backend_for(res.use_gpu)),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage,
+            storage_path=ray_storage,
+            storage_filesystem=fs,
+            worker_runtime_env={"env_vars": forwarded} if forwarded else None,
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
@@ -204,7 +211,7 @@ def train(
     explicit = {"seq_len": spec.data.seq_len}  # the batch may need the dataset: checked below
     explicit.update({"batch_size": spec.train.batch_size} if spec.train.batch_size else {})
     _check_resumable(saved, explicit, _published_spec(spec), name)  # before Ray starts
-    init_ray(spec.resources, tracking_uri=uri)
+    init_ray(spec.resources, tracking_uri=uri, env_vars=forwarded_env())
     info = preprocess(spec)
     train_rows = info.sequences["train"]
     plan = plan_training(spec, info.manifest)
@@ -284,17 +291,13 @@ def launch_id_for(run_dir: str) -> str:
     Kept in ``<run_dir>/launch_id``, so the same command after a driver killed before the first
     checkpoint reopens its MLflow run instead of leaving it RUNNING beside a new one.
     """
-    fs, root = open_filesystem(run_dir)
+    fs, root = storage_resolve(run_dir)
     path = f"{root}/{LAUNCH_ID_FILE}"
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode().strip()
-    except (FileNotFoundError, OSError):
-        pass
-    fs.create_dir(root, recursive=True)
+    saved = read_bytes(fs, path)
+    if saved is not None:
+        return saved.decode().strip()
     launch = uuid.uuid4().hex
-    with fs.open_output_stream(path) as f:
-        f.write(launch.encode())
+    write_bytes(fs, path, launch.encode())
     return launch
 
 

@@ -32,7 +32,7 @@ from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
 from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
 from pipelines.data import TrainBatches, val_batches
-from pipelines.paths import is_uri, redact
+from pipelines.paths import is_uri, join_path, redact
 from pipelines.plan import TrainPlan
 from pipelines.runtime import quiet_ray_console, ray_job_id
 from pipelines.spec import ExperimentSpec
@@ -365,7 +365,7 @@ def _open_tracker(
             config["tracking"]["tracking_uri"] = redact(spec.tracking.tracking_uri)
             (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
-        tracker.log_artifact(str(Path(args.dataset) / "manifest.json"), "dataset")
+        tracker.log_artifact(join_path(args.dataset, "manifest.json"), "dataset")
         if manifest:
             tracker.log_input(dataset_input(args.dataset, manifest))
     return tracker

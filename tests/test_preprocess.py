@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -495,16 +499,11 @@ def test_tail_counts_against_a_naive_reference():
         assert units.tail_counts(np.asarray(lengths, np.int64), covered) == want
 
 
-def test_s3_compatible_storage(tmp_path, monkeypatch):
-    """The dataset lives only in a bucket of an S3 server on loopback (moto's standalone server,
-    reached by pyarrow's S3 client as a real S3): written by the tasks, complete, read back equal
-    to the local build, reused, and resumed unit by unit."""
-    import socket
-
-    import pyarrow.fs as pafs
-
-    from pipelines.data import load_split
-
+@contextlib.contextmanager
+def s3_server(monkeypatch: pytest.MonkeyPatch, bucket: str) -> Iterator[pafs.FileSystem]:
+    """moto's standalone S3 server on a free loopback port, with ``bucket`` created; the
+    ``AWS_*`` variables point pyarrow (and boto3) at it until the block ends. Yields the
+    filesystem (paths ``bucket/...``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -524,13 +523,28 @@ def test_s3_compatible_storage(tmp_path, monkeypatch):
         deadline = time.time() + 30
         while True:
             try:
-                fs, _ = pafs.FileSystem.from_uri("s3://bkt?allow_bucket_creation=true")
-                fs.create_dir("bkt")
+                fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?allow_bucket_creation=true")
+                fs.create_dir(bucket)
                 break
             except OSError:
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
+        yield fs
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_s3_compatible_storage(tmp_path, monkeypatch):
+    """The dataset lives only in a bucket of an S3 server on loopback (moto's standalone server,
+    reached by pyarrow's S3 client as a real S3): written by the tasks, complete, read back equal
+    to the local build, reused, and resumed unit by unit."""
+    import torch
+
+    from pipelines.data import TrainBatches, val_batches
+
+    with s3_server(monkeypatch, "bkt") as fs:
         recs = [{"text": f"doc {i}: " + "some words here. " * (i % 9 + 1)} for i in range(120)]
         write_jsonl(tmp_path / "c.jsonl", recs)
         src = [{"path": str(tmp_path / "c.jsonl")}]
@@ -542,10 +556,6 @@ def test_s3_compatible_storage(tmp_path, monkeypatch):
         for split in ("train", "val"):
             for a, b in zip(load_split(uri, split), load_split(local.path, split)):
                 np.testing.assert_array_equal(a, b)
-        import torch
-
-        from pipelines.data import TrainBatches, val_batches
-
         streamed = [b for b, _ in zip(TrainBatches(uri, 4, seed=1), range(2))]  # row groups on S3
         for a, b in zip(streamed, TrainBatches(local.path, 4, seed=1)):
             np.testing.assert_array_equal(a.ids, b.ids)
@@ -560,9 +570,6 @@ def test_s3_compatible_storage(tmp_path, monkeypatch):
         assert not is_complete(uri)
         again = pp.preprocess(make_spec(tmp_path, src, dataset_dir=uri, **kw))
         assert again.manifest["units"]["reused"] == len(names) - 1 and is_complete(uri)
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def test_dataset_identity_from_contents_not_paths(tmp_path, monkeypatch):
@@ -588,3 +595,32 @@ def test_dataset_identity_from_contents_not_paths(tmp_path, monkeypatch):
     assert {os.path.realpath(tmp_path / d / "c.jsonl") for d in "ab"} <= set(cached)
     write_jsonl(tmp_path / "b" / "c.jsonl", [{"text": "other words. " * 20}] * 3)
     assert spec("b").dataset_dir() != spec("a").dataset_dir()
+
+
+def test_checksum_cache_survives_concurrent_writers(tmp_path):
+    """Four processes hash files into one cache at once (pytest -n, jobs on one node): the cache
+    is always whole JSON (each write is a rename), every entry is the file's true SHA-256, and no
+    temporary file is left behind."""
+    files = []
+    for i in range(24):
+        files.append(tmp_path / "in" / f"f{i}.txt")
+        files[-1].parent.mkdir(exist_ok=True)
+        files[-1].write_bytes(bytes([i]) * (1000 * i))
+    code = (
+        "import sys; from pipelines.corpus import cached_sha256\n"
+        "for p in sys.argv[1:]: cached_sha256(p)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AUNET_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, *map(str, files[k::4])], env=env)
+        for k in range(4)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    cached = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert os.listdir(tmp_path / "cache") == ["sha256.json"]
+    assert len(cached) >= 6  # at least the last writer's own files
+    for path, (size, _, digest) in cached.items():
+        assert (size, digest) == (
+            os.path.getsize(path),
+            hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        )

@@ -22,7 +22,13 @@ import torch
 from aunet.checkpoint import load_pretrained
 from aunet.flops import flops_per_byte
 from aunet.model import AUNet
-from aunet.optim import build_optimizer, build_scheduler, clip_gradients, warmup_steps
+from aunet.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    resume_scheduler,
+    warmup_steps,
+)
 from pipelines.plan import plan_training
 from pipelines.spec import ExperimentSpec, SpecError
 from pipelines.train_worker import FaultInjection
@@ -103,6 +109,28 @@ def test_schedule_matches_formula():
     assert used == pytest.approx(expected)
     assert warmup_steps(0.1, 1000) == 100 and warmup_steps(10, 1000) == 10
     assert warmup_steps(0.0, 50) == 0 and warmup_steps(0.001, 50) == 1
+
+
+def test_resumed_schedule_follows_the_new_spec():
+    """A run resumed after 4 updates with more steps and another lr: update 5 on uses the new
+    schedule (formula as above), on every param group, whatever the restored optimizer held."""
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": [lin.weight]}, {"params": [lin.bias]}], lr=1.0)
+    old = build_scheduler(opt, 3, 10, 0.1)
+    for _ in range(4):
+        opt.step()
+        old.step()
+    new = build_scheduler(opt, 3, 20, 0.1)
+    for g in opt.param_groups:  # what DCP restores: the old run's hyperparameters
+        g["lr"], g["initial_lr"] = old.get_last_lr()[0], 1.0
+    new.base_lrs = [2.0, 2.0]  # the spec's lr, as a fresh scheduler on a fresh optimizer has it
+    resume_scheduler(new, 4)
+    for n in range(5, 22):
+        want = 2.0 * (0.1 + 0.9 * (1 + math.cos(math.pi * min(n - 3, 17) / 17)) / 2)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([want, want]), n
+        assert new.get_last_lr() == pytest.approx([want, want])
+        opt.step()
+        new.step()
 
 
 def test_weight_decay_groups_and_clipping():
