@@ -121,6 +121,7 @@ class DataConfig:
     unit_bytes: int = setting(
         64 << 20, rule=AT_LEAST_1, doc="input bytes per preprocessing task (windows stop at units)"
     )
+    progress_every: int = setting(10, rule=AT_LEAST_1, doc="units between progress lines")
 
     def __post_init__(self) -> None:
         if not self.sources:

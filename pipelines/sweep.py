@@ -248,6 +248,8 @@ def _tuner(ctx: Context):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from pipelines.sweep_progress import SweepProgress
+
     sweep = ctx.sweep
 
     def trainable(config: dict[str, Any]) -> None:
@@ -270,6 +272,8 @@ def _tuner(ctx: Context):
             reduction_factor=s.get("reduction_factor", 2),
         )
     search_alg = OptunaSearch(seed=sweep.seed) if sweep.search == "optuna" else None
+    seconds = ctx.spec["train"]["progress_seconds"]
+    progress = SweepProgress(sweep.metric, sweep.mode, seconds, sweep.label)
     return tune.Tuner(
         fn,
         param_space={d.key: d.tune_domain(sweep.search) for d in sweep.dims},
@@ -286,6 +290,7 @@ def _tuner(ctx: Context):
             storage_path=ctx.sweep_dir,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            callbacks=[progress],
         ),
     )
 

@@ -8,9 +8,7 @@ tracking server that is down (docs/checkpoints.md).
 from __future__ import annotations
 
 import json
-import math
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from pipelines.checkpointing import TrainState
 from pipelines.data import DataPosition
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
+from pipelines.progress import duration, rate, say
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -101,28 +100,6 @@ class StepMeter:
         self.other_s = 0.0 if periodic else other
 
 
-def say(line: str) -> None:
-    """A line on a worker's stdout. Not print(): Ray Train routes a worker's print() through
-    logging, whose console handlers put it on the terminal twice (stdout and stderr)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def _rate(x: float, unit: str) -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}"
-
-
 class Progress:
     """Rank 0's progress line: every ``every`` steps, at least every ``seconds``, and at the last
     step: step/total, loss, train and (when just measured) validation bits/byte, bytes/s and
@@ -165,9 +142,9 @@ class Progress:
         ]
         if "val/bits_per_byte" in metrics:
             parts.append(f"val bits/byte {metrics['val/bits_per_byte']:.4f}")
-        parts.append(_rate(n * self.plan.bytes_per_step / dt, "B/s"))
+        parts.append(rate(n * self.plan.bytes_per_step / dt, "B/s"))
         mfu = f" (MFU {flops_s / self.peak:.1%})" if self.peak else ""
-        parts += [_rate(flops_s, "FLOP/s") + mfu, f"ETA {_duration(eta)}"]
+        parts += [rate(flops_s, "FLOP/s") + mfu, f"ETA {duration(eta)}"]
         line = "train: " + " | ".join(parts)
         say(line)
         self.last_t, self.last_step = now, step
