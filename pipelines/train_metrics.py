@@ -2,7 +2,8 @@
 
 ``steps.jsonl`` is rank 0's own record of every step (data position, the global sequence ids of
 its batch, every metric): it is the ground truth that the resume tests check, and it survives a
-tracking server that is down (docs/checkpoints.md).
+tracking server that is down (docs/checkpoints.md). Metric names carry their MLflow chart group,
+``train/``, ``val/`` or ``perf/`` (docs/platform.md, Metric names).
 """
 
 from __future__ import annotations
@@ -71,32 +72,32 @@ class StepMeter:
         data_s, compute_s = self.t_data - self.t_start, self.t_comp - self.t_data
         step_s = data_s + compute_s + self.other_s
         metrics = {
-            "loss": sums[0] / world,
-            "bits_per_byte": sums[1] / world / LN2,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "bytes_per_s": plan.bytes_per_step / step_s,
-            "flops_per_s": plan.flops_per_step / step_s,
-            "flops": plan.flops_per_step * step,
-            "bytes_seen": plan.bytes_per_step * step,
-            "time/data_s": data_s,
-            "time/compute_s": compute_s,
-            "time/other_s": self.other_s,
-            "time/overhead_fraction": (data_s + self.other_s) / step_s,
-            "epoch": epoch,
+            "train/loss": sums[0] / world,
+            "train/bits_per_byte": sums[1] / world / LN2,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/flops": plan.flops_per_step * step,
+            "train/bytes_seen": plan.bytes_per_step * step,
+            "train/epoch": epoch,
+            "perf/bytes_per_s": plan.bytes_per_step / step_s,
+            "perf/flops_per_s": plan.flops_per_step / step_s,
+            "perf/data_s": data_s,
+            "perf/compute_s": compute_s,
+            "perf/other_s": self.other_s,
+            "perf/overhead_fraction": (data_s + self.other_s) / step_s,
         }
         if self.peak:
-            metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
-        metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
+            metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self.peak * world)
+        metrics["perf/peak_memory_bytes"] = peak_memory_bytes(self.device)
         for s, n in enumerate(step_tokens):
-            metrics[f"tokens/stage{s}"] = n
-            metrics[f"tokens_total/stage{s}"] = state.tokens[s]
+            metrics[f"train/tokens/stage{s}"] = n
+            metrics[f"train/tokens_total/stage{s}"] = state.tokens[s]
         return metrics
 
     def end(self, metrics: dict[str, float], periodic: bool) -> None:
         """Charge what happened after the compute to the next step, unless it was periodic."""
-        other = time.perf_counter() - self.t_comp - metrics.get("time/eval_s", 0.0)
-        other -= metrics.get("time/eval_suite_s", 0.0)
+        other = time.perf_counter() - self.t_comp - metrics.get("perf/eval_s", 0.0)
+        other -= metrics.get("perf/eval_suite_s", 0.0)
         self.other_s = 0.0 if periodic else other
 
 
@@ -137,8 +138,8 @@ class Progress:
         flops_s = n * self.plan.flops_per_step / dt
         parts = [
             f"step {step}/{total} ({step / total:.0%})",
-            f"loss {metrics['loss']:.4f}",
-            f"bits/byte {metrics['bits_per_byte']:.4f}",
+            f"loss {metrics['train/loss']:.4f}",
+            f"bits/byte {metrics['train/bits_per_byte']:.4f}",
         ]
         if "val/bits_per_byte" in metrics:
             parts.append(f"val bits/byte {metrics['val/bits_per_byte']:.4f}")

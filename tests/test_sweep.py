@@ -273,9 +273,7 @@ def test_sweep_parent_and_child_runs(depth_sweep, capsys):
     for r in rows:
         child = by_variant[r["variant"]]
         assert child.data.params["sweep.stages"] == r["variant"].split("=")[1]
-        assert child.data.metrics["final/val_bits_per_byte"] == pytest.approx(
-            r["val_bits_per_byte"]
-        )
+        assert child.data.metrics["val/bits_per_byte"] == pytest.approx(r["val_bits_per_byte"])
         assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "results.png", "best.yaml"} <= artifacts
