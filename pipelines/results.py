@@ -47,6 +47,8 @@ def run_metric(metrics: Mapping[str, float], key: str) -> float | None:
     if key in metrics:
         return metrics[key]
     return metrics.get(key.removeprefix("train/"))
+
+
 COLUMNS = (
     "rank",
     "variant",
