@@ -9,10 +9,10 @@ Prints the continuation (UTF-8, invalid bytes replaced) on stdout, after the pro
 continuation prints whole). Progress lines (``generate: 128/512 bytes (25%) | 41.2 B/s | ETA
 0m09s``, every tenth of ``--max-new-bytes`` or 30 s, in the style of every pipeline's progress:
 ``pipelines.progress``) go to stderr with ``--progress``, and by default only when stderr is a
-terminal and the generation is long enough (256 bytes) to be worth them. An MLflow URI
-is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` if it exists
-(``pipelines.serve.store_for``); a checkpoint that cannot be found or read is one line
-``error: ...`` and exit code 2.
+terminal and the generation is long enough (256 bytes) to be worth them. An MLflow URI is read
+from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` (or an older
+``./mlruns.db``) if it exists (``pipelines.serve.store_for``); a checkpoint that cannot be
+found or read is one line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     tracking_uri: str = setting(
-        "sqlite:///mlruns.db", rule=NONEMPTY, doc="env MLFLOW_TRACKING_URI wins when set"
+        "sqlite:///mlflow.db", rule=NONEMPTY, doc="env MLFLOW_TRACKING_URI wins when set"
     )
     experiment: str = setting("aunet", rule=NONEMPTY, doc="MLflow experiment name")
     run_name: str | None = setting(None, rule=NONEMPTY, doc="null: the spec's name")

@@ -362,7 +362,7 @@ def finalize(
 HELP_FLAGS = (
     ("key=value, --set key=value", "override a spec key, or a sweep key as sweep.key=value"),
     ("--summary TARGET", "print the results of a sweep dir or MLflow parent run, run nothing"),
-    ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlruns.db)"),
+    ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlflow.db)"),
     ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),
 )
