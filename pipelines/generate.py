@@ -2,15 +2,17 @@
 
     python -m pipelines.generate <checkpoint dir | runs:/... | models:/...> --prompt "Once upon"
         [--max-new-bytes N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
-        [--echo-prompt] [--tracking-uri URI]
+        [--echo-prompt] [--progress | --no-progress] [--tracking-uri URI]
 
 Prints the continuation (UTF-8, invalid bytes replaced) on stdout, after the prompt with
 ``--echo-prompt`` (the bytes are decoded together, so a character split between prompt and
-continuation prints whole). A progress bar goes to stderr,
-only when stderr is a terminal and the generation is long enough to be worth one. An MLflow URI
-is read from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` if it exists
-(``pipelines.serve.store_for``); a checkpoint that cannot be found or read is one line
-``error: ...`` and exit code 2.
+continuation prints whole). Progress lines (``generate: 128/512 bytes (25%) | 41.2 B/s | ETA
+0m09s``, every tenth of ``--max-new-bytes`` or 30 s, in the style of every pipeline's progress:
+``pipelines.progress``) go to stderr with ``--progress``, and by default only when stderr is a
+terminal and the generation is long enough (256 bytes) to be worth them. An MLflow URI is read
+from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` (or an older
+``./mlruns.db``) if it exists (``pipelines.serve.store_for``); a checkpoint that cannot be
+found or read is one line ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 
 from aunet.api import AUModel
 
@@ -37,11 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", default=None, help="stop after this string (not printed)")
     ap.add_argument("--echo-prompt", action="store_true", help="print the prompt before the text")
+    ap.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress lines on stderr (default: on a terminal, for >= 256 bytes)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--tracking-uri", default=None, help="MLflow store of a runs:/ or models:/ source"
     )
     return ap
+
+
+def progress_lines(
+    total: int, clock: Callable[[], float] | None = None
+) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """``on_step(k)`` for ``generate``, printing a ``generate:`` line when one is due, and
+    ``finish(n)``: the closing line when generation stopped early (EOS or ``--stop``)."""
+    from pipelines.progress import Cadence, duration, eta, rate, say
+
+    cadence = Cadence(max(1, total // 10), 30.0, clock or time.monotonic)
+
+    def line(k: int, end: str = "") -> None:
+        t = max(cadence.elapsed(), 1e-9)
+        parts = [f"{k}/{total} bytes ({k / max(total, 1):.0%})", rate(k / t, "B/s")]
+        parts.append(end or f"ETA {duration(eta(t, k, total))}")
+        say("generate: " + " | ".join(parts), sys.stderr)
+
+    def on_step(k: int) -> None:
+        if cadence.due(k, total):
+            line(k)
+
+    def finish(n: int) -> None:
+        if n < total:
+            line(n, "stopped early (EOS or --stop)")
+
+    return on_step, finish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,25 +94,22 @@ def _main(argv: list[str]) -> int:
     if args.tracking_uri:  # read by the MLflow source plugin (pipelines.serve.store_for)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     model = AUModel.from_pretrained(args.source, device=args.device)
-    bar = None
-    if sys.stderr.isatty() and args.max_new_bytes >= PROGRESS_MIN_BYTES:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.max_new_bytes, unit="B", file=sys.stderr, leave=False)
-    try:
-        out = model.generate(
-            args.prompt.encode("utf-8"),
-            max_new_bytes=args.max_new_bytes,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            stop=args.stop.encode("utf-8") if args.stop else None,
-            seed=args.seed,
-            on_step=(lambda k: bar.update(k - bar.n)) if bar is not None else None,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    show = args.progress
+    if show is None:
+        show = sys.stderr.isatty() and args.max_new_bytes >= PROGRESS_MIN_BYTES
+    on_step, finish = progress_lines(args.max_new_bytes) if show else (None, None)
+    out = model.generate(
+        args.prompt.encode("utf-8"),
+        max_new_bytes=args.max_new_bytes,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop.encode("utf-8") if args.stop else None,
+        seed=args.seed,
+        on_step=on_step,
+    )
+    if finish is not None:
+        finish(len(out))
     shown = args.prompt.encode("utf-8") + out if args.echo_prompt else out
     print(shown.decode("utf-8", errors="replace"), flush=True)
     return 0

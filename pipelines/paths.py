@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+# MLflow's own default store since MLflow 3 (``mlflow.store.tracking.DEFAULT_TRACKING_URI``): a
+# plain ``mlflow ui`` or ``python -c`` in the same directory reads it without any export
+# (docs/platform.md, The MLflow tracking URI). The platform's default before issue 20 is still read.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+OLD_DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 # MLflow URIs without a "://" that name a service, not a file store.
@@ -66,3 +70,13 @@ def resolve_tracking_uri(
 def redact(uri: str) -> str:
     """``http://user:secret@host`` -> ``http://***@host``: safe for messages and params."""
     return _USERINFO.sub("***@", uri)
+
+
+def existing_default_store(cwd: str | None = None) -> str | None:
+    """The default SQLite store of ``cwd`` when its file exists (``./mlflow.db``, else the older
+    ``./mlruns.db``), absolute; None when neither does."""
+    for uri in (DEFAULT_TRACKING_URI, OLD_DEFAULT_TRACKING_URI):
+        path = Path(cwd or os.getcwd(), uri.removeprefix("sqlite:///"))
+        if path.is_file():
+            return f"sqlite:///{path.absolute()}"
+    return None

@@ -19,6 +19,10 @@ says how many in its summary line (docs/data.md, Resume).
 endpoint and credentials from the usual ``AWS_*`` variables, forwarded to the tasks).
 
 Reading, rejection reasons, source weights and the train/val split: ``pipelines.corpus``.
+
+Length: the driver's whole story (plan, submit in a window, reuse, cap, merge, publish, progress)
+reads top to bottom here; each piece is short and the ones that stand alone are already split out
+(``corpus``, ``units``, ``storage``, ``entropy_fit``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from aunet.packing import contraction_ratios
 from pipelines import corpus, entropy_fit, storage, units
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete
 from pipelines.paths import is_uri
+from pipelines.progress import Cadence, duration, eta, rate, say
 
 # Bumped whenever the bytes a unit writes change for the same inputs and settings: part of every
 # unit's key and of the dataset's config_hash (a git commit would rebuild on every commit, and a
@@ -126,6 +131,26 @@ class _Runner:
         self.window = max(4, 2 * cpus)  # enough queued to keep every slot busy
         self.listing = {s: storage.sizes(self.fs, storage.join(self.base, s)) for s in SPLITS}
         self.reused = 0
+        self.reused_units: set[int] = set()
+        self.cadence = Cadence(spec.data.progress_every, spec.train.progress_seconds)
+        self.bytes_done = 0  # input bytes of the units run here (reused units cost nothing)
+
+    def _progress(self, unit: int) -> None:
+        """A ``preprocess:`` line when one is due: units done/total (reused ones included), the
+        input bytes/s of the units run here, and the ETA of the rest at that pace."""
+        done, total = unit + 1, len(self.units)
+        if unit not in self.reused_units:
+            self.bytes_done += self.units[unit]["bytes"]
+        if not self.cadence.due(done, total):
+            return
+        t = max(self.cadence.elapsed(), 1e-9)
+        left = sum(u["bytes"] for u in self.units[done:])
+        parts = [f"units {done}/{total} ({done / total:.0%})"]
+        if self.reused_units:
+            parts.append(f"{len(self.reused_units)} reused")
+        parts.append(rate(self.bytes_done / t, "B/s"))
+        parts.append(f"ETA {duration(eta(t, self.bytes_done, self.bytes_done + left))}")
+        say("preprocess: " + " | ".join(parts), sys.stderr)
 
     def _committed(self, i: int, key: str) -> dict[str, Any] | None:
         if self.force:
@@ -133,6 +158,7 @@ class _Runner:
         rec = units.committed(self.fs, self.base, i, key)
         if rec is not None and units.shards_present(rec, self.listing):
             self.reused += 1
+            self.reused_units.add(i)
             return rec
         return None
 
@@ -179,6 +205,7 @@ class _Runner:
                         n = rec["documents"]["written"]
                     out.append(rec)
                     written += n
+                    self._progress(len(out) - 1)
                     if cap is not None and written >= cap:
                         return out
                 if pending and len(out) < len(self.units):

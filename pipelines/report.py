@@ -23,6 +23,7 @@ from pipelines import tables as tb
 from pipelines import tracking
 from pipelines.paths import redact
 from pipelines.report_figures import plot_contraction, plot_loss_vs_compute, plot_training_curves
+from pipelines.results import final_val_bpb, run_metric
 from pipelines.tables import Column
 
 TAG_PREFIX = "aunet."
@@ -145,7 +146,7 @@ def report_tables(
                 "tab:contraction",
                 c_rows,
                 c_cols,
-                "From the runs' tokens_total/stage* metrics; byte models are left out (1.00).",
+                "From the runs' train/tokens_total/stage* metrics; byte models left out (1.00).",
             )
         )
     return out
@@ -244,12 +245,13 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
     for r in runs:
         t, p, m = r.data.tags, r.data.params, r.data.metrics
         cell = t.get(f"{TAG_PREFIX}cell")
-        if r.info.status != "FINISHED" or cell in seen or "final/val_bits_per_byte" not in m:
+        bpb = final_val_bpb(r)
+        if r.info.status != "FINISHED" or cell in seen or bpb is None:
             continue
         seen.add(cell)
         steps, C = int(float(p["plan.steps"])), float(p["plan.total_flops"])
         K = int(float(p.get("derived.pooling_stages", p.get("derived.num_stages", 0))))
-        tok = [m.get(f"tokens_total/stage{s}") for s in range(K + 1)]
+        tok = [run_metric(m, f"train/tokens_total/stage{s}") for s in range(K + 1)]
         contraction = [tok[0] / x for x in tok] if all(tok) else None
         point = {
             "variant": t[f"{TAG_PREFIX}variant"],
@@ -260,7 +262,7 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
             "bytes": steps * float(p["plan.bytes_per_step"]),
             "lr": float(p["plan.lr"]),
             "batch_bytes": float(p["plan.bytes_per_step"]),
-            "loss": m["final/val_bits_per_byte"],
+            "loss": bpb,
             "contraction": contraction,
             "run_id": r.info.run_id,
             "link": tb.run_link(uri, r.info.experiment_id, r.info.run_id),
@@ -270,15 +272,18 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
         }
         points.append(point)
         per_step = C / steps
-        hist = {
+        hist = {  # an old run's training loss is "loss" (before the train/ group, issue 20)
             k: [(step * per_step, v) for step, v in tracking.metric_history(uri, r.info.run_id, k)]
-            for k in ("loss", "val/bits_per_byte")
+            for k in ("train/loss", "val/bits_per_byte")
         }
+        hist["train/loss"] = hist["train/loss"] or [
+            (step * per_step, v) for step, v in tracking.metric_history(uri, r.info.run_id, "loss")
+        ]
         curves.append(
             {
                 "variant": point["variant"],
                 "budget": point["budget"],
-                "train": sorted(hist["loss"]),
+                "train": sorted(hist["train/loss"]),
                 "val": sorted(hist["val/bits_per_byte"]),
             }
         )

@@ -101,7 +101,7 @@ def plot_contraction(contraction: Mapping[str, Sequence[float]], path: Path) -> 
             )
     ax.set_xticks([i + width * (depth - 1) / 2 for i in range(len(names))], names)
     ax.set_ylabel("bytes per stage token (measured)")
-    ax.set_title("per-stage contraction (from run metrics tokens_total/stage*)", fontsize=9)
+    ax.set_title("per-stage contraction (from run metrics train/tokens_total/stage*)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     tb.save_figure(fig, path)

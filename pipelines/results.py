@@ -24,6 +24,31 @@ from pipelines import tables as tb
 from pipelines.tables import Column
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
+VAL = "val/bits_per_byte"
+OLD_FINAL = "final/val_bits_per_byte"  # runs logged before the metric groups (issue 20)
+
+
+def final_val_bpb(run: Any) -> float | None:
+    """A finished training run's final validation bits/byte (an ``mlflow`` Run), else None.
+
+    Training validates at its last step, so the final value is the latest point of
+    ``val/bits_per_byte`` (the value MLflow's runs table shows) once the run is FINISHED, which a
+    run is only when all its metrics are stored (docs/platform.md). Runs logged before the
+    ``train/``, ``val/``, ``perf/`` groups also have a one-point ``final/val_bits_per_byte``.
+    """
+    m = run.data.metrics
+    if OLD_FINAL in m:
+        return float(m[OLD_FINAL])
+    return float(m[VAL]) if run.info.status == "FINISHED" and VAL in m else None
+
+
+def run_metric(metrics: Mapping[str, float], key: str) -> float | None:
+    """``metrics[key]``, or for an old run its name before the ``train/`` group (issue 20)."""
+    if key in metrics:
+        return metrics[key]
+    return metrics.get(key.removeprefix("train/"))
+
+
 COLUMNS = (
     "rank",
     "variant",
@@ -106,13 +131,13 @@ def rows_from_runs(runs: Iterable[Any]) -> list[dict[str, Any]]:
     the ``sweep.*`` and ``plan.*`` params and the final metric each trial logs); ranked."""
     rows = []
     for c in runs:
-        p, m = c.data.params, c.data.metrics
+        p = c.data.params
         config = {
             k[len("sweep.") :]: v
             for k, v in p.items()
             if k.startswith("sweep.") and k != "sweep.variant"
         }
-        bpb = m.get("final/val_bits_per_byte")
+        bpb = final_val_bpb(c)
         flops = float(p["plan.total_flops"]) if "plan.total_flops" in p else None
         rows.append(
             {

@@ -247,7 +247,7 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("target", help="study YAML, or the MLflow experiment holding the study")
     ap.add_argument("--study", help="study name (when the experiment holds several)")
     ap.add_argument("--out", help="report directory (default <storage>/scaling/<study>/report)")
-    ap.add_argument("--tracking-uri", help="else the study's, MLFLOW_TRACKING_URI, mlruns.db")
+    ap.add_argument("--tracking-uri", help="else the study's, MLFLOW_TRACKING_URI, mlflow.db")
     ap.add_argument("--r2-threshold", type=float)
     ap.add_argument("--min-budgets", type=int)
     ap.add_argument("--bootstrap", type=int)

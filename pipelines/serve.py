@@ -21,7 +21,12 @@ import yaml
 
 from aunet.checkpoint import CheckpointError, read_config
 from pipelines import tracking
-from pipelines.paths import DEFAULT_TRACKING_URI, TRACKING_ENV, absolute_tracking_uri
+from pipelines.paths import (
+    DEFAULT_TRACKING_URI,
+    TRACKING_ENV,
+    absolute_tracking_uri,
+    existing_default_store,
+)
 from pipelines.tracking_model import (  # noqa: F401  (re-exported: the served model's home)
     CHECKPOINT_ARTIFACT,
     AUNetGenerationModel,
@@ -37,18 +42,23 @@ def is_mlflow_uri(source: str | os.PathLike) -> bool:
 
 def store_for(uri: str) -> str:
     """The tracking store an MLflow URI is read from: ``MLFLOW_TRACKING_URI``, else the
-    platform's default ``./mlruns.db`` when that file exists.
+    default ``./mlflow.db`` (the spec's and MLflow's own) when that file exists, else an older
+    ``./mlruns.db``.
 
-    Else CheckpointError, creating nothing: MLflow's own default would create ``./mlflow.db`` in
-    whatever directory the command runs in, and then report the run as missing (issue 18).
+    Else CheckpointError naming the store it looked for, creating nothing: MLflow's client would
+    create an empty ``./mlflow.db`` in whatever directory the command runs in, and then report
+    the run as missing (issue 18).
     """
     env = os.environ.get(TRACKING_ENV)
     if env:
         return absolute_tracking_uri(env)
-    if Path(DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).is_file():
-        return absolute_tracking_uri(DEFAULT_TRACKING_URI)
+    found = existing_default_store()
+    if found is not None:
+        return found
+    where = Path(DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).absolute()
     raise CheckpointError(
-        f"{uri}: no MLflow tracking store: set MLFLOW_TRACKING_URI or --tracking-uri"
+        f"{uri}: no MLflow tracking store: {where} (the default) does not exist; "
+        "set MLFLOW_TRACKING_URI or --tracking-uri"
     )
 
 

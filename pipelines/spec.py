@@ -121,6 +121,7 @@ class DataConfig:
     unit_bytes: int = setting(
         64 << 20, rule=AT_LEAST_1, doc="input bytes per preprocessing task (windows stop at units)"
     )
+    progress_every: int = setting(10, rule=AT_LEAST_1, doc="units between progress lines")
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -203,7 +204,7 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     tracking_uri: str = setting(
-        "sqlite:///mlruns.db", rule=NONEMPTY, doc="env MLFLOW_TRACKING_URI wins when set"
+        "sqlite:///mlflow.db", rule=NONEMPTY, doc="env MLFLOW_TRACKING_URI wins when set"
     )
     experiment: str = setting("aunet", rule=NONEMPTY, doc="MLflow experiment name")
     run_name: str | None = setting(None, rule=NONEMPTY, doc="null: the spec's name")

@@ -248,6 +248,8 @@ def _tuner(ctx: Context):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from pipelines.sweep_progress import SweepProgress
+
     sweep = ctx.sweep
 
     def trainable(config: dict[str, Any]) -> None:
@@ -270,6 +272,8 @@ def _tuner(ctx: Context):
             reduction_factor=s.get("reduction_factor", 2),
         )
     search_alg = OptunaSearch(seed=sweep.seed) if sweep.search == "optuna" else None
+    seconds = ctx.spec["train"]["progress_seconds"]
+    progress = SweepProgress(sweep.metric, sweep.mode, seconds, sweep.label)
     return tune.Tuner(
         fn,
         param_space={d.key: d.tune_domain(sweep.search) for d in sweep.dims},
@@ -286,6 +290,7 @@ def _tuner(ctx: Context):
             storage_path=ctx.sweep_dir,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            callbacks=[progress],
         ),
     )
 
@@ -357,7 +362,7 @@ def finalize(
 HELP_FLAGS = (
     ("key=value, --set key=value", "override a spec key, or a sweep key as sweep.key=value"),
     ("--summary TARGET", "print the results of a sweep dir or MLflow parent run, run nothing"),
-    ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlruns.db)"),
+    ("--tracking-uri URI", "with --summary: the MLflow store (else env, else mlflow.db)"),
     ("--debug", "show the traceback of an error (or AUNET_DEBUG=1)"),
     ("-h, --help", "this text"),
 )

@@ -47,7 +47,6 @@ PARENT_RUN_FILE = "parent_run.json"  # in a sweep directory: the parent run's id
 MAX_PARAM_CHARS = 6000  # the store refuses longer param values
 PARAMS_PER_REQUEST = 100  # the store's limit per log_batch
 METRICS_PER_REQUEST = 1000
-DEFAULT_CLI_URI = "sqlite:///mlruns.db"
 T = TypeVar("T")
 
 
@@ -78,12 +77,12 @@ def ui_command(uri: str) -> str:
 
 def cli_uri(explicit: str | None) -> str:
     """The store of a command that reads runs without a spec (``--summary``, ``report``): the
-    flag, else ``MLFLOW_TRACKING_URI``, else ``./mlruns.db`` (where a spec's default points)."""
-    from pipelines.paths import absolute_tracking_uri
+    flag, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db`` (where a spec's default points, and
+    MLflow's own default), or an older ``./mlruns.db`` that exists."""
+    from pipelines.paths import DEFAULT_TRACKING_URI, absolute_tracking_uri, existing_default_store
 
-    return absolute_tracking_uri(
-        explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_CLI_URI
-    )
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or existing_default_store()
+    return absolute_tracking_uri(uri or DEFAULT_TRACKING_URI)
 
 
 def client_for(uri: str) -> Any:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +119,28 @@ def _cell(df: pd.DataFrame, key: str, i: int, default: Any) -> Any:
     return default if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
+def model_name_for(run_name: str) -> str:
+    """A logged model's name from its run's: MLflow refuses ``/ : . % " '`` in model names, and
+    run names hold dotted sweep labels (``train.lr=0.003``)."""
+    return re.sub(r"[/:.%\"']", "-", run_name) or "aunet_generator"
+
+
 def log_generation_model(
     checkpoint_dir: str | os.PathLike,
     run_id: str | None = None,
     name: str = "aunet_generator",
     registered_model_name: str | None = None,
+    linked_metrics: Sequence[Any] = (),
 ) -> str:
     """Log ``checkpoint_dir`` as a servable pyfunc model in ``run_id`` (default: the active run, or
     a new one) and return its model URI: ``models:/<name>/<version>`` when registered under
-    ``registered_model_name`` (the MLflow model registry), else ``models:/m-...``."""
+    ``registered_model_name`` (the MLflow model registry), else ``models:/m-...``.
+
+    ``linked_metrics`` (``mlflow.entities.Metric``, as the run logged them) are logged again with
+    the new model's id, so the model page shows them (an MLflow 3 LoggedModel's metrics). The
+    same key, step, value and timestamp make the run's copy an exact duplicate, which the store
+    keeps once: the run's charts gain no point.
+    """
     ckpt = Path(checkpoint_dir)
     read_config(ckpt)  # fail before logging anything: CheckpointError names the path
     import torch
@@ -148,10 +163,20 @@ def log_generation_model(
     )
     active = mlflow.active_run()
     if active is not None and run_id in (None, active.info.run_id):
-        return _model_uri(mlflow.pyfunc.log_model(**kwargs), registered_model_name)
+        info = mlflow.pyfunc.log_model(**kwargs)
+        _link(active.info.run_id, info.model_id, linked_metrics)
+        return _model_uri(info, registered_model_name)
     run_name = None if run_id else "generation-model"
-    with mlflow.start_run(run_id=run_id, run_name=run_name, nested=active is not None):
-        return _model_uri(mlflow.pyfunc.log_model(**kwargs), registered_model_name)
+    with mlflow.start_run(run_id=run_id, run_name=run_name, nested=active is not None) as run:
+        info = mlflow.pyfunc.log_model(**kwargs)
+        _link(run.info.run_id, info.model_id, linked_metrics)
+        return _model_uri(info, registered_model_name)
+
+
+def _link(run_id: str, model_id: str, metrics: Sequence[Any]) -> None:
+    client = mlflow.MlflowClient()
+    for m in metrics:
+        client.log_metric(run_id, m.key, m.value, m.timestamp, m.step, model_id=model_id)
 
 
 def _model_uri(info: Any, registered_model_name: str | None) -> str:

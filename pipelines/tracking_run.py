@@ -23,7 +23,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -175,6 +175,7 @@ class Tracker:
         self._pending: list[tuple[Any, bool]] = self._unsent_from_marker()
         self._replay_upto = resumed_step if replay is not None and self.resumed else 0
         self._last_step = 0
+        self._latest: dict[str, Any] = {}  # key -> the last Metric queued (log_model links it)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
@@ -293,15 +294,25 @@ class Tracker:
         fn = self.client.log_artifacts if os.path.isdir(path) else self.client.log_artifact
         self._call(lambda: fn(self.run_id, path, artifact_path), f"log artifact {path}")
 
-    def log_model(self, final_dir: str, register: str | None = None) -> str | None:
-        """The final checkpoint as the run's pyfunc model (tag ``aunet.model_uri``), registered as
-        ``models:/<register>/<version>`` when asked; never fatal (a warning and None)."""
+    def log_model(
+        self, final_dir: str, name: str, register: str | None = None, link: Sequence[str] = ()
+    ) -> str | None:
+        """The final checkpoint as the run's pyfunc model (tag ``aunet.model_uri``) named after
+        the run (``name``), with the latest values of the metrics ``link`` names linked to it;
+        registered as ``models:/<register>/<version>`` when asked; never fatal (a warning and
+        None)."""
         try:
-            from pipelines.tracking_model import log_generation_model
+            from pipelines.tracking_model import log_generation_model, model_name_for
 
             set_default_uri(self.uri)
+            with self._lock:
+                linked = [self._latest[k] for k in link if k in self._latest]
             uri = log_generation_model(
-                final_dir, run_id=self.run_id, registered_model_name=register
+                final_dir,
+                run_id=self.run_id,
+                name=model_name_for(name),
+                registered_model_name=register,
+                linked_metrics=linked,
             )
             self.set_tags({MODEL_URI_TAG: uri})
             return uri
@@ -321,6 +332,7 @@ class Tracker:
         batch = [m for m in metric_list(metrics, step) if step > self._logged.get(m.key, -1)]
         with self._lock:
             self._pending.extend((m, replayable) for m in batch)
+            self._latest.update((m.key, m) for m in batch)
             if replayable:
                 self._last_step = max(self._last_step, step)
             if len(self._pending) > self._max_pending:

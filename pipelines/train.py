@@ -73,7 +73,8 @@ class TrainResult:
         path = Path(self.run_dir) / "steps.jsonl"
         if is_uri(self.run_dir) or not path.is_file():
             return None
-        rates = [json.loads(x).get("bytes_per_s") for x in path.read_text().splitlines() if x]
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x]
+        rates = [x.get("perf/bytes_per_s", x.get("bytes_per_s")) for x in lines]  # old: no prefix
         rates = sorted(r for r in rates if r)
         return float(rates[len(rates) // 2]) if rates else None
 

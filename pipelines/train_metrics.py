@@ -2,15 +2,14 @@
 
 ``steps.jsonl`` is rank 0's own record of every step (data position, the global sequence ids of
 its batch, every metric): it is the ground truth that the resume tests check, and it survives a
-tracking server that is down (docs/checkpoints.md).
+tracking server that is down (docs/checkpoints.md). Metric names carry their MLflow chart group,
+``train/``, ``val/`` or ``perf/`` (docs/platform.md, Metric names).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from pipelines.checkpointing import TrainState
 from pipelines.data import DataPosition
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
+from pipelines.progress import duration, rate, say
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -72,55 +72,33 @@ class StepMeter:
         data_s, compute_s = self.t_data - self.t_start, self.t_comp - self.t_data
         step_s = data_s + compute_s + self.other_s
         metrics = {
-            "loss": sums[0] / world,
-            "bits_per_byte": sums[1] / world / LN2,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "bytes_per_s": plan.bytes_per_step / step_s,
-            "flops_per_s": plan.flops_per_step / step_s,
-            "flops": plan.flops_per_step * step,
-            "bytes_seen": plan.bytes_per_step * step,
-            "time/data_s": data_s,
-            "time/compute_s": compute_s,
-            "time/other_s": self.other_s,
-            "time/overhead_fraction": (data_s + self.other_s) / step_s,
-            "epoch": epoch,
+            "train/loss": sums[0] / world,
+            "train/bits_per_byte": sums[1] / world / LN2,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/flops": plan.flops_per_step * step,
+            "train/bytes_seen": plan.bytes_per_step * step,
+            "train/epoch": epoch,
+            "perf/bytes_per_s": plan.bytes_per_step / step_s,
+            "perf/flops_per_s": plan.flops_per_step / step_s,
+            "perf/data_s": data_s,
+            "perf/compute_s": compute_s,
+            "perf/other_s": self.other_s,
+            "perf/overhead_fraction": (data_s + self.other_s) / step_s,
         }
         if self.peak:
-            metrics["mfu"] = metrics["flops_per_s"] / (self.peak * world)
-        metrics["memory/peak_bytes"] = peak_memory_bytes(self.device)
+            metrics["perf/mfu"] = metrics["perf/flops_per_s"] / (self.peak * world)
+        metrics["perf/peak_memory_bytes"] = peak_memory_bytes(self.device)
         for s, n in enumerate(step_tokens):
-            metrics[f"tokens/stage{s}"] = n
-            metrics[f"tokens_total/stage{s}"] = state.tokens[s]
+            metrics[f"train/tokens/stage{s}"] = n
+            metrics[f"train/tokens_total/stage{s}"] = state.tokens[s]
         return metrics
 
     def end(self, metrics: dict[str, float], periodic: bool) -> None:
         """Charge what happened after the compute to the next step, unless it was periodic."""
-        other = time.perf_counter() - self.t_comp - metrics.get("time/eval_s", 0.0)
-        other -= metrics.get("time/eval_suite_s", 0.0)
+        other = time.perf_counter() - self.t_comp - metrics.get("perf/eval_s", 0.0)
+        other -= metrics.get("perf/eval_suite_s", 0.0)
         self.other_s = 0.0 if periodic else other
-
-
-def say(line: str) -> None:
-    """A line on a worker's stdout. Not print(): Ray Train routes a worker's print() through
-    logging, whose console handlers put it on the terminal twice (stdout and stderr)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def _rate(x: float, unit: str) -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}"
-    return f"{x:.3g} {unit}"
 
 
 class Progress:
@@ -160,14 +138,14 @@ class Progress:
         flops_s = n * self.plan.flops_per_step / dt
         parts = [
             f"step {step}/{total} ({step / total:.0%})",
-            f"loss {metrics['loss']:.4f}",
-            f"bits/byte {metrics['bits_per_byte']:.4f}",
+            f"loss {metrics['train/loss']:.4f}",
+            f"bits/byte {metrics['train/bits_per_byte']:.4f}",
         ]
         if "val/bits_per_byte" in metrics:
             parts.append(f"val bits/byte {metrics['val/bits_per_byte']:.4f}")
-        parts.append(_rate(n * self.plan.bytes_per_step / dt, "B/s"))
+        parts.append(rate(n * self.plan.bytes_per_step / dt, "B/s"))
         mfu = f" (MFU {flops_s / self.peak:.1%})" if self.peak else ""
-        parts += [_rate(flops_s, "FLOP/s") + mfu, f"ETA {_duration(eta)}"]
+        parts += [rate(flops_s, "FLOP/s") + mfu, f"ETA {duration(eta)}"]
         line = "train: " + " | ".join(parts)
         say(line)
         self.last_t, self.last_step = now, step

@@ -176,13 +176,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         log.write(step, attempt, position, data.global_ids(position), metrics)
         if progress is not None:
             progress.update(step, metrics)
-        report = {"step": step, "loss": metrics["loss"], "flops": metrics["flops"]}
+        report = {"step": step, "loss": metrics["train/loss"], "flops": metrics["train/flops"]}
         report["val_bits_per_byte"] = state.val_bits_per_byte
         if checkpointer.due(step, last):
             t_ck = time.perf_counter()
             checkpointer.save(model, opt, sched, state, report)
             if tracker is not None:
-                tracker.log_metrics({"time/checkpoint_s": time.perf_counter() - t_ck}, step)
+                tracker.log_metrics({"perf/checkpoint_s": time.perf_counter() - t_ck}, step)
         elif _VAL in metrics:
             ray.train.report(report)  # validation results reach Tune callbacks too
         if args.fault is not None:
@@ -211,7 +211,7 @@ def train_step(
     return loss, float(out.ce.detach()), [float(n) for n in out.stage_tokens], grad_norm
 
 
-_VAL, _SUITE_S = "val/bits_per_byte", "time/eval_suite_s"
+_VAL, _SUITE_S = "val/bits_per_byte", "perf/eval_suite_s"
 MLFLOW_MARKER = "mlflow_unsent.json"  # metrics Tracker.close could not send (issue 18)
 
 
@@ -228,7 +228,7 @@ def _periodic_evals(
         if bpb is not None:  # the compute axis at this very point: bits/byte vs FLOPs in MLflow
             out["val/flops"] = args.plan.flops_per_step * step
             out["val/bytes_seen"] = args.plan.bytes_per_step * step
-        out["time/eval_s"] = time.perf_counter() - t0
+        out["perf/eval_s"] = time.perf_counter() - t0
     if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
         t0 = time.perf_counter()
         out.update(_suite_eval(args.eval_suite, args.spec, full_state(model), device, rank))
@@ -281,10 +281,10 @@ def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: i
     }
     save_final(full, final_dir, spec.model, meta)
     if tracker is not None:
-        tracker.log_metrics({"final/val_bits_per_byte": bpb}, step)
         tracker.log_artifact(final_dir, "final")
         if spec.tracking.log_model and not is_uri(final_dir):
-            tracker.log_model(final_dir, spec.tracking.register_model)
+            link = (_VAL, "val/flops", "val/bytes_seen")  # the final validation (its last point)
+            tracker.log_model(final_dir, args.run_name, spec.tracking.register_model, link)
     if args.eval_suite is not None:
         metrics = _suite_eval(args.eval_suite, spec, full, device, rank)
         if tracker is not None:

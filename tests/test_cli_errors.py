@@ -246,6 +246,18 @@ def test_generate_echo_prompt_and_sweep_summary_of_a_missing_directory(work):
     assert echoed.stdout.startswith("h\u00e9")
     # Same bytes after the prompt (decoded together, so compare as bytes where it is valid).
     assert echoed.stdout.encode()[len("h\u00e9".encode()) :] == plain.stdout.encode()
+    # Progress lines on stderr only when asked (stderr is a pipe here): every 2 bytes of 20.
+    assert "generate:" not in plain.stderr
+    shown = run_cli(work, *args[:-1], "20", "--temperature", "0", "--progress", timeout=300)[0]
+    lines = [x for x in shown.stderr.splitlines() if x.startswith("generate: ")]
+    assert shown.returncode == 0 and lines, shown.stderr
+    counts = [int(x.split()[1].split("/")[0]) for x in lines]
+    assert all(x.split()[1].endswith("/20") and " B/s | " in x for x in lines), lines
+    if lines[-1].endswith("stopped early (EOS or --stop)"):
+        counts = counts[:-1]
+    else:
+        assert lines[-1].startswith("generate: 20/20 bytes (100%) |"), lines
+    assert counts == list(range(2, 2 * len(counts) + 1, 2)), lines
     out = no_ray(work, "pipelines.sweep", "--summary", "no/such/dir")
     assert_one_error(out, "no/such/dir: no such sweep directory")
 

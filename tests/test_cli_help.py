@@ -50,7 +50,7 @@ SPEC_LINES = {  # key -> (type, default) as the help prints them
     "data.seq_len": ("int >= 2", "8192"),
     "train.lr": ("float > 0, or null", "null"),
     "train.betas": ("list of 2 float in [0, 1)", "[0.9, 0.95]"),
-    "tracking.tracking_uri": ("str (non-empty)", '"sqlite:///mlruns.db"'),
+    "tracking.tracking_uri": ("str (non-empty)", '"sqlite:///mlflow.db"'),
     "model.dimensions": ("list of int", "required"),
     "model.upsampling": ("str", '"multilinear"'),
 }
@@ -201,7 +201,7 @@ def test_typos_in_sections_and_cli(tmp_path, spec_file):
 
 # ---------------------------------------------------------------------------------- load
 def test_tracking_uri_env_override_applies_at_load(spec_file, tmp_path, monkeypatch):
-    assert load_spec(spec_file).tracking.tracking_uri == f"sqlite:///{tmp_path}/mlruns.db"
+    assert load_spec(spec_file).tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env/runs.db")
     spec = load_spec(spec_file)
     assert spec.tracking.tracking_uri == f"sqlite:///{tmp_path}/env/runs.db"  # env, absolute
@@ -223,7 +223,7 @@ def test_tracking_uri_env_override_applies_at_load(spec_file, tmp_path, monkeypa
     ev.write_text(yaml.safe_dump({"name": "e", "tasks": {"v": {"kind": "bpb", "path": "v"}}}))
     assert load_eval_config(ev).tracking.tracking_uri == "http://other:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert load_eval_config(ev).tracking.tracking_uri == f"sqlite:///{tmp_path}/mlruns.db"
+    assert load_eval_config(ev).tracking.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def test_spec_error_carries_its_source(spec_file):

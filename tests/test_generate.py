@@ -269,8 +269,9 @@ def test_from_pretrained_lingua_dir(tmp_path) -> None:
 
 
 def test_mlflow_uri_without_a_store_fails_in_one_line_and_creates_nothing(tmp_path) -> None:
-    """No tracking URI and no ./mlruns.db: rc 2 and one line, not MLflow's ./mlflow.db default
-    created in the current directory (issue 18 item 12); the library call alike."""
+    """No tracking URI and no ./mlflow.db: rc 2 and one line naming the store looked for, not an
+    empty ./mlflow.db created by MLflow in the current directory (issue 18 item 12); the library
+    call alike."""
     import os
     import subprocess
     import sys
@@ -292,7 +293,8 @@ def test_mlflow_uri_without_a_store_fails_in_one_line_and_creates_nothing(tmp_pa
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (
-        f"error: {source}: no MLflow tracking store: set MLFLOW_TRACKING_URI or --tracking-uri\n"
+        f"error: {source}: no MLflow tracking store: {tmp_path.resolve()}/mlflow.db (the default) "
+        "does not exist; set MLFLOW_TRACKING_URI or --tracking-uri\n"
     )
     assert list(tmp_path.iterdir()) == []
     old, cwd = os.environ.pop("MLFLOW_TRACKING_URI", None), os.getcwd()
@@ -305,3 +307,43 @@ def test_mlflow_uri_without_a_store_fails_in_one_line_and_creates_nothing(tmp_pa
         if old is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_uri_resolves_in_a_plain_python_without_any_export(tmp_path) -> None:
+    """The spec's default store is MLflow's own default, ./mlflow.db (issue 20): a run logged
+    there is read back by a bare ``python -c`` in that directory, by MLflow itself and by
+    ``AUModel.from_pretrained``, with no MLFLOW_TRACKING_URI anywhere."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.paths import DEFAULT_TRACKING_URI, absolute_tracking_uri
+
+    model = make_model(2, "repeat", seed=6)
+    ckpt = save_pretrained(model, tmp_path / "ckpt")
+    uri = absolute_tracking_uri(DEFAULT_TRACKING_URI, str(tmp_path))
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.get_or_create_experiment(uri, "e")
+    run_id = tracking.create_run(uri, exp, "r", {})
+    MlflowClient(uri).log_artifacts(run_id, str(ckpt), "final")
+    want = generate(model, PROMPTS[0], 8, temperature=0.0)
+    code = (
+        "import sys, mlflow\n"
+        "from aunet.api import AUModel\n"
+        "print(mlflow.get_tracking_uri())\n"
+        f"m = AUModel.from_pretrained('runs:/{run_id}/final')\n"
+        f"sys.stdout.write(m.generate({PROMPTS[0]!r}, max_new_bytes=8, temperature=0.0).hex())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    default, got = out.stdout.splitlines()
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # MLflow's own default
+    assert bytes.fromhex(got) == want

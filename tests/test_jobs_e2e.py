@@ -157,9 +157,9 @@ def test_quickstart_via_ray_job_submit(tmp_path: Path) -> None:
         assert r.info.status == "FINISHED" and r.info.run_name == "quickstart-aunet2"
         assert r.data.params["resources.storage_path"] == str(shared)
         assert r.data.params["train.steps"] == str(STEPS)
-        losses = mlflow.get_metric_history(r.info.run_id, "loss")
+        losses = mlflow.get_metric_history(r.info.run_id, "train/loss")
         assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
-        bpb = r.data.metrics["final/val_bits_per_byte"]
+        bpb = r.data.metrics["val/bits_per_byte"]  # the final validation: its last point
         assert bpb == pytest.approx(steps[-1]["val/bits_per_byte"]) and 0 < bpb < 9
         # The checkpoint artifact is in the server's artifact store (--default-artifact-root
         # under the state dir), not in the job's working_dir, which Ray may delete.

@@ -146,9 +146,9 @@ def test_all_formats_in_order_with_levels(tmp_path):
     assert m["contraction"] == [len(tok) * 16 / c for c in counts]
 
 
-def test_deterministic_whatever_block_size(tmp_path):
+def test_deterministic_whatever_block_size(tmp_path, capsys):
     """Many units, tiny blocks inside the tasks: the same shards byte for byte. (1 CPU vs 3
-    nodes: tests/test_preprocess_cluster.py.)"""
+    nodes: tests/test_preprocess_cluster.py.) Progress lines every 3 units and at the end."""
     rng = np.random.default_rng(0)
     words = ["alpha", "beta", "gamma", "delta", "ε", "日本", "12345", "!!", "\n"]
     for f in range(3):
@@ -158,12 +158,27 @@ def test_deterministic_whatever_block_size(tmp_path):
         ]
         write_jsonl(tmp_path / f"p{f}.jsonl", recs)
     src = [{"path": str(tmp_path / "p*.jsonl"), "id_field": "id"}]
-    spec = make_spec(tmp_path, src, val_fraction=0.3, shard_sequences=7, unit_bytes=4000)
+    spec = make_spec(
+        tmp_path,
+        src,
+        val_fraction=0.3,
+        shard_sequences=7,
+        unit_bytes=4000,
+        progress_every=3,
+    )
+    spec = spec.with_overrides({"train.progress_seconds": 1e6})
     a = pp.preprocess(spec)
     first = digest(a.path)
+    capsys.readouterr()
     b = pp.preprocess(spec, force=True, block_bytes=64)
     assert not b.reused and first == digest(b.path) and len(first) > 4
-    assert b.manifest["units"]["planned"] > 6 and b.manifest["units"]["reused"] == 0
+    n = b.manifest["units"]["planned"]
+    assert n > 6 and b.manifest["units"]["reused"] == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("preprocess: units")]
+    want = [*range(3, n, 3), n]
+    assert [int(x.split()[2].split("/")[0]) for x in lines] == want, lines
+    assert all(f"/{n} (" in x and "B/s | ETA " in x for x in lines), lines
+    assert f"units {n}/{n} (100%) |" in lines[-1] and lines[-1].endswith(" | ETA 0m00s")
     assert b.manifest["splits"]["val"]["sequences"] > 0
     assert pp.preprocess(spec).reused
 

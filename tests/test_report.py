@@ -245,3 +245,43 @@ def test_tables_render_the_same_cells_as_text_html_and_latex():
         == "http://host:5000/#/experiments/3/runs/abc"
     )
     assert tb.run_link("sqlite:///x.db", "3", "abc") is None
+
+
+def test_points_and_curves_read_back_new_and_old_metric_names(tmp_path):
+    """``collect_points`` on a real SQLite store: a run with the train/, val/ groups (the final
+    validation is val/bits_per_byte's last point) and one logged before them (issue 20: loss,
+    tokens_total/stage*, final/val_bits_per_byte) give the same point; a killed run is left out."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from pipelines.report import collect_points
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    params = {"plan.steps": "4", "plan.total_flops": "4e9", "plan.num_params": "1000"}
+    params |= {"plan.bytes_per_step": "512", "plan.lr": "0.003", "derived.pooling_stages": "1"}
+    names = {
+        "new": ("train/loss", "train/tokens_total/stage", None),
+        "old": ("loss", "tokens_total/stage", "final/val_bits_per_byte"),
+        "killed": ("train/loss", "train/tokens_total/stage", None),
+    }
+    for variant, (loss, tokens, final) in names.items():
+        tags = {"aunet.study": "s", "aunet.role": "cell", "aunet.variant": variant}
+        tags |= {"aunet.cell": variant, "aunet.budget": "4e9"}
+        run = client.create_run(exp, tags=tags, run_name=variant)
+        rid = run.info.run_id
+        ms = [Metric(loss, 3.0 - 0.5 * s, 0, s) for s in range(1, 5)]
+        ms += [Metric("val/bits_per_byte", 2.5 - 0.25 * s, 0, s) for s in (2, 4)]
+        ms += [Metric(f"{tokens}{k}", 2048.0 / (1 + 3 * k), 0, 4) for k in (0, 1)]
+        ms += [Metric(final, 1.5, 0, 4)] if final else []
+        client.log_batch(rid, metrics=ms, params=[Param(k, v) for k, v in params.items()])
+        client.set_terminated(rid, "KILLED" if variant == "killed" else "FINISHED")
+    points, curves = collect_points(uri, "e", "s")
+    assert [(p["variant"], p["loss"], p["contraction"]) for p in points] == [
+        ("new", 1.5, [1.0, 4.0]),
+        ("old", 1.5, [1.0, 4.0]),
+    ]
+    for c in curves:
+        assert c["train"] == [(s * 1e9, 3.0 - 0.5 * s) for s in range(1, 5)], c["variant"]
+        assert c["val"] == [(2e9, 2.0), (4e9, 1.5)]

@@ -138,12 +138,17 @@ def test_rows_from_child_runs():
             "t2",
             "FINISHED",
             {"sweep.variant": "k=2", "sweep.k": "2", "plan.total_flops": "1e9", "plan.steps": "5"},
-            {"final/val_bits_per_byte": 2.0},
+            {"val/bits_per_byte": 2.0, "train/loss": 2.1},
         ),
+        run("t3", "KILLED", {"sweep.variant": "k=3", "sweep.k": "3"}, {"val/bits_per_byte": 1.0}),
+        # logged before the metric groups (issue 20): a one-point final/ metric
+        run("t4", "FINISHED", {"sweep.variant": "k=4"}, {"final/val_bits_per_byte": 2.5}),
     ]
     rows = results.rows_from_runs(runs)
     assert [(r["variant"], r["rank"], r["status"]) for r in rows] == [
         ("k=2", 1, "finished"),
+        ("k=4", 2, "finished"),
         ("k=1", None, "running"),
+        ("k=3", None, "killed"),
     ]
     assert rows[0]["flops"] == 1e9 and rows[0]["params"] == '{"k": "2"}'

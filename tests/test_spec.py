@@ -76,7 +76,7 @@ def test_defaults_and_resolved_paths(write, tmp_path):
     )
     assert (t.lr, t.batch_size, t.flop_budget, t.dtype, t.seed) == (None, None, None, "auto", 42)
     assert spec.tracking == TrackingConfig(
-        tracking_uri=f"sqlite:///{cwd}/mlruns.db",  # 4 slashes: absolute
+        tracking_uri=f"sqlite:///{cwd}/mlflow.db",  # 4 slashes: absolute
         artifact_location=None,  # unset: runtime.artifact_location_for picks it
     )
     assert spec.tracking.tracking_uri.startswith("sqlite:////")

@@ -210,6 +210,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     rows = summary_rows(str(sweep_dir))
     assert sorted(r["status"] for r in rows) == ["finished", "finished"]
     assert "sweep done: 2 trials" in out.stdout
+    # The driver's progress lines (stderr): one as each trial ends, the last with both done.
+    lines = [x for x in out.stderr.splitlines() if x.startswith("sweep: trials ")]
+    assert lines and lines[-1].startswith("sweep: trials 2/2 done (100%) | 0 running | "), lines
+    assert " | best val_bits_per_byte " in lines[-1] and " | elapsed " in lines[-1], lines
 
 
 # ---------------------------------------------------------------------------------- one sweep
@@ -269,9 +273,7 @@ def test_sweep_parent_and_child_runs(depth_sweep, capsys):
     for r in rows:
         child = by_variant[r["variant"]]
         assert child.data.params["sweep.stages"] == r["variant"].split("=")[1]
-        assert child.data.metrics["final/val_bits_per_byte"] == pytest.approx(
-            r["val_bits_per_byte"]
-        )
+        assert child.data.metrics["val/bits_per_byte"] == pytest.approx(r["val_bits_per_byte"])
         assert child.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "results.png", "best.yaml"} <= artifacts

@@ -363,18 +363,31 @@ def test_log_model_tags_the_run_and_is_never_fatal(store, tmp_path, capsys, monk
     from aunet.model import AUNet
 
     t = _tracker(store, "/model/a")
-    assert t.log_model(str(tmp_path / "missing")) is None
+    assert t.log_model(str(tmp_path / "missing"), "r") is None
     assert "pyfunc model not logged" in capsys.readouterr().err
     torch.manual_seed(0)
     cfg = AUNetConfig(
         dimensions=[16, 32], layers=[1, 1], head_dims=[8, 8], sliding_windows=[8, 4], multiple_of=16
     )
     ckpt = save_pretrained(AUNet(cfg).eval(), tmp_path / "final")
-    uri = t.log_model(str(ckpt))
-    assert uri is not None and uri.startswith("models:/")
-    assert MlflowClient(store[0]).get_run(t.run_id).data.tags[tracking.MODEL_URI_TAG] == uri
+    for step, bpb in ((5, 3.0), (10, 2.5)):
+        t.log_metrics({"val/bits_per_byte": bpb, "train/loss": bpb + 1}, step, replayable=True)
+    t.flush()
+    uri = t.log_model(str(ckpt), "quick.sweep-train.lr=0.003", link=["val/bits_per_byte", "x"])
+    assert uri is not None and uri.startswith("models:/m-")
+    client = MlflowClient(store[0])
+    assert client.get_run(t.run_id).data.tags[tracking.MODEL_URI_TAG] == uri
+    # Named after the run (MLflow's forbidden characters replaced); the final validation linked
+    # to it, and the run's own history unchanged (the linked copy is the same point, kept once).
+    model = client.get_logged_model(uri.removeprefix("models:/"))
+    assert model.name == "quick-sweep-train-lr=0-003" and model.source_run_id == t.run_id
+    assert [(m.key, m.value, m.step, m.run_id) for m in model.metrics] == [
+        ("val/bits_per_byte", 2.5, 10, t.run_id)
+    ]
+    history = client.get_metric_history(t.run_id, "val/bits_per_byte")
+    assert sorted((m.step, m.value) for m in history) == [(5, 3.0), (10, 2.5)]
     # tracking.register_model: a registry version, served as models:/<name>/<version>
-    assert t.log_model(str(ckpt), "aunet-registered") == "models:/aunet-registered/1"
+    assert t.log_model(str(ckpt), "r", "aunet-registered") == "models:/aunet-registered/1"
     t.close()
     from aunet.api import AUModel
     from pipelines.serve import download_mlflow

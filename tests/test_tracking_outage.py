@@ -93,12 +93,12 @@ def test_outage_and_worker_kill_end_in_one_complete_run(ray_session, tmp_path, c
         exp = client.get_experiment_by_name("t").experiment_id
         (only,) = client.search_runs([exp], "tags.`aunet.run_dir` LIKE '%/runs/t'")
         assert only.info.run_id == first.mlflow_run_id and only.info.status == "FINISHED"
-        history = client.get_metric_history(only.info.run_id, "loss")
+        history = client.get_metric_history(only.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 17))  # 16 values, 16 steps
         assert {m.step: m.value for m in history} == pytest.approx(
-            {s: r["loss"] for s, r in chain.items()}, abs=1e-6
+            {s: r["train/loss"] for s, r in chain.items()}, abs=1e-6
         )
-        for key in ("lr", "bits_per_byte", "tokens/stage0"):
+        for key in ("train/lr", "train/bits_per_byte", "train/tokens/stage0"):
             assert len(client.get_metric_history(only.info.run_id, key)) == 16, key
     finally:
         server.kill()

@@ -189,7 +189,7 @@ def test_progress_cadence_and_figures_with_a_fake_clock(capsys):
         lr_from_scaling_law=False,
     )
     p = Progress(plan, every=3, seconds=30, start_step=0, peak_total=1e9, clock=lambda: now[0])
-    m = {"loss": 2.0, "bits_per_byte": 2.8854}
+    m = {"train/loss": 2.0, "train/bits_per_byte": 2.8854}
     shown = []
     for step in range(1, 11):
         now[0] += 40.0 if step == 5 else 1.0  # step 5 takes 40 s: a line on time alone
@@ -260,7 +260,9 @@ def test_progress_lines_at_the_configured_cadence(killed_run):
     assert steps == [2, 4, 5, 7, 8], lines
     last = _chain(records)
     for ln, step in zip(lines[2:], steps[2:]):  # the resumed attempt is the chain's record
-        assert f"step {step}/8 ({step / 8:.0%})" in ln and f"loss {last[step]['loss']:.4f}" in ln
+        assert (
+            f"step {step}/8 ({step / 8:.0%})" in ln and f"loss {last[step]['train/loss']:.4f}" in ln
+        )
         assert "B/s | " in ln and "FLOP/s" in ln and "ETA " in ln
     assert "val bits/byte" in lines[1] and "val bits/byte" in lines[4]  # steps 4 and 8 validate
     assert "ETA 0m00s" in lines[-1]
@@ -296,10 +298,11 @@ def test_killed_worker_resumes_without_repeat_or_skip(killed_run):
     # the resumed step 4 is the same computation as before the crash
     before, after = first[3], second[0]
     assert before["ids"] == after["ids"]
-    assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
-    assert after["lr"] == before["lr"] and after["flops"] == before["flops"]
+    assert after["train/loss"] == pytest.approx(before["train/loss"], abs=1e-6)
+    assert after["train/lr"] == before["train/lr"]
+    assert after["train/flops"] == before["train/flops"]
     # and it trains: the loss falls
-    losses = [chain[s]["loss"] for s in range(1, 9)]
+    losses = [chain[s]["train/loss"] for s in range(1, 9)]
     assert np.mean(losses[-3:]) < losses[0] - 0.5
 
 
@@ -317,36 +320,47 @@ def test_mlflow_holds_one_run_with_params_metrics_artifacts(killed_run):
     assert p["plan.batch_size"] == "4" and p["plan.lr"] == "0.003" and p["train.steps"] == "8"
     assert int(p["plan.num_params"]) == sum(x.numel() for x in AUNet(spec.model).parameters())
     assert float(p["plan.flops_per_byte"]) > 0
+    # Groups in MLflow's charts: train/, val/, perf/ (eval/: the suite, system/: MLflow) and no
+    # one-point chart: the final validation is val/bits_per_byte's last point.
     for key in (
-        "loss",
-        "bits_per_byte",
-        "lr",
-        "grad_norm",
-        "bytes_per_s",
-        "flops_per_s",
-        "flops",
-        "tokens/stage0",
-        "tokens/stage1",
+        "train/loss",
+        "train/bits_per_byte",
+        "train/lr",
+        "train/grad_norm",
+        "train/flops",
+        "train/bytes_seen",
+        "train/tokens/stage0",
+        "train/tokens/stage1",
         "val/bits_per_byte",
-        "memory/peak_bytes",
+        "perf/bytes_per_s",
+        "perf/flops_per_s",
+        "perf/peak_memory_bytes",
+        "perf/checkpoint_s",
     ):
         assert key in run.data.metrics, key
-    assert run.data.metrics["memory/peak_bytes"] > 0  # peak RSS on CPU
+    groups = {k.split("/")[0] for k in run.data.metrics}
+    assert groups == {"train", "val", "perf", "eval", "system"}, groups
+    assert run.data.metrics["perf/peak_memory_bytes"] > 0  # peak RSS on CPU
+    model = client.get_logged_model(run.data.tags["aunet.model_uri"].removeprefix("models:/"))
+    assert model.name == result.run_name and model.source_run_id == run.info.run_id
+    linked = {m.key: (m.step, m.value) for m in model.metrics}
+    assert linked["val/bits_per_byte"] == (8, run.data.metrics["val/bits_per_byte"])
+    assert linked["val/flops"][1] == run.data.metrics["train/flops"]
     assert run.data.tags["aunet.attention"] == "sdpa"  # train.attention: auto, on CPU
-    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
     assert steps == list(range(1, 9))
-    flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops")}
+    flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/flops")}
     assert flops[8] == pytest.approx(8 * flops[1])
-    assert run.data.metrics["tokens/stage0"] == 4 * 64  # summed over both ranks
+    assert run.data.metrics["train/tokens/stage0"] == 4 * 64  # summed over both ranks
     # Every validation point carries its compute and data axes (bits/byte vs FLOPs in MLflow).
     history = {
         k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
-        for k in ("val/bits_per_byte", "val/flops", "val/bytes_seen", "bytes_seen")
+        for k in ("val/bits_per_byte", "val/flops", "val/bytes_seen", "train/bytes_seen")
     }
     assert sorted(history["val/bits_per_byte"]) == sorted(history["val/flops"]) == [4, 8]
     for step in (4, 8):
         assert history["val/flops"][step] == pytest.approx(flops[step])
-        assert history["val/bytes_seen"][step] == step * 4 * 64 == history["bytes_seen"][step]
+        assert history["val/bytes_seen"][step] == step * 4 * 64 == history["train/bytes_seen"][step]
     assert "git_commit" in run.data.tags
     assert len(run.data.tags["aunet.dataset_hash"]) == 64  # the report's provenance
     cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
@@ -392,7 +406,7 @@ def test_two_ray_workers_match_one_plain_process(killed_run):
         sched.step()
         opt.zero_grad()
         assert batch.ids.tolist() == chain[step]["ids"]
-        assert float(out.loss.detach()) == pytest.approx(chain[step]["loss"], abs=1e-4), step
+        assert float(out.loss.detach()) == pytest.approx(chain[step]["train/loss"], abs=1e-4), step
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read in one process
@@ -631,7 +645,7 @@ def test_multi_variant_summary_table_has_cost_beside_result(tmp_path):
     for name, rates in (("aunet2", [30.0, 10.0, 20.0, 50.0]), ("baseline", [])):
         d = tmp_path / name
         d.mkdir()
-        lines = [json.dumps({"step": i + 1, "bytes_per_s": r}) for i, r in enumerate(rates)]
+        lines = [json.dumps({"step": i + 1, "perf/bytes_per_s": r}) for i, r in enumerate(rates)]
         (d / "steps.jsonl").write_text("".join(x + "\n" for x in lines))
         runs.append(TrainResult(name, str(d), "", 4, 2.5, None, "", 12.4, None, 1234567, 3.21e12))
     assert runs[0].median_bytes_per_s() == 30.0  # upper median of 10, 20, 30, 50
