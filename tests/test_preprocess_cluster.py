@@ -149,5 +149,5 @@ def test_two_workers_on_two_nodes_read_the_dataset(cluster_runs):
         sched.step()
         opt.zero_grad()
         assert batch.ids.tolist() == record["ids"]
-        assert float(out.loss.detach()) == pytest.approx(record["loss"], abs=1e-4)
+        assert float(out.loss.detach()) == pytest.approx(record["train/loss"], abs=1e-4)
     assert result.val_bits_per_byte is not None and math.isfinite(result.val_bits_per_byte)

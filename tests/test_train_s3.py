@@ -98,7 +98,7 @@ def test_resumed_run_continues_from_the_stored_position(s3_runs):
     spec, root, fs, first, second, _ = s3_runs
     assert first.mlflow_run_id == second.mlflow_run_id
     history = MlflowClient(spec.tracking.tracking_uri).get_metric_history(
-        second.mlflow_run_id, "loss"
+        second.mlflow_run_id, "train/loss"
     )
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each step once: none repeated
     logged = {m.step: m.value for m in history}
