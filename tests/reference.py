@@ -94,3 +94,22 @@ def upsample_ref(
                 m_in = rms(zr, trans.indexed_norm) if trans.nonparametric else zn
                 out[b, t] = proj_up(zn) + w(trans.indexed_linear)[o] @ m_in
     return out
+
+
+def tiny_aunet(capacity: int, seed: int = 0):  # noqa: ANN201 - aunet.model.AUNet
+    """The small 2-stage AU-Net the checkpoint, scoring and lm-eval tests share (eval mode,
+    seeded): bytes d=32 with a 16-byte window, words d=64 full causal, ``capacity`` word
+    positions per window."""
+    from aunet.config import AUNetConfig
+    from aunet.model import AUNet
+
+    torch.manual_seed(seed)
+    cfg = AUNetConfig(
+        dimensions=[32, 64],
+        layers=[1, 1],
+        head_dims=[8, 16],
+        sliding_windows=[16, None],
+        max_seqlens=[-1, capacity],
+        multiple_of=16,
+    )
+    return AUNet(cfg).eval()

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import tiny_aunet
 
 from aunet.api import AUModel
-from aunet.config import AUNetConfig
 from aunet.evaluation import encode_with_levels, splitter_for
 from aunet.model import AUNet
 
@@ -19,16 +19,7 @@ TEXTS = ["The cat sat on the mat.", "Les chats dorment. 猫が寝ている。", 
 
 
 def tiny_model(seed: int = 0) -> AUNet:
-    torch.manual_seed(seed)
-    cfg = AUNetConfig(
-        dimensions=[32, 64],
-        layers=[1, 1],
-        head_dims=[8, 16],
-        sliding_windows=[16, None],
-        max_seqlens=[-1, 32],
-        multiple_of=16,
-    )
-    return AUNet(cfg).eval()
+    return tiny_aunet(32, seed)
 
 
 def naive_nats(model: AUNet, text: bytes, context: int) -> float:

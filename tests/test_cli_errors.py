@@ -20,11 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from aunet.config import AUNetConfig
-from aunet.model import AUNet
 from pipelines.cli import expected_error, one_line, split_debug
 from pipelines.schema import SpecError
 
@@ -119,18 +116,11 @@ def work(tmp_path: Path) -> Path:
     ev = {"name": "e", "tasks": {"val": {"kind": "bpb", "path": "val.jsonl"}}}
     ev["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/ml.db"}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(ev))
-    torch.manual_seed(0)
-    cfg = AUNetConfig(
-        dimensions=[32, 64],
-        layers=[1, 1],
-        head_dims=[8, 16],
-        sliding_windows=[16, None],
-        max_seqlens=[-1, 24],
-        multiple_of=16,
-    )
+    from reference import tiny_aunet
+
     from aunet.checkpoint import save_pretrained
 
-    save_pretrained(AUNet(cfg).eval(), tmp_path / "ckpt", metadata={"plan": {"seq_len": 64}})
+    save_pretrained(tiny_aunet(24), tmp_path / "ckpt", metadata={"plan": {"seq_len": 64}})
     return tmp_path
 
 

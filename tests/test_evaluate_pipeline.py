@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from reference import tiny_aunet
 
 from aunet.checkpoint import save_pretrained
-from aunet.config import AUNetConfig
 from aunet.evaluation import ChoiceItem, aggregate, score_choices, score_texts
 from aunet.model import AUNet
 from pipelines import evaluate as ev
@@ -240,16 +240,7 @@ DOCS = [
 
 
 def tiny_model() -> AUNet:
-    torch.manual_seed(0)
-    cfg = AUNetConfig(
-        dimensions=[32, 64],
-        layers=[1, 1],
-        head_dims=[8, 16],
-        sliding_windows=[16, None],
-        max_seqlens=[-1, 24],
-        multiple_of=16,
-    )
-    return AUNet(cfg).eval()
+    return tiny_aunet(24)
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from lm_eval.tasks import TaskManager
+from reference import tiny_aunet
 
 import pipelines.lm_eval_model  # noqa: F401  (registers the "aunet" model)
 from aunet.api import AUModel
-from aunet.config import BOS_ID, AUNetConfig
+from aunet.config import BOS_ID
 from aunet.evaluation import (
     ChoiceItem,
     choice_length,
@@ -39,16 +40,7 @@ LIMIT = 4
 
 
 def tiny_model() -> AUNet:
-    torch.manual_seed(0)
-    cfg = AUNetConfig(
-        dimensions=[32, 64],
-        layers=[1, 1],
-        head_dims=[8, 16],
-        sliding_windows=[16, None],
-        max_seqlens=[-1, 64],
-        multiple_of=16,
-    )
-    return AUNet(cfg).eval()
+    return tiny_aunet(64)
 
 
 @pytest.fixture(scope="module")

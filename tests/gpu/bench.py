@@ -280,6 +280,12 @@ def pick_batch(
     return best
 
 
+def useful_flops_per_s(cfg: AUNetConfig, T: int, B: int, real: float, step_s: float) -> float:
+    """FLOP/s of a step counting only the real pooled positions (``real`` per window on average):
+    what the model needed, so a stage's padding to capacity never raises the figure."""
+    return flops_per_byte(cfg, T, [real] if cfg.num_stages else None) * B * T / step_s
+
+
 def timed(model, opt, data, device, warm: int, n: int) -> float:  # noqa: ANN001
     train_steps(model, opt, data, warm, device, "bfloat16")
     sync(device)
@@ -329,9 +335,7 @@ def section_throughput(
                 compile_s = time.perf_counter() - t_c
                 step_s = timed(model, opt, data, device, warm - 1, n)
                 flops = flops_per_byte(cfg, T) * B * T / step_s  # as computed, padding included
-                useful = flops
-                if cfg.num_stages:  # FLOPs of the real pooled positions only, padding excluded
-                    useful = flops_per_byte(cfg, T, [real]) * B * T / step_s
+                useful = useful_flops_per_s(cfg, T, B, real, step_s)
                 est_e = training_memory(cfg, T, B, "bfloat16").total
                 est_c = training_memory(cfg, T, B, "bfloat16", compiled=True).total
                 meas = peak_bytes(device) - base  # what earlier models left is not this one's
@@ -357,8 +361,7 @@ def section_throughput(
                     step_s = timed(model, opt, batches(windows, Bc, device), device, warm, n)
                     meas = peak_bytes(device) - base
                     est_c = training_memory(cfg, T, Bc, "bfloat16", compiled=True).total
-                    useful = flops_per_byte(cfg, T, [real] if cfg.num_stages else None)
-                    useful *= Bc * T / step_s
+                    useful = useful_flops_per_s(cfg, T, Bc, real, step_s)
                     row = (
                         f"batch {Bc} (the largest whose compiled estimate fits 70%), compiled "
                         f"step {step_s * 1e3:.0f} ms, {Bc * T / step_s / 1e6:.3f} MB/s, "

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from aunet.flops import flops_per_byte, num_params  # noqa: E402
+from aunet.flops import num_params  # noqa: E402
 from aunet.model import AUNet  # noqa: E402
 from aunet.optim import build_optimizer  # noqa: E402
 from aunet.parallel import peak_flops, shard  # noqa: E402
@@ -88,7 +88,7 @@ def run_case(case: str, device: torch.device, smoke: bool, windows, cap, real, t
     first = time.perf_counter() - t
     n = 2 if smoke else 5
     step = bench.timed(model, opt, data, device, 1 if smoke else 2, n)
-    useful = flops_per_byte(cfg, T, [real] if cfg.num_stages else None) * B * T / step
+    useful = bench.useful_flops_per_s(cfg, T, B, real, step)
     peak = peak_flops(device)
     mfu = f", MFU {useful / peak:.1%}" if peak else ""
     mem = bench.peak_bytes(device) / 2**30
