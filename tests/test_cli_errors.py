@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from netutil import free_port
 
 from pipelines.cli import expected_error, one_line, split_debug
 from pipelines.schema import SpecError
@@ -30,13 +30,6 @@ FIXTURES = ROOT / "tests" / "fixtures" / "lingua"
 RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ -- ")
 NO_RAY_SECONDS = 60  # a CLI that starts no Ray answers in a few seconds (torch import included)
 DOCS = [{"text": f"document number {i}: the quick brown fox jumps."} for i in range(30)]
-
-
-def free_port() -> int:
-    """A port nothing listens on: bound, then closed (connections to it are refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(cwd: Path, *args: str, ray_dir: Path | None = None, timeout: int = 600, **env: str):

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from netutil import free_port
 
 from aunet.config import BOS_ID, EOS_ID
 from aunet.entropy import resolve
@@ -519,9 +519,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch, bucket: str) -> Iterator[pafs.Fil
     """moto's standalone S3 server on a free loopback port, with ``bucket`` created; the
     ``AWS_*`` variables point pyarrow (and boto3) at it until the block ends. Yields the
     filesystem (paths ``bucket/...``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from netutil import free_port
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from test_preprocess import digest, make_spec, write_jsonl
@@ -53,7 +54,9 @@ def cluster_runs(tmp_path_factory):
         initialize_head=True,
         # The dashboard serves the State API, which Train's PlacementGroupCleaner asks whether
         # the controller lives (tests/test_train.py, ray_session).
-        head_node_args={"num_cpus": 1, "include_dashboard": True},
+        # A free dashboard port: Cluster asks for 8265 with no retry, and other Ray instances on a
+        # shared machine may hold it.
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port()},
     )
     try:
         # As a user's run joins a cluster: its RAY_ADDRESS reaches the workers (runtime_env).

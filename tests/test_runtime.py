@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.fs
 import pytest
+from netutil import free_port
 
 from pipelines.paths import absolute_path, join_path, resolve_tracking_uri
 from pipelines.runtime import (
@@ -66,14 +67,8 @@ def test_paths_and_uris(tmp_path, monkeypatch):
         assert f.read() == b"abc"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_check_tracking_fails_fast_on_closed_port():
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(TrackingUnreachable) as info:
         check_tracking_reachable(uri, timeout_s=5)
@@ -283,7 +278,7 @@ def _run_head(temp_dir: Path, home: Path):
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head"]
-            + [f"--port={_free_port()}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
+            + [f"--port={free_port()}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
             + ["--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", "--block"],
             env=_child_env(home),
             stdout=out,

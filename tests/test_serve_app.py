@@ -12,13 +12,13 @@ import base64
 import concurrent.futures as cf
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
+from netutil import free_port
 
 from aunet.api import AUModel
 from aunet.checkpoint import save_pretrained
@@ -30,12 +30,6 @@ from aunet.splitting import Splitter
 pytestmark = pytest.mark.slow
 
 MAX_BATCH = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def app(tmp_path_factory):
     exp = mlflow.create_experiment("serve", artifact_location=(tmp / "artifacts").as_uri())
     mlflow.set_experiment(experiment_id=exp)
     log_generation_model(ckpt, registered_model_name="aunet-serve-test")
-    http, metrics = _free_port(), _free_port()
+    http, metrics = free_port(), free_port()
     ray.init(
         address="local",
         num_cpus=2,
