@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ from aunet.checkpoint import (
     save_pretrained,
 )
 from aunet.config import AUNetConfig, ConfigError
+from aunet.evaluation import (
+    ChoiceItem,
+    aggregate,
+    greedy_bytes,
+    make_char_tasks,
+    score_char_tasks,
+    score_choices,
+    score_continuations,
+    score_texts,
+)
 from aunet.flops import flops_per_byte, flops_per_token, num_params, steps_for_budget
 from aunet.generate import TokenVocab, generate, heal, sample_next
 from aunet.model import AUNet
@@ -289,3 +300,118 @@ def test_generate_eos_and_arguments(tok):
         generate(
             AUNet(AUNetConfig(dimensions=[16], layers=[1], head_dims=[8])), b"a", 4, tokenizer=tok
         )
+
+
+# ------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def naive_token_logprobs(model: AUNet, seq: list[int], context: int) -> list[float]:
+    """float64 log p(seq[j] | the at most ``context - 1`` ids before it), one forward per j."""
+    out = []
+    for j in range(1, len(seq)):
+        x = torch.tensor([seq[max(0, j - context + 1) : j]])
+        logits = model(x, torch.zeros_like(x))[0, -1].double()
+        out.append(float(torch.log_softmax(logits, -1)[seq[j]]))
+    return out
+
+
+def test_bits_per_byte_equal_naive_per_document(tok, docs):
+    model = bpe_model(tok, seed=3)
+    texts = [b"The cat sat on the mat.", "日本語の文章 x".encode() + b"\x00\xff"]
+    texts += [b"", docs[0][:700]]
+    scores = score_texts(model, texts, context=64, stride=24, tokenizer=tok)
+    for text, s in zip(texts, scores):
+        seq = [tok.bos_id, *tok.encode(text).tolist()]
+        assert s.num_bytes == len(text)
+        nats = -sum(naive_token_logprobs(model, seq, 64))
+        assert s.nats == pytest.approx(nats, rel=1e-6, abs=1e-9)  # float32 scorer
+        if len(seq) <= 64 and text:  # fits: one full forward over the document
+            x = torch.tensor([seq])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(x, 0 * x)[0, :-1].double(), -1)
+            full = -float(lp.gather(-1, x[0, 1:, None]).sum())
+            assert s.bits_per_byte == pytest.approx(full / (math.log(2) * len(text)), rel=1e-6)
+    assert len(tok.encode(texts[3])) > 64  # the long document is scored in several windows
+    total = aggregate(scores)
+    assert total.num_bytes == sum(map(len, texts))
+
+
+def test_choices_score_the_tokens_holding_the_choice_bytes(tok):
+    model = bpe_model(tok, seed=4)
+    items = [
+        ChoiceItem("The cat sat on the", (" mat.", " hat!", "re was"), 0),  # "the|re"
+        ChoiceItem("日本", ("語", "ん"), 0),
+        ChoiceItem("", ("abc", " there"), 1),
+    ]
+    res = score_choices(model, items, batch_size=3, tokenizer=tok)
+    tb = tok.token_bytes
+    straddled = 0
+    for it, row in zip(items, res.loglik):
+        ctx = it.context.encode()
+        for ch, got in zip(it.choices, row):
+            ids = tok.encode(ctx + ch.encode()).tolist()
+            # naive junction rule: walk the tokens, keep those whose byte span reaches the choice
+            keep, end = [], 0
+            for j, t in enumerate(ids):
+                end += len(tb[t])
+                if end > len(ctx):
+                    keep.append(j)
+            assert keep and sum(len(tb[ids[j]]) for j in keep) >= len(ch.encode())
+            straddled += sum(len(tb[ids[j]]) for j in keep) > len(ch.encode())
+            lps = naive_token_logprobs(model, [tok.bos_id, *ids], 10**6)
+            assert got == pytest.approx(sum(lps[j] for j in keep), rel=1e-6)
+    assert straddled >= 1  # " the" + "re" is one token " there": it counts as the choice's
+    pairs = [(it.context.encode(), ch.encode()) for it in items for ch in it.choices]
+    conts = score_continuations(model, pairs, tokenizer=tok)
+    flat = [v for row in res.loglik for v in row]
+    assert [c.loglik for c in conts] == pytest.approx(flat, rel=1e-12)
+    assert [c.num_bytes for c in conts] == [len(c) for _, c in pairs]
+    # greedy: every token holding the continuation is the argmax (BOS and PAD excluded)
+    sampled = torch.as_tensor(tok.token_lengths) > 0
+    sampled[tok.eos_id] = True
+
+    @torch.no_grad()
+    def naive_greedy(ctx: bytes, cont: bytes) -> bool:
+        ids = [tok.bos_id, *tok.encode(ctx + cont).tolist()]
+        ends = torch.cumsum(torch.as_tensor(tok.token_lengths)[ids], 0)
+        x = torch.tensor([ids])
+        logits = model(x, 0 * x)[0].masked_fill(~sampled, -torch.inf)
+        return all(
+            int(logits[j - 1].argmax()) == ids[j] for j in range(1, len(ids)) if ends[j] > len(ctx)
+        )
+
+    assert [c.greedy for c in conts] == [naive_greedy(c, x) for c, x in pairs]
+    found = 0
+    for ctx in (b"The cat", b"In the beginning", b"And God said", b"x", b"Hello"):
+        seq = [tok.bos_id, *tok.encode(ctx).tolist()]
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.tensor([seq])
+                seq.append(int(model(x, 0 * x)[0, -1].masked_fill(~sampled, -torch.inf).argmax()))
+        cont = tok.decode(seq[-3:])
+        if tok.encode(ctx + cont).tolist() == seq[1:] and tok.eos_id not in seq:
+            (c,) = score_continuations(model, [(ctx, cont)], tokenizer=tok)
+            assert c.greedy and naive_greedy(ctx, cont)
+            found += 1
+    assert found >= 1
+    # max_len counts tokens; a continuation that cannot fit is an error naming the pair
+    with pytest.raises(ValueError, match="pair 0: the continuation has"):
+        score_continuations(model, [(b"ab", b"the cat sat on the mat")], max_len=3, tokenizer=tok)
+    long = score_continuations(model, [(b"x " * 50, b" mat")], max_len=8, tokenizer=tok)[0]
+    ids = tok.encode(b"x " * 50 + b" mat").tolist()
+    lps = naive_token_logprobs(model, [tok.bos_id, *ids[-7:]], 10**6)
+    first = next(j for j in range(len(ids)) if len(tok.decode(ids[: j + 1])) > 100) - len(ids) + 7
+    assert long.loglik == pytest.approx(sum(lps[first:]), rel=1e-6)
+
+
+def test_char_tasks_decode_bytes(tok):
+    model = bpe_model(tok, seed=5)
+    run = greedy_bytes(model, tok)
+    prompts = [b"Spell cat: ", mid_token_prompt(tok)]
+    outs = run(prompts, 9)
+    assert outs == [naive_generate(model, tok, p, 9, stop=b"\n") for p in prompts]
+    examples = make_char_tasks(["apple", "berry", "cherry", "melon", "grape"], "spell", 3, 0)
+    acc = score_char_tasks(examples, run)
+    assert acc == sum(
+        o.split(b"\n")[0] == e.answer.encode()
+        for e, o in zip(examples, run([e.prompt.encode() for e in examples], 13))
+    ) / len(examples)
