@@ -13,6 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from aunet.api import AUModel
 from aunet.checkpoint import (
     TOKENIZER_FILE,
     CheckpointError,
@@ -415,3 +416,32 @@ def test_char_tasks_decode_bytes(tok):
         o.split(b"\n")[0] == e.answer.encode()
         for e, o in zip(examples, run([e.prompt.encode() for e in examples], 13))
     ) / len(examples)
+
+
+# ------------------------------------------------------------------------------ AUModel
+def test_aumodel_round_trip_restores_the_tokenizer(tok, tmp_path):
+    model = AUModel(bpe_model(tok, seed=6).float(), tok)
+    model.context = 32
+    out = model.save_pretrained(tmp_path / "ckpt")
+    loaded = AUModel.from_pretrained(out)
+    assert loaded.tokenizer is not None and loaded.tokenizer.sha256 == tok.sha256
+    assert loaded.context == 32
+    prompts = ["The cat sat on the mat. It", "日本".encode()[:4], mid_token_prompt(tok)]
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 40, "seed": 3}):
+        a = model.generate(prompts, 16, **kw)
+        assert a == loaded.generate(prompts, 16, **kw)
+        assert all(isinstance(x, bytes) and len(x) == 16 for x in a)
+    assert model.generate("The cat", 8, temperature=0) == loaded.generate(
+        b"The cat", 8, temperature=0
+    )
+    text = "In the beginning God created the heaven and the earth."
+    s = loaded.score(text)
+    assert s.num_bytes == len(text.encode()) and s.nats == model.score(text.encode()).nats
+    x = [tok.bos_id, *tok.encode(text.encode()).tolist()]
+    nats = -sum(naive_token_logprobs(loaded.model, x, 32))
+    assert s.nats == pytest.approx(nats, rel=1e-5)
+    bpb = loaded.bits_per_byte([text, b"x"])
+    both = score_texts(loaded.model, [text.encode(), b"x"], 32, tokenizer=tok)
+    assert bpb == aggregate(both).bits_per_byte
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        AUModel(loaded.model)
