@@ -458,7 +458,10 @@ def _held(out: bytearray, stop: bytes | None) -> int:
 
 
 def decode_rows(
-    model: AUNet, prompts: Sequence[bytes], settings: Sequence[Sampling]
+    model: AUNet,
+    prompts: Sequence[bytes],
+    settings: Sequence[Sampling],
+    tokenizer: BPETokenizer | None = None,
 ) -> Iterator[list[bytes | None]]:
     """One cached batched generation where every row has its own settings and RNG.
 
@@ -467,46 +470,51 @@ def decode_rows(
     finished. A row's bytes joined equal ``generate(model, prompt, **its settings)``: its RNG is
     seeded from its own ``seed`` and samples from its own logits only, so rows never shift each
     other's random draws (what a server batching unrelated requests needs). Rows finish
-    independently: a finished row is no longer stepped.
+    independently: a finished row is no longer stepped. A BPE model needs its ``tokenizer``
+    (rows are ``TokenRow``s, as in ``generate``).
     """
     n = len(prompts)
     if len(settings) != n:
         raise ValueError(f"decode_rows: {len(settings)} settings for {n} prompts")
     for s in settings:
         s.check()
+    check_tokenizer(model.config, tokenizer, "decode_rows: tokenizer")
+    vocab = TokenVocab(tokenizer) if tokenizer is not None else None
     dev = model.tok_embeddings.weight.device
     rngs = []
     for s in settings:
         rng = torch.Generator(device=dev)
         rng.manual_seed(s.seed) if s.seed is not None else rng.seed()
         rngs.append(rng)
-    outs, sent = [bytearray() for _ in range(n)], [0] * n
+    sent = [0] * n
     live = [b for b in range(n) if settings[b].max_new_bytes > 0]
     first: list[bytes | None] = [None if b in live else b"" for b in range(n)]
     if not live:
         yield first
         return
+    rows: dict[int, ByteRow | TokenRow] = {
+        b: ByteRow(bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
+        if vocab is None
+        else TokenRow(vocab, bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
+        for b in live
+    }
     gen = Generator(model)
-    logits = gen.prefill(
-        [bytes(prompts[b]) for b in live], max(settings[b].max_new_bytes for b in live)
-    )
+    logits = gen.prefill([rows[b].context for b in live], max(r.steps for r in rows.values()))
     active = list(range(len(live)))  # Generator rows still running
     chunks = first
     while True:
         fed: list[tuple[int, int]] = []
         for j, r in enumerate(active):
             b, s = live[r], settings[live[r]]
-            t = int(sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b])[0])
-            done = t == EOS_ID
-            if not done:
-                outs[b].append(t)
-                if s.stop is not None and outs[b].endswith(s.stop):
-                    del outs[b][-len(s.stop) :]
-                    done = True
-                else:
-                    done = len(outs[b]) == s.max_new_bytes  # one byte per step until then
-            end = len(outs[b]) if done else len(outs[b]) - _held(outs[b], s.stop)
-            chunks[b] = bytes(outs[b][sent[b] : end])
+            row = rows[b]
+            allowed = row.allowed()
+            allowed = None if allowed is None else allowed[None]
+            t = int(
+                sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b], allowed)[0]
+            )
+            done = row.feed(t)
+            end = len(row.out) if done else len(row.out) - _held(row.out, s.stop)
+            chunks[b] = bytes(row.out[sent[b] : end])
             sent[b] = end
             if not done:
                 fed.append((r, t))
