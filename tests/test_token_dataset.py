@@ -203,6 +203,23 @@ def test_manifest_tokenizer_verifies_the_file(built, tmp_path):
     (copy / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         manifest_tokenizer(copy)
+    byte_manifest = {k: v for k, v in info.manifest.items() if k != "tokenizer"}
+    assert manifest_tokenizer(copy, byte_manifest) is None  # a byte dataset has none
+
+
+def test_max_documents_cuts_tokens_and_training_alike(built, tmp_path):
+    _, recs, _, _ = built
+    write_jsonl(tmp_path / "c.jsonl", recs)
+    info = pp.preprocess(bpe_spec(tmp_path, max_documents=37))
+    m = info.manifest
+    first = recs[:37]
+    assert m["documents"]["written"] == 37
+    for s in ("train", "val"):
+        assert m["splits"][s]["bytes"] == sum(
+            len(r["text"].encode()) for r in first if split_of(r) == s
+        )
+    train = [r["text"].encode() for r in first if split_of(r) == "train"]
+    assert m["tokenizer"]["sha256"] == BPETokenizer.train(train, 320).sha256
 
 
 def test_cli_trains_prints_and_preprocess_reuses(tmp_path, capsys):
