@@ -36,6 +36,7 @@ the rows it drives.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -290,7 +291,7 @@ class TokenVocab:
     (token healing asks whether bytes could still grow into a longer token)."""
 
     def __init__(self, tokenizer: BPETokenizer) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak: ``of`` caches by the tokenizer
         self.token_bytes = list(tokenizer.token_bytes) + [b""] * (
             tokenizer.vocab_size - len(tokenizer.token_bytes)
         )
@@ -300,11 +301,29 @@ class TokenVocab:
         self.sampleable[self.eos_id] = True
         self.prefixes = {t[:i] for t in tokenizer.token_bytes for i in range(1, len(t))}
 
+    @property
+    def tokenizer(self) -> BPETokenizer:
+        tokenizer = self._tokenizer()
+        assert tokenizer is not None, "TokenVocab used after its tokenizer was freed"
+        return tokenizer
+
+    @classmethod
+    def of(cls, tokenizer: BPETokenizer) -> TokenVocab:
+        """The tokenizer's TokenVocab, built once per tokenizer object (the prefix set of a 32k
+        vocabulary takes ~0.1 s, too much for every ``generate`` call of an evaluation)."""
+        vocab = _VOCABS.get(tokenizer)
+        if vocab is None:
+            vocab = _VOCABS[tokenizer] = cls(tokenizer)
+        return vocab
+
     def starting_with(self, pending: bytes) -> torch.Tensor:
         """(V,) bool: ids whose bytes start with ``pending`` or are a proper prefix of it."""
         return torch.tensor(
             [bool(t) and (t.startswith(pending) or pending.startswith(t)) for t in self.token_bytes]
         )
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def heal(vocab: TokenVocab, ids: Sequence[int]) -> tuple[list[int], bytes]:
@@ -394,7 +413,7 @@ def generate(
     if stop is not None and (not isinstance(stop, (bytes, bytearray)) or not stop):
         raise ValueError(f"stop: expected non-empty bytes or None, got {stop!r}")
     check_tokenizer(model.config, tokenizer, "generate: tokenizer")
-    vocab = TokenVocab(tokenizer) if tokenizer is not None else None
+    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
     rows: list[ByteRow | TokenRow] = [
         ByteRow(bytes(p), max_new_bytes, stop)
         if vocab is None
@@ -479,7 +498,7 @@ def decode_rows(
     for s in settings:
         s.check()
     check_tokenizer(model.config, tokenizer, "decode_rows: tokenizer")
-    vocab = TokenVocab(tokenizer) if tokenizer is not None else None
+    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
     dev = model.tok_embeddings.weight.device
     rngs = []
     for s in settings:
