@@ -77,7 +77,8 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
     """
     from aunet.flops import compute_optimal, learning_rate
     from pipelines.data import is_complete, read_manifest
-    from pipelines.plan import plan_training
+    from pipelines.entropy_fit import dataset_spec
+    from pipelines.plan import plan_training, stream_bytes_per_token
 
     cells = []
     T = spec.data.seq_len
@@ -85,14 +86,23 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
         base = spec.with_overrides(vo)
         built = is_complete(base.dataset_dir())
         manifest = read_manifest(base.dataset_dir()) if built else None
+        if base.tokenizer is not None and manifest is None:
+            raise SpecError(
+                f"study.variants.{variant}: a tokenizer variant is sized with its dataset's "
+                "bytes per token; build it first (python -m pipelines.preprocess, or run)"
+            )
+        # A token model: its tokenizer's vocabulary, FLOPs per byte at the measured compression.
+        model = dataset_spec(base, manifest).model
+        bpt = {"bytes_per_token": stream_bytes_per_token(manifest)} if base.tokenizer else {}
         for budget in study.budgets:
             for sf in study.size_factors:
                 sized = compute_optimal(
-                    base.model,
+                    model,
                     budget,
                     T,
                     scale=study.scale,
                     bytes_per_param=study.bytes_per_param / sf**2,
+                    **bpt,
                 )["config"]
                 key = "model.layers" if study.scale == "depth" else "model.dimensions"
                 value = list(sized.layers if study.scale == "depth" else sized.dimensions)
