@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_AUNET = {"ray", "mlflow", "optuna", "yaml", "pandas"}
-ALLOWED_IN_AUNET = {"torch", "numpy", "regex", "safetensors", "flash_attn", "aunet"}
+ALLOWED_IN_AUNET = {"torch", "numpy", "regex", "safetensors", "flash_attn", "tokenizers", "aunet"}
 # The one exception: the converter reads the official lingua training YAML (lazily, in a function).
 EXCEPTIONS = {"aunet/interop.py": {"yaml"}}
 
