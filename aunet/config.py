@@ -11,8 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Vocabulary: the official byte tokenizer's layout (docs/design.md, Vocabulary). No PAD id exists
-# in the model vocab.
+# Vocabulary: the official byte tokenizer's layout (docs/design.md, Vocabulary), the defaults of
+# ``AUNetConfig.vocab_size/bos_id/eos_id``. No PAD id exists in the model vocab. A BPE model
+# (docs/design.md, BPE baseline) carries its own ids in the config; code that runs a model reads
+# the config, never these constants.
 BOS_ID = 256
 EOS_ID = 257
 VOCAB_SIZE = 258
@@ -64,7 +66,9 @@ def _err(key: str, msg: str) -> ConfigError:
 class AUNetConfig:
     """AU-Net hyper-parameters with the official list layout (one entry per stage, K+1 stages).
 
-    ``K = len(dimensions) - 1`` pooling stages; ``K = 0`` is a plain byte-level Transformer.
+    ``K = len(dimensions) - 1`` pooling stages; ``K = 0`` is a plain byte-level Transformer, or,
+    with a ``vocab_size`` other than 258, the BPE baseline over a tokenizer's ids (docs/design.md,
+    BPE baseline). Pooling needs byte positions, so only ``K = 0`` takes another vocabulary.
     """
 
     dimensions: list[int]
@@ -87,6 +91,10 @@ class AUNetConfig:
     lambda_level: float = 0.0
     # splitting strategy (official mapping, dict order = level); None = DEFAULT_STRATEGIES[:K]
     strategy: dict[str, str] | None = None
+    # vocabulary: the byte layout by default; a BPE model's come from its tokenizer
+    vocab_size: int = VOCAB_SIZE
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
     seed: int = 42
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -180,6 +188,11 @@ class AUNetConfig:
 
     def kv_heads(self, stage: int) -> int:
         return self.n_kv_heads or self.stages[stage].n_heads
+
+    @property
+    def is_bytes(self) -> bool:
+        """The model reads bytes (ids 0..255, BOS/EOS above): every AU-Net and the byte baseline."""
+        return (self.vocab_size, self.bos_id, self.eos_id) == (VOCAB_SIZE, BOS_ID, EOS_ID)
 
     @property
     def nonparametric(self) -> bool:
@@ -282,3 +295,22 @@ class AUNetConfig:
                     "strategy",
                     f"expected {K} entries (one per pooling stage), got {len(self.strategy)}",
                 )
+        for key in ("vocab_size", "bos_id", "eos_id"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _err(key, f"expected int, got {v!r}")
+        if self.vocab_size < 257:
+            raise _err(
+                "vocab_size", f"expected >= 257 (256 bytes + specials), got {self.vocab_size}"
+            )
+        for key in ("bos_id", "eos_id"):
+            v = getattr(self, key)
+            if not 256 <= v < self.vocab_size:
+                raise _err(key, f"expected in [256, vocab_size={self.vocab_size}), got {v}")
+        if self.vocab_size != VOCAB_SIZE and (K > 0 or self.strategy):
+            raise _err(
+                "vocab_size",
+                f"{self.vocab_size} != {VOCAB_SIZE} (bytes) needs a 1-stage model (one entry in "
+                f"dimensions, no strategy): pooling splits bytes, not tokens; got {K} pooling "
+                "stages",
+            )

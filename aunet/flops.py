@@ -15,6 +15,11 @@ Attention conventions (``attention=``), per layer at a stage of length L, width 
   backend (masks ignored).
 - ``"none"``: no attention term, what ``flop_counter`` reports on CPU with the default SDPA
   kernel (``_scaled_dot_product_flash_attention_for_cpu`` has no flop formula: it counts 0).
+
+A BPE model (docs/design.md, BPE baseline) runs one position per token: ``flops_per_token`` is
+what it costs, and ``flops_per_byte`` divides by the bytes per token measured on the training
+split (a float ``bytes_per_token``), so byte models, AU-Nets and BPE models share one FLOPs axis.
+For byte models a position is a byte (1.0) and ``bytes_per_token`` keeps its per-stage meaning.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from aunet.config import VOCAB_SIZE, AUNetConfig
+from aunet.config import AUNetConfig
 
 # Bytes per stage-s token for uncapped stages when no counts are given (s = 1, 2, 3). 5.4 and 9.2
 # are the measured word1 / word2 ratios (GPL-3 text, not DCLM; docs/design.md, Worked examples);
@@ -33,6 +38,33 @@ DEFAULT_BYTES_PER_TOKEN = (5.4, 9.2, 18.4)
 # at 214 (2B_1level) and 259 (2B_2level) bytes per parameter: pass those to follow them.
 DEFAULT_BYTES_PER_PARAM = 90.0
 ATTENTION_CONVENTIONS = ("causal", "dense", "none")
+# ``bytes_per_token`` of the functions below: bytes per stage-0 position (a float: a BPE model's
+# measured compression, 1.0 for bytes) or the per-stage contraction of an AU-Net (a sequence).
+BytesPerToken = float | Sequence[float]
+
+
+def split_bytes_per_token(
+    config: AUNetConfig, bytes_per_token: BytesPerToken | None
+) -> tuple[float, Sequence[float]]:
+    """(bytes per stage-0 position, per-stage contraction for uncapped deeper stages).
+
+    A token model without a float is an error rather than a silent FLOPs-per-token figure (the
+    compute match of docs/design.md, BPE baseline, hinges on it); a byte model's positions are
+    bytes, so a float other than 1.0 is an error too.
+    """
+    if bytes_per_token is None or not isinstance(bytes_per_token, (int, float)):
+        if not config.is_bytes:
+            raise ValueError(
+                f"bytes_per_token: a token model (vocab_size {config.vocab_size}) needs its bytes "
+                f"per token as a float (measured on the training split), got {bytes_per_token!r}"
+            )
+        return 1.0, DEFAULT_BYTES_PER_TOKEN if bytes_per_token is None else bytes_per_token
+    bpt = float(bytes_per_token)
+    if not (bpt > 0 and math.isfinite(bpt)):
+        raise ValueError(f"bytes_per_token: expected > 0, got {bytes_per_token!r}")
+    if config.is_bytes and bpt != 1.0:
+        raise ValueError(f"bytes_per_token: a byte model reads 1 byte per position, got {bpt}")
+    return bpt, DEFAULT_BYTES_PER_TOKEN
 
 
 def _block_params(config: AUNetConfig, s: int) -> int:
@@ -63,7 +95,7 @@ def _transition_params(config: AUNetConfig, s: int) -> int:
 def num_params(config: AUNetConfig) -> int:
     """Exact ``sum(p.numel())`` of ``AUNet(config)`` (RoPE tables are buffers, not counted)."""
     K, d0 = config.num_stages, config.dimensions[0]
-    n = 2 * VOCAB_SIZE * d0 + d0  # tok_embeddings, vocab (untied), vocab_norm
+    n = 2 * config.vocab_size * d0 + d0  # tok_embeddings, vocab (untied), vocab_norm
     n += sum(_blocks_at(config, s) * _block_params(config, s) for s in range(K + 1))
     n += sum(_transition_params(config, s) for s in range(K))
     if config.lambda_level > 0:
@@ -145,13 +177,13 @@ def flops_breakdown(
         if up.endswith("multilinear"):
             t += w * L[s]  # one M[o(t)] per stage-s position
         out["transitions"] += t
-    out["head"] = 6 * dims[0] * VOCAB_SIZE * L[0]
+    out["head"] = 6 * dims[0] * config.vocab_size * L[0]
     if config.lambda_level > 0:
         out["level_head"] = 6 * 2 * dims[0] * (K + 1) * L[0]
     return out
 
 
-def flops_per_byte(
+def flops_per_token(
     config: AUNetConfig,
     seq_len: int,
     stage_tokens: Sequence[float] | None = None,
@@ -159,11 +191,34 @@ def flops_per_byte(
     bytes_per_token: Sequence[float] = DEFAULT_BYTES_PER_TOKEN,
     attention: str = "causal",
 ) -> float:
-    """Training FLOPs (forward + backward) per input byte; see the module docstring."""
+    """Training FLOPs (forward + backward) per stage-0 position: a byte for byte models and
+    AU-Nets, a token for a BPE model (``seq_len`` in tokens). ``bytes_per_token`` here is only
+    the per-stage contraction of ``stage_lengths``."""
     parts = flops_breakdown(
         config, seq_len, stage_tokens, bytes_per_token=bytes_per_token, attention=attention
     )
     return sum(parts.values()) / seq_len
+
+
+def flops_per_byte(
+    config: AUNetConfig,
+    seq_len: int,
+    stage_tokens: Sequence[float] | None = None,
+    *,
+    bytes_per_token: BytesPerToken | None = None,
+    attention: str = "causal",
+) -> float:
+    """Training FLOPs (forward + backward) per input byte; see the module docstring.
+
+    = ``flops_per_token`` / bytes per token: a float ``bytes_per_token`` is a BPE model's measured
+    compression (``seq_len`` then counts tokens); byte models take 1.0 (the same numbers, bit for
+    bit) or None / their per-stage contraction.
+    """
+    per_position, contraction = split_bytes_per_token(config, bytes_per_token)
+    fpt = flops_per_token(
+        config, seq_len, stage_tokens, bytes_per_token=contraction, attention=attention
+    )
+    return fpt / per_position
 
 
 # ------------------------------------------------------------------------ official estimators
@@ -180,7 +235,7 @@ def official_param_estimate(config: AUNetConfig) -> int:
     """``HierarchicalArgs.estimated_param_count``: blocks + 2*d0*vocab, no transitions or norms."""
     d = config.dimensions
     body = sum(_blocks_at(config, s) * _official_layer(config, d[s]) for s in range(len(d)))
-    return int(body + 2 * d[0] * VOCAB_SIZE)
+    return int(body + 2 * d[0] * config.vocab_size)
 
 
 def official_flops_per_byte(config: AUNetConfig, seq_len: int) -> float:
@@ -196,7 +251,7 @@ def official_flops_per_byte(config: AUNetConfig, seq_len: int) -> float:
         if caps[s] <= 0:
             raise ValueError(f"max_seqlens[{s}]: the official estimator needs a capacity, got -1")
     seqs = [seq_len] + caps[1:]
-    lin, att = float(d[0] * VOCAB_SIZE), 0.0
+    lin, att = float(d[0] * config.vocab_size), 0.0
     for s, w in enumerate(config.windows):
         n, S = _blocks_at(config, s), seqs[s]
         r = S / seq_len
@@ -229,7 +284,7 @@ def train_flops(
     seq_len: int,
     total_bytes: float,
     stage_tokens: Lengths = None,
-    bytes_per_token: Sequence[float] = DEFAULT_BYTES_PER_TOKEN,
+    bytes_per_token: BytesPerToken | None = None,
 ) -> float:
     """C = flops_per_byte x training bytes."""
     fpb = flops_per_byte(config, seq_len, stage_tokens, bytes_per_token=bytes_per_token)
@@ -242,10 +297,13 @@ def steps_for_budget(
     batch_sequences: int,
     flop_budget: float,
     stage_tokens: Lengths = None,
-    bytes_per_token: Sequence[float] = DEFAULT_BYTES_PER_TOKEN,
+    bytes_per_token: BytesPerToken | None = None,
 ) -> int:
-    """Whole optimizer steps of ``batch_sequences`` x ``seq_len`` bytes that fit the budget."""
-    step = train_flops(config, seq_len, seq_len * batch_sequences, stage_tokens, bytes_per_token)
+    """Whole optimizer steps of ``batch_sequences`` x ``seq_len`` positions (bytes, or a BPE
+    model's tokens) that fit the budget."""
+    per_position, _ = split_bytes_per_token(config, bytes_per_token)
+    step_bytes = seq_len * batch_sequences * per_position
+    step = train_flops(config, seq_len, step_bytes, stage_tokens, bytes_per_token)
     return int(flop_budget // step)
 
 
@@ -293,7 +351,7 @@ def size_for_flops_per_byte(
     *,
     scale: str = "width",
     stage_tokens: Lengths = None,
-    bytes_per_token: Sequence[float] = DEFAULT_BYTES_PER_TOKEN,
+    bytes_per_token: BytesPerToken | None = None,
 ) -> AUNetConfig:
     """Scale the template's width (or depth) so flops_per_byte is as close as possible to target."""
 
@@ -311,7 +369,7 @@ def compute_optimal(
     bytes_per_param: float = DEFAULT_BYTES_PER_PARAM,
     scale: str = "width",
     stage_tokens: Lengths = None,
-    bytes_per_token: Sequence[float] = DEFAULT_BYTES_PER_TOKEN,
+    bytes_per_token: BytesPerToken | None = None,
 ) -> dict[str, object]:
     """Size for a compute budget C under D = bytes_per_param x N (default: Chinchilla in bytes).
 

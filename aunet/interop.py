@@ -158,6 +158,11 @@ def _require_official_strategy(strategy: dict[str, str], where: str) -> None:
 def config_to_lingua(config: AUNetConfig, seq_len: int) -> dict[str, Any]:
     """Ours -> official ``{"model", "data"}`` mapping (``config_from_lingua`` reads it back)."""
     caps = config.capacities
+    if not config.is_bytes:
+        raise InteropError(
+            f"vocab_size: {config.vocab_size}: only the byte tokenizer (vocab 258) maps to the "
+            "official format"
+        )
     if config.upsampling_positions != OFFICIAL_POSITIONS:
         raise InteropError(f"upsampling_positions: {config.upsampling_positions} != 16 (official)")
     if caps[0] not in (-1, seq_len):
@@ -216,9 +221,9 @@ def key_map(config: AUNetConfig) -> list[KeySpec]:
     """Every official state-dict key for ``config``, with our name and the expected shape."""
     K, d0, P = config.num_stages, config.dimensions[0], OFFICIAL_POSITIONS
     same: list[tuple[str, tuple[int, ...]]] = [
-        ("tok_embeddings.weight", (VOCAB_SIZE, d0)),
+        ("tok_embeddings.weight", (config.vocab_size, d0)),
         ("vocab_norm.weight", (d0,)),
-        ("vocab.weight", (VOCAB_SIZE, d0)),
+        ("vocab.weight", (config.vocab_size, d0)),
     ]
     if config.lambda_level > 0:
         same += [("level_mask_norm.weight", (2 * d0,)), ("level_mask.weight", (K + 1, 2 * d0))]

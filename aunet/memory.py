@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aunet.config import VOCAB_SIZE, AUNetConfig
+from aunet.config import AUNetConfig
 from aunet.flops import _blocks_at, num_params, stage_lengths
 
 AC_POLICIES = ("none", "blocks", "selective")
@@ -116,7 +116,8 @@ def activation_bytes(
 
     A checkpointed block keeps only its input (p*d per position); the backward then recomputes one
     block at a time, so the largest checkpointed block is added once. Transitions and the head are
-    never checkpointed; the head keeps the float32 log-probabilities (4*258 per byte).
+    never checkpointed; the head keeps the float32 log-probabilities (4*V per position, V = 258
+    for bytes).
     ``compiled``: the blocks are ``torch.compile``'d (``aunet.parallel.shard(compile=True)``) and
     keep ``compiled_block_activation_bytes``; transitions and the head stay eager either way.
     """
@@ -145,7 +146,7 @@ def activation_bytes(
         up = (2 * FP32 + p) * do * L[s + 1] + 2 * p * do * L[s]
         total += down + up
     d0 = dims[0]
-    total += (2 * FP32 * d0 + p * d0 + FP32 * VOCAB_SIZE) * L[0]
+    total += (2 * FP32 * d0 + p * d0 + FP32 * config.vocab_size) * L[0]
     return (total + recompute) * batch_size
 
 

@@ -1,8 +1,9 @@
 """AU-Net: embed -> encoders (pool down) -> trunk -> decoders (upsample + skip) -> logits.
 
 A config with one stage (``len(dimensions) == 1``) is a plain byte-level Transformer: the baseline
-every comparison uses. Module names mirror the official ``HierarchicalTransformer`` so official
-state dicts load key for key (see ``aunet.interop``).
+every comparison uses; with a tokenizer's ``vocab_size`` it is the BPE baseline (docs/design.md,
+BPE baseline), the same blocks over token ids. Module names mirror the official
+``HierarchicalTransformer`` so official state dicts load key for key (see ``aunet.interop``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aunet.config import VOCAB_SIZE, AUNetConfig
+from aunet.config import AUNetConfig
 from aunet.layers import (
     CausalTransformer,
     RMSNorm,
@@ -46,7 +47,7 @@ class AUNet(nn.Module):
         c, K = config, config.num_stages
         stages = c.stages
         d0 = c.dimensions[0]
-        self.tok_embeddings = nn.Embedding(VOCAB_SIZE, d0)
+        self.tok_embeddings = nn.Embedding(c.vocab_size, d0)
 
         def stack(s: int, n_layers: int) -> CausalTransformer:
             st = stages[s]
@@ -75,7 +76,7 @@ class AUNet(nn.Module):
         self.decoders = nn.ModuleList(stack(s, stages[s].layers) for s in range(K))
         self.trunk = stack(K, stages[K].layers)
         self.vocab_norm = RMSNorm(d0, c.norm_eps)
-        self.vocab = nn.Linear(d0, VOCAB_SIZE, bias=False)
+        self.vocab = nn.Linear(d0, c.vocab_size, bias=False)
         if c.lambda_level > 0:
             self.level_mask_norm = RMSNorm(2 * d0, c.norm_eps)
             self.level_mask = nn.Linear(2 * d0, K + 1, bias=False)
@@ -135,7 +136,7 @@ class AUNet(nn.Module):
         return pooling_plan(force_first(levels, self.config.num_stages), self.config.capacities)
 
     def features(self, tokens: torch.Tensor, levels: torch.Tensor) -> ForwardOutput:
-        """tokens (B, T) int64 in [0, 258), levels (B, T) int -> decoder-0 output (B, T, D_0)."""
+        """tokens (B, T) int64 in [0, V), levels (B, T) int -> decoder-0 output (B, T, D_0)."""
         plans = self.plan(levels)
         x = self.tok_embeddings(tokens)
         skips = []
@@ -151,7 +152,7 @@ class AUNet(nn.Module):
         return ForwardOutput(hidden=x, plans=plans)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, D_0) -> logits (B, T, 258)."""
+        """(B, T, D_0) -> logits (B, T, V), V = ``config.vocab_size`` (258 for bytes)."""
         return self.vocab(self.vocab_norm(hidden))
 
     def level_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ class AUNet(nn.Module):
         targets: torch.Tensor | None = None,
         target_levels: torch.Tensor | None = None,
     ) -> torch.Tensor | LossOutput:
-        """tokens (B, T) int64, levels (B, T) int -> logits (B, T, 258).
+        """tokens (B, T) int64, levels (B, T) int -> logits (B, T, V).
 
         With ``targets`` (B, T) it returns the training ``LossOutput`` instead, computed inside
         ``forward`` so that FSDP's forward hooks cover every parameter the loss touches.
