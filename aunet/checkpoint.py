@@ -8,6 +8,11 @@ A plain ``.pt`` state dict is accepted too, loaded with ``weights_only=True``.
 safetensors validates its header but not the tensor bytes, so flipped or truncated data would
 otherwise load and generate silently. ``verify=False`` skips the check (it reads the whole file
 once, ~1 s per GB); a checkpoint written before the digest existed loads unchecked.
+
+A BPE model (docs/design.md, BPE baseline) is useless without the exact tokenizer it was trained
+with, so ``tokenizer.json`` is written next to the weights and its SHA-256 recorded in
+``config.json`` (``tokenizer_sha256``); it is checked on every load (the file is small, so
+``verify=False`` does not skip it). Byte checkpoints have neither.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aunet.config import AUNetConfig, ConfigError
+from aunet.config import AUNetConfig, ConfigError, check_tokenizer
 from aunet.model import AUNet
+
+if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "aunet-consolidated-v1"
 
 
@@ -47,8 +56,10 @@ def save_pretrained(
     out_dir: str | os.PathLike,
     config: AUNetConfig | None = None,
     metadata: dict[str, Any] | None = None,
+    tokenizer: BPETokenizer | None = None,
 ) -> Path:
-    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (atomically per file)."""
+    """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` (atomically per file), and
+    for a BPE model ``out_dir/tokenizer.json``, which must match the config's vocabulary."""
     from safetensors.torch import save_file
 
     if isinstance(model, AUNet):
@@ -58,6 +69,7 @@ def save_pretrained(
         state = model
     if config is None:
         raise ValueError("save_pretrained needs the config when given a bare state dict")
+    check_tokenizer(config, tokenizer, "save_pretrained: tokenizer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -72,6 +84,12 @@ def save_pretrained(
         "metadata": metadata or {},
         "weights_sha256": digest,
     }
+    if tokenizer is not None:
+        (out / (TOKENIZER_FILE + ".tmp")).write_text(tokenizer.to_json(), encoding="utf-8")
+        payload["tokenizer_sha256"] = file_sha256(out / (TOKENIZER_FILE + ".tmp"))
+        os.replace(out / (TOKENIZER_FILE + ".tmp"), out / TOKENIZER_FILE)
+    else:  # a byte model written over a BPE checkpoint must not leave its tokenizer behind
+        (out / TOKENIZER_FILE).unlink(missing_ok=True)
     (out / (CONFIG_FILE + ".tmp")).write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(out / (CONFIG_FILE + ".tmp"), out / CONFIG_FILE)
     return out
@@ -149,13 +167,47 @@ def verify_weights(path: str | os.PathLike) -> None:
         )
 
 
+def load_tokenizer(path: str | os.PathLike) -> BPETokenizer | None:
+    """The tokenizer of a checkpoint directory, after checking its SHA-256 against the one
+    ``config.json`` records; None for a byte checkpoint. CheckpointError names the bad file."""
+    from aunet.tokenizer import BPETokenizer
+
+    config, _ = read_config(path)
+    cfg_path, tok_path = Path(path) / CONFIG_FILE, Path(path) / TOKENIZER_FILE
+    expected = json.loads(cfg_path.read_text()).get("tokenizer_sha256")
+    if expected is None:
+        if not config.is_bytes:
+            raise CheckpointError(
+                f"{cfg_path}: a token model (vocab_size {config.vocab_size}) without "
+                f"tokenizer_sha256: the checkpoint has no verified {TOKENIZER_FILE}"
+            )
+        return None
+    if not tok_path.is_file():
+        raise CheckpointError(f"{tok_path}: missing (recorded in {CONFIG_FILE})")
+    actual = file_sha256(tok_path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{tok_path}: SHA-256 {actual[:16]}... does not match {expected[:16]}... recorded "
+            f"in {CONFIG_FILE}: the tokenizer is corrupt or was changed"
+        )
+    try:
+        tokenizer = BPETokenizer.load(tok_path)
+        check_tokenizer(config, tokenizer, str(tok_path))
+    except ValueError as e:
+        raise CheckpointError(str(e) if str(tok_path) in str(e) else f"{tok_path}: {e}") from None
+    return tokenizer
+
+
 def load_pretrained(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", *, verify: bool = True
 ) -> AUNet:
     """Build the model from a checkpoint directory and load its weights (strictly), after checking
-    the weights' digest unless ``verify=False``."""
+    the weights' digest unless ``verify=False``. A BPE checkpoint's tokenizer is verified too
+    (``load_tokenizer``), so that weights are never used with a tokenizer they were not saved
+    with."""
     config, _ = read_config(path)
     weights = Path(path) / WEIGHTS_FILE
+    load_tokenizer(path)
     if verify:
         verify_weights(path)
     state = load_state_dict(weights)

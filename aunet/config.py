@@ -58,6 +58,24 @@ class StageConfig:
         return self.dim // self.head_dim
 
 
+def check_tokenizer(config: AUNetConfig, tokenizer: Any, where: str) -> None:
+    """Raise ValueError unless ``tokenizer`` is the vocabulary ``config`` was built for: None for
+    a byte model, one with the same size and BOS/EOS ids for a BPE model."""
+    if tokenizer is None:
+        if not config.is_bytes:
+            raise ValueError(
+                f"{where}: a token model (model.vocab_size {config.vocab_size}) needs its "
+                "tokenizer: without it no id can be decoded"
+            )
+        return
+    got = (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    want = (config.vocab_size, config.bos_id, config.eos_id)
+    if got != want:
+        raise ValueError(
+            f"{where}: (vocab_size, bos_id, eos_id) {got} do not match the model's {want}"
+        )
+
+
 def _err(key: str, msg: str) -> ConfigError:
     return ConfigError(f"{key}: {msg}")
 
