@@ -62,6 +62,7 @@ class Cell:
     steps: int
     batch_size: int
     lr: float
+    batch_bytes: float = 0.0  # bytes per step (a BPE cell: tokens x bytes per token)
 
 
 # ---------------------------------------------------------------------------------- cells
@@ -81,9 +82,9 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
     from pipelines.plan import plan_training, stream_bytes_per_token
 
     cells = []
-    T = spec.data.seq_len
     for variant, vo in study.variants.items():
         base = spec.with_overrides(vo)
+        T = base.data.seq_len  # a BPE variant's windows count tokens
         built = is_complete(base.dataset_dir())
         manifest = read_manifest(base.dataset_dir()) if built else None
         if base.tokenizer is not None and manifest is None:
@@ -139,6 +140,7 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
                             plan.steps,
                             plan.batch_size,
                             plan.lr,
+                            plan.bytes_per_step,
                         )
                     )
     return cells
@@ -153,8 +155,9 @@ def format_cells(cells: Sequence[Cell], seq_len: int) -> str:
             for k, v in c.overrides.items()
             if k.startswith("model.dimensions") or k.startswith("model.layers")
         }
+        batch = c.batch_bytes or c.batch_size * seq_len
         lines.append(
-            f"{c.label:28s} {c.params:14,d} {c.steps:6d} {c.batch_size * seq_len:6d} "
+            f"{c.label:28s} {c.params:14,d} {c.steps:6d} {batch:6.0f} "
             f"{c.lr:9.3g}  {json.dumps(model)}"
         )
     return "\n".join(lines)
