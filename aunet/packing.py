@@ -57,10 +57,21 @@ class Packer:
     out as the chunk (the caller owns it) and the next one starts with its last token.
     """
 
-    def __init__(self, seq_len: int, chunk: int = 1):
+    def __init__(
+        self,
+        seq_len: int,
+        chunk: int = 1,
+        *,
+        dtype: type = TOKEN_DTYPE,
+        bos_id: int = BOS_ID,
+        eos_id: int = EOS_ID,
+    ):
+        """``dtype``, ``bos_id``, ``eos_id``: the byte vocabulary's by default; a BPE vocabulary
+        (aunet/tokenizer.py) packs its ids with its own specials, in uint16 or uint32."""
         if seq_len < 1 or chunk < 1:
             raise ValueError(f"seq_len and chunk must be >= 1, got {seq_len}, {chunk}")
         self.seq_len, self.chunk = seq_len, chunk
+        self.dtype, self.bos_id, self.eos_id = dtype, bos_id, eos_id
         self._cap = chunk * seq_len + 1
         self._tok, self._lev, self._fill = self._buffers()
         self.tokens_in = 0  # every token handed to add() / add_documents()
@@ -87,7 +98,8 @@ class Packer:
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """``add`` of each document's ``encode_document`` output, without building them.
 
-        ``data`` / ``levels``: uint8 [N], documents' bytes and Splitter levels back to back;
+        ``data`` / ``levels``: [N], documents' bytes (uint8) or token ids and their levels
+        (uint8) back to back;
         ``lengths``: [n] byte counts summing to N. Lets a producer ship bytes + levels (2 bytes
         per text byte) and the packer add BOS/EOS as it copies them into the chunk buffer.
         """
@@ -101,17 +113,20 @@ class Packer:
         for n in lengths.tolist():  # ~1 us of Python per document; the copies are memcpy
             f = self._fill
             if f + n + 2 <= self._cap:  # the common case: the whole document fits
-                self._tok[f], self._lev[f] = BOS_ID, top_level
+                self._tok[f], self._lev[f] = self.bos_id, top_level
                 self._tok[f + 1 : f + 1 + n] = data[src : src + n]
                 self._lev[f + 1 : f + 1 + n] = levels[src : src + n]
-                self._tok[f + 1 + n], self._lev[f + 1 + n] = EOS_ID, 0
+                self._tok[f + 1 + n], self._lev[f + 1 + n] = self.eos_id, 0
                 self._fill += n + 2
                 self.tokens_in += n + 2
                 if self._fill == self._cap:
                     out.append(self._emit())
-            else:
-                doc = data[src : src + n].tobytes()
-                out += self.add(*encode_document(doc, levels[src : src + n], top_level))
+            else:  # encode_document's layout, for any id dtype and specials
+                tok = np.empty(n + 2, self.dtype)
+                lev = np.empty(n + 2, LEVEL_DTYPE)
+                tok[0], tok[1:-1], tok[-1] = self.bos_id, data[src : src + n], self.eos_id
+                lev[0], lev[1:-1], lev[-1] = top_level, levels[src : src + n], 0
+                out += self.add(tok, lev)
             src += n
         return out
 
@@ -131,7 +146,7 @@ class Packer:
         return last, dropped
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray, int]:
-        return np.empty(self._cap, TOKEN_DTYPE), np.empty(self._cap, LEVEL_DTYPE), 0
+        return np.empty(self._cap, self.dtype), np.empty(self._cap, LEVEL_DTYPE), 0
 
     def _emit(self) -> tuple[np.ndarray, np.ndarray]:
         full = self._tok, self._lev

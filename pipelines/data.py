@@ -4,7 +4,8 @@ Layout (written by ``pipelines.preprocess``)::
 
     <dataset>/manifest.json           written last: a dataset without it is incomplete
     <dataset>/{train,val}/shard-00000.parquet ...
-        tokens  fixed_size_list<uint16>[T+1]   inputs = [:-1], targets = [1:]
+        tokens  fixed_size_list<uint16>[T+1]   inputs = [:-1], targets = [1:] (uint32: BPE ids
+                                               over 65536, docs/data.md, Token-id datasets)
         levels  fixed_size_list<uint8>[T+1]    pooling level of each token (BOS = K, EOS = 0)
         index   int64                          sequence id within its work unit (see below)
 
@@ -32,7 +33,7 @@ on W. ``DataPosition`` (epoch, next batch) is all the state there is: a checkpoi
 ``load_split`` (a whole split in memory) remains as the obvious reference the tests compare with.
 
 Length: the shard format, the manifest checks, the in-memory reference and the streaming reader
-share one module (about 510 lines) because the reader's correctness is defined against the other
+share one module (about 560 lines) because the reader's correctness is defined against the other
 three; splitting them would only add an import edge between two halves of one contract.
 """
 
@@ -60,11 +61,29 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
+def token_dtype(vocab_size: int | None) -> type:
+    """The ``tokens`` column's type: uint16 for bytes (None) and vocabularies up to 65536 ids,
+    else uint32 (docs/data.md, Token-id datasets)."""
+    return np.uint16 if vocab_size is None or vocab_size <= 1 << 16 else np.uint32
+
+
+def manifest_token_dtype(manifest: dict[str, Any]) -> type:
+    """``token_dtype`` of a dataset: its tokenizer's vocabulary, or bytes."""
+    tok = manifest.get("tokenizer")
+    return token_dtype(tok["vocab_size"] if isinstance(tok, dict) else None)
+
+
 def write_shard(
-    fs: pafs.FileSystem, path: str, tokens: np.ndarray, levels: np.ndarray, start: int
+    fs: pafs.FileSystem,
+    path: str,
+    tokens: np.ndarray,
+    levels: np.ndarray,
+    start: int,
+    token_dtype: type = np.uint16,
 ) -> dict[str, Any]:
     """Write windows ``tokens``/``levels`` [n, T+1] with ids ``start..start+n-1`` to ``path`` on
-    ``fs``; return its manifest entry (name, rows, size, SHA-256 of the file).
+    ``fs``; return its manifest entry (name, rows, size, SHA-256 of the file). ``token_dtype``:
+    uint16, or uint32 for a vocabulary over 65536 ids (``token_dtype()``).
 
     The file is encoded in memory and sent in one write: its size and hash are known without
     reading it back, and an object store gets one upload.
@@ -73,7 +92,7 @@ def write_shard(
     table = pa.table(
         {
             "tokens": pa.FixedSizeListArray.from_arrays(
-                pa.array(tokens.astype(np.uint16, copy=False).ravel()), width
+                pa.array(tokens.astype(token_dtype, copy=False).ravel()), width
             ),
             "levels": pa.FixedSizeListArray.from_arrays(
                 pa.array(levels.astype(np.uint8, copy=False).ravel()), width
@@ -145,6 +164,34 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return _manifest(path)[2]  # type: ignore[return-value]
 
 
+def manifest_tokenizer(path: str | os.PathLike, manifest: dict[str, Any] | None = None):
+    """The dataset's ``BPETokenizer`` (``tokenizer.json`` next to the manifest), None for a byte
+    dataset. The file must hash to the manifest's ``tokenizer.sha256``: ids mean nothing under
+    another vocabulary, so a mismatch is an error, never a warning."""
+    from aunet.tokenizer import BPETokenizer
+
+    manifest = manifest if manifest is not None else read_manifest(path)
+    entry = manifest.get("tokenizer")
+    if entry is None:
+        return None
+    fs, base = storage.resolve(str(path))
+    where = f"{path}/{entry['file']}"
+    raw = storage.read_bytes(fs, storage.join(base, entry["file"]))
+    if raw is None:
+        raise FileNotFoundError(f"{where}: missing; the manifest names it (rebuild the dataset)")
+    try:
+        tok = BPETokenizer.from_json(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if tok.sha256 != entry["sha256"] or tok.vocab_size != entry["vocab_size"]:
+        raise ValueError(
+            f"{where}: sha256 {tok.sha256[:12]} (vocab {tok.vocab_size}) is not the manifest's "
+            f"{entry['sha256'][:12]} (vocab {entry['vocab_size']}): the shards were written with "
+            "another tokenizer; rebuild with `python -m pipelines.preprocess <spec> --force`"
+        )
+    return tok
+
+
 def _shard_files(path: str | os.PathLike, split: str) -> list[str]:
     """Shard locations of a split in manifest order: local paths, or URIs for a remote dataset."""
     if split not in SPLITS:
@@ -168,12 +215,13 @@ def _expected_index(shards: list[dict[str, Any]]) -> np.ndarray:
 
 
 def load_split(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """All windows of a split: (tokens [N, T+1] uint16, levels [N, T+1] uint8), in id order."""
+    """All windows of a split: (tokens [N, T+1] uint16 or uint32, levels [N, T+1] uint8), in id
+    order."""
     manifest = read_manifest(path)
-    width = manifest["seq_len"] + 1
+    width, dtype = manifest["seq_len"] + 1, manifest_token_dtype(manifest)
     files = _shard_files(path, split)
     if not files:
-        return np.zeros((0, width), np.uint16), np.zeros((0, width), np.uint8)
+        return np.zeros((0, width), dtype), np.zeros((0, width), np.uint8)
     fs, base = storage.resolve(str(path))
     names = [storage.join(base, split, s["file"]) for s in manifest["splits"][split]["shards"]]
     table = pq.read_table(names, filesystem=fs, memory_map=isinstance(fs, pafs.LocalFileSystem))
@@ -182,7 +230,7 @@ def load_split(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarra
         chunks = [c.values.to_numpy(zero_copy_only=False) for c in table.column(name).chunks]
         return np.concatenate(chunks).astype(dtype, copy=False).reshape(-1, width)
 
-    tokens, levels = column("tokens", np.uint16), column("levels", np.uint8)
+    tokens, levels = column("tokens", dtype), column("levels", np.uint8)
     index = table.column("index").to_numpy()
     if not np.array_equal(index, _expected_index(manifest["splits"][split]["shards"])):
         raise ValueError(f"{path}/{split}: sequence ids do not match the manifest's shards")
@@ -279,6 +327,7 @@ class ShardReader:
         manifest = manifest if manifest is not None else read_manifest(path)
         shards = manifest["splits"][split]["shards"]
         self.path, self.split, self.width = str(path), split, manifest["seq_len"] + 1
+        self.dtype = manifest_token_dtype(manifest)
         self.fs, base = storage.resolve(str(path))
         self.files = [storage.join(base, split, s["file"]) for s in shards]
         self.names = [s["file"] for s in shards]
@@ -336,7 +385,7 @@ class ShardReader:
                 ]
                 return np.concatenate(chunks).astype(dtype, copy=False).reshape(-1, self.width)
 
-            hit = (column("tokens", np.uint16), column("levels", np.uint8))
+            hit = (column("tokens", self.dtype), column("levels", np.uint8))
             first = self.unit_first[shard] + bounds[g]
             want = np.arange(first, first + len(hit[0]), dtype=np.int64)
             if not np.array_equal(table.column("index").to_numpy(), want):
@@ -356,7 +405,7 @@ class ShardReader:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_sequences):
             raise IndexError(f"sequence ids outside 0..{self.num_sequences - 1}")
-        tok = np.empty((len(ids), self.width), np.uint16)
+        tok = np.empty((len(ids), self.width), self.dtype)
         lev = np.empty((len(ids), self.width), np.uint8)
         shard = np.searchsorted(self.starts, ids, side="right") - 1
         local = ids - self.starts[shard]

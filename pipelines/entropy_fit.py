@@ -19,6 +19,7 @@ vocabulary than its dataset's fails in one line.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from aunet.entropy import EntropyStrategyError, resolve
@@ -35,28 +36,34 @@ def has_entropy(strategy: dict[str, str]) -> bool:
 def training_documents(spec: Any, inputs: list[dict[str, Any]], block_bytes: int) -> list[bytes]:
     """The training split's documents in dataset order (work units in order, the same split hash
     and ``data.max_documents`` cut as the unit tasks), up to ``FIT_BYTES``."""
+    return list(split_documents(spec, inputs, block_bytes, "train", FIT_BYTES))
+
+
+def split_documents(
+    spec: Any, inputs: list[dict[str, Any]], block_bytes: int, split: str, max_bytes: int
+) -> Iterator[bytes]:
+    """One split's documents (``"train"`` or ``"val"``) in dataset order, as the unit tasks
+    assign them, until ``max_bytes`` of them or the ``data.max_documents`` cut. Also what the
+    BPE tokenizer trains on (``pipelines.tokenizer``): one assignment, never two."""
+    want = {"train": 0, "val": 1}[split]
     settings = {
         "seed": spec.data.seed,
         "val_fraction": spec.data.val_fraction,
         "block_bytes": block_bytes,
     }
-    docs: list[bytes] = []
     size = kept = 0
     cap = spec.data.max_documents
     for unit in corpus.plan_units(inputs, spec.data.unit_bytes):
         for table in corpus.unit_tables(unit, inputs, settings):
-            for split, data in zip(
-                table.column("split").to_pylist(), table.column("data").to_pylist()
-            ):
-                if split < 0:
+            for s, data in zip(table.column("split").to_pylist(), table.column("data").to_pylist()):
+                if s < 0:
                     continue
                 kept += 1
-                if split == 0:
-                    docs.append(data)
+                if s == want:
+                    yield data
                     size += len(data)
-                if size >= FIT_BYTES or (cap is not None and kept >= cap):
-                    return docs
-    return docs
+                if size >= max_bytes or (cap is not None and kept >= cap):
+                    return
 
 
 def resolve_spec(spec: Any, inputs: list[dict[str, Any]], block_bytes: int) -> tuple[Any, dict]:

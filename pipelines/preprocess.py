@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from aunet.packing import contraction_ratios
-from pipelines import corpus, entropy_fit, storage, units
+from pipelines import corpus, entropy_fit, storage, tokenizer, units
 from pipelines.data import FORMAT_VERSION, MANIFEST, SPLITS, is_complete
 from pipelines.paths import is_uri
 from pipelines.progress import Cadence, duration, eta, rate, say
@@ -51,6 +51,7 @@ from pipelines.progress import Cadence, duration, eta, rate, say
 # unit's key and of the dataset's config_hash (a git commit would rebuild on every commit, and a
 # ``ray job submit`` copy has none).
 DATA_CODE_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"  # next to the manifest, in token-id datasets
 
 
 @dataclass(frozen=True)
@@ -66,25 +67,29 @@ class DatasetInfo:
         return {s: self.manifest["splits"][s]["sequences"] for s in SPLITS}
 
 
-def _settings(spec: Any) -> dict[str, Any]:
-    """What every unit's bytes depend on besides its own inputs."""
+def _settings(spec: Any, tokenizer_sha256: str | None = None) -> dict[str, Any]:
+    """What every unit's bytes depend on besides its own inputs (the tokenizer only when there
+    is one: byte datasets keep their keys and hashes)."""
     d = spec.data
     return {
         "format_version": FORMAT_VERSION,
         "code": DATA_CODE_VERSION,
         "strategy": list(spec.model.split_strategy.items()),  # order = level
         **{k: getattr(d, k) for k in ("seq_len", "val_fraction", "seed", "shard_sequences")},
+        **({"tokenizer": tokenizer_sha256} if tokenizer_sha256 is not None else {}),
     }
 
 
 _INPUT_KEYS = ("source", "format", "sha256", "weight", "text_field", "id_field", "lang_field")
 
 
-def config_hash(spec: Any, inputs: list[dict[str, Any]]) -> str:
+def config_hash(
+    spec: Any, inputs: list[dict[str, Any]], tokenizer_sha256: str | None = None
+) -> str:
     """What the dataset depends on: input contents and fields (not paths), strategy, packing,
-    split settings, unit size and the data code version."""
+    split settings, unit size, the data code version and the tokenizer's sha256, if any."""
     blob = {
-        **_settings(spec),
+        **_settings(spec, tokenizer_sha256),
         "inputs": [{k: i[k] for k in _INPUT_KEYS} for i in inputs],
         "max_documents": spec.data.max_documents,
         "unit_bytes": spec.data.unit_bytes,
@@ -105,13 +110,15 @@ def unit_key(settings: dict[str, Any], unit: dict[str, Any], inputs: list, cap: 
 class _Runner:
     """Submits unit tasks in order (a bounded window of them), reusing committed units."""
 
-    def __init__(self, spec: Any, inputs: list, root: str, block_bytes: int, force: bool):
+    def __init__(
+        self, spec: Any, inputs: list, root: str, block_bytes: int, force: bool, tok: Any = None
+    ):
         import ray
 
         self.fs, self.base = storage.resolve(root)
         self.inputs, self.force = inputs, force
         self.units = corpus.plan_units(inputs, spec.data.unit_bytes)
-        self.settings = _settings(spec)
+        self.settings = _settings(spec, None if tok is None else tok.sha256)
         self.ctx = {
             "dataset": root,
             "strategy_json": json.dumps(dict(spec.model.split_strategy)),
@@ -127,6 +134,7 @@ class _Runner:
             opts["runtime_env"] = {"env_vars": env}
         self.task = ray.remote(units.run_unit).options(**opts)
         self.inputs_ref = ray.put(inputs)
+        self.tok_ref = None if tok is None else ray.put(tok.to_json())
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = max(4, 2 * cpus)  # enough queued to keep every slot busy
         self.listing = {s: storage.sizes(self.fs, storage.join(self.base, s)) for s in SPLITS}
@@ -167,9 +175,8 @@ class _Runner:
         rec = self._committed(i, key)
         if rec is not None:
             return rec
-        return self.task.remote(
-            i, self.units[i], self.inputs_ref, {**self.ctx, "key": key, "cap": cap}
-        )
+        ctx = {**self.ctx, "key": key, "cap": cap}
+        return self.task.remote(i, self.units[i], self.inputs_ref, ctx, self.tok_ref)
 
     def run(self, cap: int | None) -> list[dict[str, Any]]:
         """The records of the units the dataset is made of, in unit order.
@@ -293,6 +300,36 @@ def _collect_garbage(fs: Any, base: str, records: list[dict[str, Any]]) -> None:
                 storage.delete(fs, storage.join(base, d, name))
 
 
+def _token_fields(
+    fs: Any, base: str, tok: Any, location: str, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Token-id datasets: the tokenizer (copied next to the manifest, which names its sha256 and
+    where it came from) and the train split's bytes per token, overall and per language (text
+    bytes / text tokens, BOS/EOS excluded; docs/data.md, Token-id datasets)."""
+    storage.write_bytes(fs, storage.join(base, TOKENIZER_FILE), tok.to_json().encode("utf-8"))
+    totals: dict[str, dict[str, int]] = {}
+    for rec in records:
+        for key, acc in rec.get("text_tokens", {}).get("train", {}).items():
+            t = totals.setdefault(key, {"bytes": 0, "tokens": 0})
+            t["bytes"] += acc["bytes"]
+            t["tokens"] += acc["tokens"]
+    bpt = {k: v["bytes"] / v["tokens"] for k, v in totals.items() if v["tokens"]}
+    return {
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "pattern": tok.pattern,
+            "source": location,
+        },
+        "bytes_per_token": {"all": bpt.pop("all", None), **dict(sorted(bpt.items()))},
+        "text_tokens": {"train": totals},
+    }
+
+
 def code_version() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -338,7 +375,10 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
     import ray
 
     inputs = corpus.resolve_inputs(spec.data.sources)
-    chash = config_hash(spec, inputs)
+    tok = tok_location = None
+    if spec.tokenizer is not None:  # trained first (or found): its sha256 is part of the identity
+        tok, tok_location, _ = tokenizer.ensure_tokenizer(spec, inputs, block_bytes=block_bytes)
+    chash = config_hash(spec, inputs, None if tok is None else tok.sha256)
     root = spec.dataset_dir()
     path: Path | str = root if is_uri(root) else Path(root).absolute()
     root = str(path)
@@ -359,7 +399,7 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
 
         init_ray(spec.resources)
     t0 = time.perf_counter()  # throughput of the pipeline itself, without Ray's start-up
-    runner = _Runner(spec, inputs, root, block_bytes, force)
+    runner = _Runner(spec, inputs, root, block_bytes, force, tok)
     records = runner.run(spec.data.max_documents) if spec.data.max_documents != 0 else []
     K = len(spec.model.split_strategy)
     stats = _merge(records, spec.data.seq_len, K)
@@ -392,6 +432,7 @@ def preprocess(spec: Any, force: bool = False, *, block_bytes: int = 2 << 20) ->
             "task_seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
         },
         **stats,
+        **(_token_fields(fs, base, tok, tok_location, records) if tok is not None else {}),
         "seconds": round(seconds, 3),
         "mb_per_s": round(stats["bytes"] / 1e6 / seconds, 3),
     }

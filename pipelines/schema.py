@@ -511,6 +511,8 @@ def help_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows.append((key, "mapping", "{}", doc))
             rows += help_rows(meta["partial"], f"{key}.")
         elif dataclasses.is_dataclass(inner):
+            if _nullable(tp):  # an optional section: null is a value of its own
+                rows.append((key, "mapping, or null", _default_text(f), doc))
             sub = help_rows(typing.cast(type, inner), f"{key}.")
             rows += [r for r in sub if r[0][len(key) + 1 :] not in meta.get("skip", ())]
         elif origin in (list, dict) and dataclasses.is_dataclass(args[-1]):

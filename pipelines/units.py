@@ -9,6 +9,9 @@ unit's statistics, its shards with sizes and hashes, its ``key`` (a hash of what
 bytes depend on) and the Ray node that ran it (for the record only). The driver gets the same
 dict back; nothing of the data passes through it.
 
+With a tokenizer (the spec's ``tokenizer:``) the documents are encoded to BPE ids first and the
+same packing writes ids (docs/data.md, Token-id datasets).
+
 Windows never cross units, so a unit's output depends on the unit alone: the dataset is the same
 byte for byte whatever ran where. What a unit's stream cannot fill (its tail) is counted in the
 record (docs/data.md, Work units and tails). A rerun reuses a unit whose record exists, has the
@@ -17,6 +20,7 @@ same ``key`` and whose shards are present with their sizes (``committed``).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -24,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 
 from aunet.packing import Packer, windows
+from aunet.tokenizer import BPETokenizer
 from pipelines import corpus, storage
-from pipelines.data import SPLITS, write_shard
+from pipelines.data import SPLITS, token_dtype, write_shard
 
 REJECT_SAMPLE = 20  # rejected document ids kept per unit (and in the manifest)
 
@@ -87,27 +92,55 @@ def _binary(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
 
 
 class _SplitWriter:
-    """One train/val stream of a unit: packs documents and writes each full chunk as a shard."""
+    """One train/val stream of a unit: packs documents and writes each full chunk as a shard.
 
-    def __init__(self, fs: Any, base: str, split: str, unit: int, T: int, rows: int, K: int):
+    With a tokenizer (``tok``) the documents are token ids: positions count tokens, ``bytes``
+    counts the text they stand for, and the last ``T + 2`` positions' byte lengths are kept so
+    the tail's bytes are exact even for a document cut inside it (docs/data.md, Token-id
+    datasets).
+    """
+
+    def __init__(
+        self, fs: Any, base: str, split: str, unit: int, T: int, rows: int, K: int, tok: Any = None
+    ):
         self.fs, self.dir, self.unit, self.T, self.K = fs, storage.join(base, split), unit, T, K
-        self.packer = Packer(T, chunk=rows)
+        self.tok = tok
+        self.dtype = token_dtype(None if tok is None else tok.vocab_size)
+        specials = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        self.packer = Packer(T, chunk=rows, dtype=self.dtype, **specials)
         self.shards: list[dict[str, Any]] = []
         self.lengths: list[np.ndarray] = []
+        self.byte_lengths: list[np.ndarray] = []
+        self.recent = np.zeros(0, np.int64)  # byte length of the stream's last T + 2 positions
         self.points = np.zeros(K, np.int64)
         self.peak = np.zeros(K, np.int64)
         self.sequences = 0
         self.fs.create_dir(self.dir, recursive=True)
 
-    def add(self, data: np.ndarray, levels: np.ndarray, lengths: np.ndarray) -> None:
-        self.lengths.append(np.asarray(lengths, np.int64))
+    def add(
+        self,
+        data: np.ndarray,
+        levels: np.ndarray,
+        lengths: np.ndarray,
+        byte_lengths: np.ndarray | None = None,
+    ) -> None:
+        """Documents back to back: ``data`` bytes (or ids) [N], ``levels`` [N], ``lengths`` [n]
+        positions per document, ``byte_lengths`` [n] text bytes per document (ids only)."""
+        lengths = np.asarray(lengths, np.int64)
+        self.lengths.append(lengths)
+        if self.tok is not None:
+            self.byte_lengths.append(np.asarray(byte_lengths, np.int64))
+            doc = np.repeat(np.arange(len(lengths)), lengths)
+            pos = np.zeros(int(lengths.sum()) + 2 * len(lengths), np.int64)
+            pos[np.arange(len(data)) + 2 * doc + 1] = self.tok.token_lengths[data]
+            self.recent = np.concatenate([self.recent, pos])[-(self.T + 2) :]
         for tok, lev in self.packer.add_documents(data, levels, lengths, self.K):
             self._write(tok, lev)
 
     def _write(self, tok: np.ndarray, lev: np.ndarray) -> None:
         tw, lw = windows(tok, lev, self.T)
         name = storage.join(self.dir, shard_name(self.unit, len(self.shards)))
-        self.shards.append(write_shard(self.fs, name, tw, lw, self.sequences))
+        self.shards.append(write_shard(self.fs, name, tw, lw, self.sequences, self.dtype))
         self.sequences += len(tw)
         inputs = lw[:, :-1]  # split points of what the model reads: each window's T inputs
         for s in range(1, self.K + 1):
@@ -124,12 +157,19 @@ class _SplitWriter:
         n, T = self.sequences, self.T
         if n != self.packer.windows_out or tokens != (n * T + 1 if n else 0) + dropped:
             raise AssertionError(f"unit {self.unit}: packer lost tokens ({tokens} in, {n} seqs)")
+        tail = tail_counts(lengths, n * T + 1 if n else 0)
+        text_bytes = int(lengths.sum())
+        if self.tok is not None:
+            text_bytes = int(sum(int(b.sum()) for b in self.byte_lengths))
+            if tail["tokens"] > len(self.recent):
+                raise AssertionError(f"unit {self.unit}: a tail of {tail['tokens']} > T + 2")
+            tail["bytes"] = int(self.recent[len(self.recent) - tail["tokens"] :].sum())
         return {
             "documents": len(lengths),
-            "bytes": int(lengths.sum()),
+            "bytes": text_bytes,
             "tokens": tokens,
             "sequences": n,
-            "tail": tail_counts(lengths, n * T + 1 if n else 0),
+            "tail": tail,
             "shards": self.shards,
             "split_points": self.points.tolist(),
             "max_split_points_per_sequence": self.peak.tolist(),
@@ -195,37 +235,93 @@ class _Counts:
 
 
 def run_unit(
-    index: int, unit: dict[str, Any], inputs: list[dict[str, Any]], ctx: dict[str, Any]
+    index: int,
+    unit: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    ctx: dict[str, Any],
+    tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
     """The Ray task: unit ``index`` -> its shards and commit record; returns the record.
 
     ``ctx``: dataset location, strategy JSON, seq_len, shard_sequences, seed, val_fraction,
     block_bytes, the unit's ``key`` and document ``cap`` (``data.max_documents`` left for this
-    unit, or None). A ``CorpusError`` comes back as ``{"error": message}``: the driver raises it
+    unit, or None). ``tokenizer_json``: a ``BPETokenizer``'s JSON for token-id shards, None for
+    bytes. A ``CorpusError`` comes back as ``{"error": message}``: the driver raises it
     as one line naming the file, where a raised exception would be retried and logged by Ray.
     """
     import time
 
     t0 = time.perf_counter()
     try:
-        record = _run_unit(index, unit, inputs, ctx)
+        record = _run_unit(index, unit, inputs, ctx, tokenizer_json)
     except corpus.CorpusError as e:
         return {"error": str(e)}
     return {**record, "seconds": time.perf_counter() - t0}
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(text: str) -> BPETokenizer:
+    """Built once per worker process for the units it runs (HF builds its merge table)."""
+    return BPETokenizer.from_json(text)
+
+
+def _token_runs(
+    writers: list[_SplitWriter], tok: BPETokenizer, batch: pa.Table, text: dict[str, Any]
+) -> None:
+    """Token-id path of a batch: encode its kept documents, pack each split's runs, and count
+    text bytes and tokens per split and language (``text``; bytes/token in the manifest)."""
+    split = batch.column("split").to_numpy()
+    docs = batch.column("data").to_pylist()
+    nbytes = batch.column("nbytes").to_numpy().astype(np.int64)
+    langs = batch.column("lang").to_pylist()
+    kept = np.flatnonzero(split >= 0)
+    encoded = tok.encode_batch([docs[i] for i in kept.tolist()])
+    ntok = np.zeros(len(split), np.int64)
+    ntok[kept] = [len(e) for e in encoded]
+    ids = np.concatenate(encoded) if encoded else np.zeros(0, np.int64)
+    offsets = np.zeros(len(split) + 1, np.int64)
+    np.cumsum(ntok, out=offsets[1:])
+    for i in kept.tolist():
+        per = text.setdefault(SPLITS[split[i]], {})
+        for key in ("all", langs[i]) if langs[i] is not None else ("all",):
+            acc = per.setdefault(key, {"bytes": 0, "tokens": 0})
+            acc["bytes"] += int(nbytes[i])
+            acc["tokens"] += int(ntok[i])
+    for s, start, stop_row, _ in _runs(split):
+        a, b = int(offsets[start]), int(offsets[stop_row])
+        mine = split[start:stop_row] == s
+        writers[s].add(
+            ids[a:b],
+            np.zeros(b - a, np.uint8),
+            ntok[start:stop_row][mine],
+            nbytes[start:stop_row][mine],
+        )
+
+
 def _run_unit(
-    index: int, unit: dict[str, Any], inputs: list[dict[str, Any]], ctx: dict[str, Any]
+    index: int,
+    unit: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    ctx: dict[str, Any],
+    tokenizer_json: str | None = None,
 ) -> dict[str, Any]:
     fs, base = storage.resolve(ctx["dataset"])
     K = len(json.loads(ctx["strategy_json"]))
+    tok = None if tokenizer_json is None else _tokenizer(tokenizer_json)
     writers = [
-        _SplitWriter(fs, base, s, index, ctx["seq_len"], ctx["shard_sequences"], K) for s in SPLITS
+        _SplitWriter(fs, base, s, index, ctx["seq_len"], ctx["shard_sequences"], K, tok)
+        for s in SPLITS
     ]
     counts = _Counts()
+    text: dict[str, Any] = {}  # split -> "all" | lang -> text bytes and tokens (token ids only)
     for table in corpus.unit_tables(unit, inputs, ctx):
         batch = corpus.encode_batch(table, ctx["strategy_json"])
         batch, stop = counts.add(batch, ctx["cap"])
+        if tok is not None:
+            _token_runs(writers, tok, batch, text)
+            if stop:
+                break
+            continue
         data, offsets = _binary(batch.column("data"))
         levels, lev_offsets = _binary(batch.column("levels"))
         split = batch.column("split").to_numpy()
@@ -263,6 +359,7 @@ def _run_unit(
         "rejected": {"counts": counts.reasons, "sample": counts.sample},
         "langs": counts.langs,
         "splits": per_split,
+        **({"text_tokens": text} if tok is not None else {}),
     }
     storage.write_bytes(fs, record_path(base, index), json.dumps(record).encode())
     return record

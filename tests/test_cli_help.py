@@ -87,6 +87,14 @@ def test_train_preprocess_help():
     train = run_help("pipelines.train", "-h")
     assert "--fresh" in train and "variant=NAME" in train
     assert "--force" in run_help("pipelines.preprocess", "-h")
+    text = run_help("pipelines.tokenizer", "--help")
+    assert "python -m pipelines.tokenizer" in text and "--force" in text
+    assert_spec_keys(text)
+    for key, tp in (("tokenizer.vocab_size", "int in [260, 2**20], or null"),
+                    ("tokenizer.pattern", "str in (gpt2, llama3)"),
+                    ("tokenizer.path", "str (non-empty), or null")):  # fmt: skip
+        assert tp in key_line(text, key)
+    assert "mapping, or null" in key_line(text, "tokenizer")
 
 
 def test_sweep_help():
