@@ -1,4 +1,4 @@
-"""``AUModel``: load a trained AU-Net from wherever it lives and generate bytes.
+"""``AUModel``: load a trained AU-Net (or BPE baseline) from wherever it lives and generate bytes.
 
     model = AUModel.from_pretrained("path/to/checkpoint")   # or runs:/..., models:/...
     out = model.generate("The quick brown fox", max_new_bytes=64)   # str or bytes prompts
@@ -11,6 +11,10 @@ Sources, tried in this order:
 - anything a registered resolver plugin turns into one of those: with the platform installed, an
   MLflow URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``) or an MLflow pyfunc model
   directory (``pipelines.serve.resolve_checkpoint``).
+
+A BPE baseline's checkpoint carries its verified ``tokenizer.json`` (docs/design.md, BPE
+baseline): ``AUModel.tokenizer`` holds it (None for byte models), and generation, scoring and
+saving use it, so the API stays bytes in, bytes out for every model.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,13 +31,17 @@ from aunet.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     load_pretrained,
+    load_tokenizer,
     read_config,
     save_pretrained,
 )
-from aunet.config import AUNetConfig
+from aunet.config import AUNetConfig, check_tokenizer
 from aunet.evaluation import TextScore, aggregate, score_texts
 from aunet.generate import generate
 from aunet.model import AUNet
+
+if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
 
 # Sources this package cannot open by itself (MLflow URIs, MLflow model directories) are resolved
 # by plugins registered under this entry-point group; the platform's ``pipelines.serve`` provides
@@ -61,17 +69,24 @@ def load_model(
     """An ``AUNet`` (eval mode) from any supported source; CheckpointError names what is wrong.
 
     ``verify=False`` skips the weights' SHA-256 check (``aunet.checkpoint.verify_weights``)."""
+    return load_model_and_tokenizer(source, map_location, verify=verify)[0]
+
+
+def load_model_and_tokenizer(
+    source: str | os.PathLike, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> tuple[AUNet, BPETokenizer | None]:
+    """``load_model`` plus the checkpoint's verified tokenizer (None for a byte model)."""
     path = Path(source)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return load_pretrained(path, map_location, verify=verify)
+        return load_pretrained(path, map_location, verify=verify), load_tokenizer(path)
     if path.is_dir() and _lingua_dir(path):
         from aunet import interop
 
-        return interop.load_lingua_checkpoint(path, map_location=map_location)
+        return interop.load_lingua_checkpoint(path, map_location=map_location), None
     for resolve in _resolvers():
         local = resolve(str(source))
         if local is not None:
-            return load_model(local, map_location, verify=verify)
+            return load_model_and_tokenizer(local, map_location, verify=verify)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not path.is_dir():
@@ -110,8 +125,10 @@ class AUModel:
     """A loaded AU-Net ready to generate and score; wraps ``aunet.generate`` and
     ``aunet.evaluation``."""
 
-    def __init__(self, model: AUNet) -> None:
+    def __init__(self, model: AUNet, tokenizer: BPETokenizer | None = None) -> None:
+        check_tokenizer(model.config, tokenizer, "AUModel: tokenizer")
         self.model = model.eval()
+        self.tokenizer = tokenizer  # a BPE model's (None: bytes)
         # Training window (bytes) from the checkpoint's metadata: the default context of scoring.
         self.context: int | None = None
 
@@ -137,8 +154,8 @@ class AUModel:
         INT8 quantization to the linear layers (``quantize_int8``, CPU only)."""
         if quantize is not None and quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize: expected one of {QUANTIZATIONS} or None, got {quantize!r}")
-        model = load_model(source, map_location=device, verify=verify)
-        out = cls(quantize_int8(model) if quantize == "int8" else model)
+        model, tokenizer = load_model_and_tokenizer(source, map_location=device, verify=verify)
+        out = cls(quantize_int8(model) if quantize == "int8" else model, tokenizer)
         out.context = _checkpoint_context(source)
         return out
 
@@ -155,12 +172,22 @@ class AUModel:
     ) -> bytes | list[bytes]:
         """Continuation bytes for one prompt or a list of prompts; text prompts are UTF-8 encoded.
 
-        The output is bytes either way: a continuation may stop inside a UTF-8 character."""
+        The output is bytes either way: a continuation may stop inside a UTF-8 character. A BPE
+        model's prompt is tokenized and healed, its ids decoded (``aunet.generate``)."""
         prompts = _as_bytes(prompts) if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (bytes, bytearray)):
             prompts = [_as_bytes(p) for p in prompts]
         return generate(
-            self.model, prompts, max_new_bytes, temperature, top_k, top_p, stop, seed, on_step
+            self.model,
+            prompts,
+            max_new_bytes,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            seed,
+            on_step,
+            tokenizer=self.tokenizer,
         )
 
     # ------------------------------------------------------------------------- scoring and saving
@@ -168,14 +195,15 @@ class AUModel:
         self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
     ) -> Path:
         """Write our consolidated checkpoint (``config.json`` with the weights' SHA-256 +
-        ``model.safetensors``) that ``from_pretrained`` loads; the scoring context is kept in the
-        metadata as training records it (``plan.seq_len``)."""
+        ``model.safetensors``, and a BPE model's ``tokenizer.json``) that ``from_pretrained``
+        loads; the scoring context is kept in the metadata as training records it
+        (``plan.seq_len``)."""
         if any(_is_quantized(m) for m in self.model.modules()):
             raise ValueError("save_pretrained: an INT8-quantized model cannot be saved")
         meta = dict(metadata or {})
         if self.context is not None:
             meta.setdefault("plan", {}).setdefault("seq_len", self.context)
-        return save_pretrained(self.model, directory, metadata=meta)
+        return save_pretrained(self.model, directory, metadata=meta, tokenizer=self.tokenizer)
 
     def to(
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
@@ -196,9 +224,11 @@ class AUModel:
         batch_size: int = 8,
     ) -> TextScore:
         """Negative log-likelihood of one text's bytes (``nats``, ``num_bytes``, ``bits_per_byte``)
-        after BOS, with the training forward over sliding windows (``aunet.evaluation``)."""
+        after BOS, with the training forward over sliding windows (``aunet.evaluation``; a BPE
+        model's ``context`` and ``stride`` count tokens)."""
         ctx = self.scoring_context(context)
-        return score_texts(self.model, [_as_bytes(text)], ctx, stride, batch_size)[0]
+        docs = [_as_bytes(text)]
+        return score_texts(self.model, docs, ctx, stride, batch_size, self.tokenizer)[0]
 
     def bits_per_byte(
         self,
@@ -212,7 +242,8 @@ class AUModel:
         texts weigh by their bytes, as in the bits/byte of an evaluation set."""
         ctx = self.scoring_context(context)
         docs = [_as_bytes(t) for t in texts]
-        return aggregate(score_texts(self.model, docs, ctx, stride, batch_size)).bits_per_byte
+        scores = score_texts(self.model, docs, ctx, stride, batch_size, self.tokenizer)
+        return aggregate(scores).bits_per_byte
 
     def scoring_context(self, context: int | None = None) -> int:
         """The window of scoring: the argument, the checkpoint's training ``seq_len``, else the

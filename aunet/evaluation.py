@@ -6,6 +6,16 @@ through the official generator, whose missing norm and ``w+1`` window shift ever
 (docs/design.md, Evaluation).
 Every scored sequence starts with BOS at the top level; levels come from the splitter run on the
 whole sequence, as in training.
+
+Every function takes ``tokenizer`` (None: a byte model, unchanged). With a BPE model's tokenizer
+(docs/design.md, BPE baseline) sequences are ``[BOS] + token ids`` and everything is still
+reported per byte: bits/byte = summed token NLL / (ln 2 x document bytes), and a choice or
+continuation is scored by the tokens holding its bytes (``choice_token_span``: the junction
+rule).
+
+Length: bits/byte, choices, continuations and character tasks share the sequence encoding
+(``encode_ids``, ``_token_sequence``) and the batched scorer (``_token_scores``); each takes the
+byte and the BPE path side by side so that the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,14 +24,18 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aunet.config import BOS_ID, AUNetConfig
+from aunet.config import BOS_ID, AUNetConfig, check_tokenizer
 from aunet.model import AUNet
 from aunet.splitting import Splitter
+
+if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
 
 LN2 = math.log(2.0)
 
@@ -37,6 +51,61 @@ def encode_with_levels(data: bytes, splitter: Splitter | None, top: int) -> tupl
     return [BOS_ID, *data], [top, *lv]
 
 
+def encode_ids(
+    config: AUNetConfig, data: bytes, tokenizer: BPETokenizer | None
+) -> tuple[list, list]:
+    """[BOS] + the model's ids of ``data`` (its bytes, or its BPE tokens), with their levels."""
+    if tokenizer is None:
+        return encode_with_levels(data, splitter_for(config), config.num_stages)
+    ids = tokenizer.encode(data).tolist()
+    return [config.bos_id, *ids], [0] * (len(ids) + 1)
+
+
+def _unsampled(config: AUNetConfig, tokenizer: BPETokenizer | None) -> list[int]:
+    """Ids greedy decoding never emits (``aunet.generate``): BOS, and a BPE model's PAD."""
+    if tokenizer is None:
+        return [config.bos_id]
+    return [
+        i for i, n in enumerate(tokenizer.token_lengths.tolist()) if n == 0 and i != config.eos_id
+    ]
+
+
+def choice_token_span(tokenizer: BPETokenizer, ids: Sequence[int], context_bytes: int) -> int:
+    """Index of the first token of ``ids`` (context + choice tokenized as ONE string) that holds
+    a byte of the choice, i.e. that ends after the context's ``context_bytes`` bytes.
+
+    The junction rule: BPE may merge the context's last bytes with the choice's first ones, so no
+    token boundary need fall at the junction; the token that straddles it counts as the choice's.
+    Scoring the tokens from there on is the log-likelihood of the whole string's tokenization
+    past the context, never a split the model did not see in training (docs/design.md,
+    BPE baseline)."""
+    ends = np.cumsum(tokenizer.token_lengths[np.asarray(ids, dtype=np.int64)])
+    return int(np.searchsorted(ends, context_bytes, side="right"))
+
+
+def _token_sequence(
+    config: AUNetConfig,
+    tokenizer: BPETokenizer,
+    ctx: bytes,
+    cont: bytes,
+    max_len: int | None,
+    where: str,
+) -> tuple[tuple[list, list], tuple[int, int]]:
+    """([BOS] + ids of ctx + cont, levels) and (a, n): the continuation's log-probabilities are
+    entries a..a+n-1 of the sequence's. Over ``max_len`` tokens, context tokens are dropped from
+    the left (after BOS), never the continuation's."""
+    ids = tokenizer.encode(ctx + cont).tolist()
+    first = choice_token_span(tokenizer, ids, len(ctx)) if cont else len(ids)
+    drop = max(0, len(ids) + 1 - max_len) if max_len is not None else 0
+    if drop > first:
+        raise ValueError(
+            f"{where}: the continuation has {len(ids) - first} tokens; with BOS it does not fit "
+            f"the {max_len}-token context"
+        )
+    ids = ids[drop:]
+    return ([config.bos_id, *ids], [0] * (len(ids) + 1)), (first - drop, len(ids) - first + drop)
+
+
 @torch.no_grad()
 def _token_logprobs(
     model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
@@ -47,7 +116,10 @@ def _token_logprobs(
 
 @torch.no_grad()
 def _token_scores(
-    model: AUNet, seqs: Sequence[tuple[list, list]], batch_size: int
+    model: AUNet,
+    seqs: Sequence[tuple[list, list]],
+    batch_size: int,
+    unsampled: Sequence[int] = (BOS_ID,),
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence of n tokens: log p(seq[t+1] | seq[:t+1]) (n-1,) float32 and whether seq[t+1]
     is the greedy choice at t (n-1,) bool, batched with right padding.
@@ -71,7 +143,7 @@ def _token_scores(
         logp = F.log_softmax(logits[:, :-1], dim=-1)
         ll = logp.gather(-1, toks[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
         # greedy decoding never emits BOS (aunet.generate.sample_next): leave it out of argmax
-        greedy = logp.index_fill(-1, torch.tensor([BOS_ID], device=device), -torch.inf)
+        greedy = logp.index_fill(-1, torch.tensor(list(unsampled), device=device), -torch.inf)
         greedy = greedy.argmax(-1).cpu() == toks[:, 1:]
         for r, i in enumerate(idx):
             n = len(seqs[i][0]) - 1
@@ -119,19 +191,22 @@ def score_texts(
     context: int,
     stride: int | None = None,
     batch_size: int = 8,
+    tokenizer: BPETokenizer | None = None,
 ) -> list[TextScore]:
     """Per-document NLL of the document bytes (BOS is context, EOS is not scored).
 
     Levels are computed once per whole document and sliced per window; the model forces each
     window's first position to the top level, exactly as for mid-document training windows.
+    A BPE model's windows (``context``, ``stride``) count tokens; its NLL is the sum over the
+    document's tokens and ``num_bytes`` the document's bytes, so bits/byte compares with bytes.
     """
     cfg = model.config
-    splitter = splitter_for(cfg)
+    check_tokenizer(cfg, tokenizer, "score_texts: tokenizer")
     stride = stride or max(context // 2, 1)
     pieces, owners, firsts = [], [], []
     for d, doc in enumerate(docs):
-        toks, lvls = encode_with_levels(doc, splitter, cfg.num_stages)
-        for start, end, first in sliding_windows(len(doc), context, stride):
+        toks, lvls = encode_ids(cfg, doc, tokenizer)
+        for start, end, first in sliding_windows(len(toks) - 1, context, stride):
             pieces.append((toks[start:end], lvls[start:end]))
             owners.append(d)
             firsts.append(first - start)
@@ -141,6 +216,9 @@ def score_texts(
         part = ll[f - 1 :]  # prediction of token j is ll[j-1]
         scores[d].nats -= float(part.double().sum())
         scores[d].num_bytes += part.numel()
+    if tokenizer is not None:  # tokens scored once each; the bytes are the document's
+        for s, doc in zip(scores, docs):
+            s.num_bytes = len(doc)
     return scores
 
 
@@ -183,19 +261,35 @@ class ChoiceResult:
 
 @torch.no_grad()
 def score_choices(
-    model: AUNet, items: Sequence[ChoiceItem], batch_size: int = 16, max_len: int | None = None
+    model: AUNet,
+    items: Sequence[ChoiceItem],
+    batch_size: int = 16,
+    max_len: int | None = None,
+    tokenizer: BPETokenizer | None = None,
 ) -> ChoiceResult:
     """Byte-level log-likelihood of each choice given its context (choices packed into batches).
 
     Contexts longer than ``max_len`` are cut from the left (after BOS), never the choice.
+    A BPE model scores the choice's BYTES without a penalty for the split at the junction:
+    context + choice is tokenized as one string and the choice's log-likelihood is the sum over
+    the tokens that hold any byte of the choice, the junction token included
+    (``choice_token_span``); ``max_len`` then counts tokens. ``acc_norm`` divides by the choice's
+    length in characters either way.
     """
     cfg = model.config
+    check_tokenizer(cfg, tokenizer, "score_choices: tokenizer")
     splitter = splitter_for(cfg)
     seqs, spans = [], []
-    for it in items:
+    for i, it in enumerate(items):
         ctx = it.context.encode()
-        for ch in it.choices:
+        for j, ch in enumerate(it.choices):
             cb = ch.encode()
+            if tokenizer is not None:
+                where = f"item {i} choice {j}"
+                seq, span = _token_sequence(cfg, tokenizer, ctx, cb, max_len, where)
+                seqs.append(seq)
+                spans.append(span)
+                continue
             if max_len is not None and len(ctx) + len(cb) + 1 > max_len:
                 ctx_cut = ctx[len(ctx) + len(cb) + 1 - max_len :]
             else:
@@ -238,18 +332,27 @@ def score_continuations(
     pairs: Sequence[tuple[bytes, bytes]],
     batch_size: int = 16,
     max_len: int | None = None,
+    tokenizer: BPETokenizer | None = None,
 ) -> list[ContinuationScore]:
     """log p(continuation | context) of each (context, continuation) pair of bytes, and whether
     greedy decoding would produce the continuation: lm-eval's ``loglikelihood`` request.
 
     Scored exactly as ``score_choices`` scores a choice: one sequence ``[BOS] + context +
     continuation`` with levels from the whole sequence; a context longer than ``max_len`` allows
-    is cut from the left (after BOS), never the continuation.
+    is cut from the left (after BOS), never the continuation. A BPE model scores the tokens that
+    hold the continuation's bytes (the junction rule of ``score_choices``; ``max_len`` in tokens)
+    and ``greedy`` asks whether greedy decoding emits exactly those tokens.
     """
     cfg = model.config
+    check_tokenizer(cfg, tokenizer, "score_continuations: tokenizer")
     splitter = splitter_for(cfg)
     seqs, spans = [], []
     for k, (ctx, cont) in enumerate(pairs):
+        if tokenizer is not None:
+            seq, span = _token_sequence(cfg, tokenizer, ctx, cont, max_len, f"pair {k}")
+            seqs.append(seq)
+            spans.append(span)
+            continue
         if max_len is not None and len(cont) + 1 > max_len:
             raise ValueError(
                 f"pair {k}: the continuation has {len(cont)} bytes; with BOS it does not fit "
@@ -260,11 +363,12 @@ def score_continuations(
         seqs.append(encode_with_levels(ctx + cont, splitter, cfg.num_stages))
         spans.append((len(ctx), len(cont)))
     out = []
-    for (lp, greedy), (c0, n) in zip(_token_scores(model, seqs, batch_size), spans):
+    scored = _token_scores(model, seqs, batch_size, _unsampled(cfg, tokenizer))
+    for (lp, greedy), (c0, n), (_, cont) in zip(scored, spans, pairs):
         # the prediction of token j (j >= 1) is entry j-1; the continuation is tokens c0+1..c0+n
         out.append(
             ContinuationScore(
-                float(lp[c0 : c0 + n].double().sum()), bool(greedy[c0 : c0 + n].all()), n
+                float(lp[c0 : c0 + n].double().sum()), bool(greedy[c0 : c0 + n].all()), len(cont)
             )
         )
     return out
@@ -322,7 +426,10 @@ def make_char_tasks(
 def score_char_tasks(
     examples: Sequence[CharExample], generate: Callable[[list[bytes], int], list[bytes]]
 ) -> float:
-    """Exact-match accuracy of greedy completions (up to the first newline)."""
+    """Exact-match accuracy of greedy completions (up to the first newline).
+
+    ``generate(prompts, max_new_bytes)`` returns bytes for every model: a BPE model's is
+    ``aunet.generate.generate(..., tokenizer=)``, which decodes its ids (``greedy_bytes``)."""
     if not examples:
         return float("nan")
     prompts = [e.prompt.encode() for e in examples]
@@ -333,3 +440,17 @@ def score_char_tasks(
         text = o.decode("utf-8", errors="replace").split("\n", 1)[0]
         hits += text == e.answer
     return hits / len(examples)
+
+
+def greedy_bytes(
+    model: AUNet, tokenizer: BPETokenizer | None = None, stop: bytes | None = b"\n"
+) -> Callable[[list[bytes], int], list[bytes]]:
+    """The ``generate`` of ``score_char_tasks``: greedy continuations as bytes, for byte and BPE
+    models alike (a BPE model's prompt is healed and its ids decoded: ``aunet.generate``)."""
+    from aunet.generate import generate
+
+    def run(prompts: list[bytes], max_new: int) -> list[bytes]:
+        out = generate(model, prompts, max_new, temperature=0.0, stop=stop, tokenizer=tokenizer)
+        return list(out)
+
+    return run
