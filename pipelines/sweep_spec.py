@@ -5,8 +5,9 @@ sweep file fails in one line before Ray starts, and ``python -m pipelines.sweep 
 the keys. A dimension is categorical (``choices``: a list of values, or a mapping label ->
 dotted overrides, or ``variants`` for the spec's own) or a numeric range (``loguniform``,
 ``uniform``, ``int``) on one key; a range cannot change the dataset (``data.*``, the split
-strategy, ``tokenizer.*``), since every dataset is built before the first trial. The ``strategy`` dimension's
-choices are whole split strategies (``{label: {word1: "1@1"}}``), checked at load.
+strategy, ``tokenizer.*``), since every dataset is built before the first trial. The
+``strategy`` dimension's choices are whole split strategies (``{label: {word1: "1@1"}}``),
+checked at load.
 """
 
 from __future__ import annotations
