@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     from aunet.api import load_model
+    from aunet.checkpoint import CONFIG_FILE, load_tokenizer
     from pipelines.eval_config import help_text
     from pipelines.schema import cli_help, wants_help
 
@@ -386,9 +387,11 @@ def _main(argv: list[str]) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(src.path, map_location=device)
+    ours = (src.path / CONFIG_FILE).is_file()  # an official lingua checkpoint reads bytes
+    tok = load_tokenizer(src.path) if ours else None  # verified against config.json
     seq_len = (src.metadata.get("plan") or {}).get("seq_len")
     t0 = time.perf_counter()
-    metrics = evaluate(model, cfg, context=seq_len, tasks=tasks)
+    metrics = evaluate(model, cfg, context=seq_len, tasks=tasks, tokenizer=tok)
     wall = time.perf_counter() - t0
     step = int(src.metadata.get("step") or 0)
     print(f"{'metric':48s} {'value':>10s}")

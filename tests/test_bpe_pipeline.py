@@ -155,8 +155,8 @@ def bpe_run(ray_session, tmp_path_factory):
     raw = _raw(root, eval_suite=str(root / "eval.yaml"))
     spec = ExperimentSpec.from_dict(raw, cwd=str(root))
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        result = train(spec, run_name="bpe")
+    with _chdir(root), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        result = train(spec, run_name="bpe")  # the eval YAML's paths are the driver's
     return spec, root, result
 
 
@@ -171,6 +171,7 @@ def _tokenizer(root: Path):
     return manifest_tokenizer(root / "dataset")
 
 
+@pytest.mark.slow  # the first user of bpe_run: a preprocessing run and a Train fit (~35 s)
 def test_run_logs_the_byte_axis(bpe_run):
     from mlflow.tracking import MlflowClient
 
