@@ -56,6 +56,8 @@ from pipelines import storage
 if TYPE_CHECKING:  # torch is imported where batches are built: preprocessing tasks skip it
     import torch
 
+    from aunet.tokenizer import BPETokenizer
+
 FORMAT_VERSION = 2  # 2: per-unit shards, windows never cross units
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -164,7 +166,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return _manifest(path)[2]  # type: ignore[return-value]
 
 
-def manifest_tokenizer(path: str | os.PathLike, manifest: dict[str, Any] | None = None):
+def manifest_tokenizer(
+    path: str | os.PathLike, manifest: dict[str, Any] | None = None
+) -> BPETokenizer | None:
     """The dataset's ``BPETokenizer`` (``tokenizer.json`` next to the manifest), None for a byte
     dataset. The file must hash to the manifest's ``tokenizer.sha256``: ids mean nothing under
     another vocabulary, so a mismatch is an error, never a warning."""

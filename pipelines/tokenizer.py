@@ -1,11 +1,12 @@
 """Train (or find) the spec's BPE tokenizer on the training split: the BPE baseline's vocabulary.
 
-``python -m pipelines.tokenizer experiment.yaml [a.b=v | --set a.b=v ...] [--force]``
+``python -m pipelines.tokenizer experiment.yaml [variant=NAME] [a.b=v | --set a.b=v] [--force]``
 
-Prints the tokenizer's path, vocabulary size, sha256 and bytes per token on the train and val
-splits. ``pipelines.preprocess`` calls the same ``ensure_tokenizer`` before it packs token-id
-shards, so a tokenizer trained here is the one the dataset uses (docs/data.md, Token-id
-datasets).
+Prints the tokenizer's path (stdout), vocabulary size, sha256 and bytes per token on the train
+and val splits (stderr). Without ``variant=``: the spec's own tokenizer, else that of every
+variant that sets one (``variants: {bpe: {tokenizer.vocab_size: 4096, ...}}``).
+``pipelines.preprocess`` calls the same ``ensure_tokenizer`` before it packs token-id shards, so
+a tokenizer trained here is the one the dataset uses (docs/data.md, Token-id datasets).
 
 - Training documents: the training split only, assigned exactly as preprocessing assigns them
   (``entropy_fit.split_documents``: same split hash, same ``data.max_documents`` cut), at most
@@ -154,15 +155,38 @@ def _main(argv: list[str]) -> int:
     ap.add_argument(
         "--set", action="append", default=[], dest="sets", metavar="A.B=V", help="override a key"
     )
+    ap.add_argument("--variant", help="this entry of variants: (also variant=NAME)")
     ap.add_argument("--force", action="store_true", help="retrain even if the file exists")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
-    spec = load_spec(args.spec, [*args.overrides, *args.sets])
-    if spec.tokenizer is None:
+    variant = args.variant
+    overrides = []
+    for item in [*args.overrides, *args.sets]:
+        if item.startswith("variant="):
+            variant = item.split("=", 1)[1]
+        else:
+            overrides.append(item)
+    spec = load_spec(args.spec, overrides)
+    if variant is not None:
+        specs = [spec.with_variant(variant)]
+    elif spec.tokenizer is not None:
+        specs = [spec]
+    else:
+        specs = [spec.with_variant(v) for v in spec.variants or {}]
+    specs = [s for s in specs if s.tokenizer is not None]
+    if not specs:
         raise SpecError("tokenizer: the spec has no tokenizer section; set tokenizer.vocab_size")
-    corpus.check_sources(spec.data.sources)
+    for s in specs:
+        corpus.check_sources(s.data.sources)
+    for s in specs:
+        _report(s, args.force)
+    return 0
+
+
+def _report(spec: Any, force: bool) -> None:
+    """Train (or find) one spec's tokenizer and say what it is."""
     inputs = corpus.resolve_inputs(spec.data.sources)
-    tok, location, trained = ensure_tokenizer(spec, inputs, force=args.force)
+    tok, location, trained = ensure_tokenizer(spec, inputs, force=force)
     bpt = {
         s: bytes_per_token(
             tok, entropy_fit.split_documents(spec, inputs, BLOCK_BYTES, s, MEASURE_BYTES)
@@ -177,7 +201,6 @@ def _main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     print(location)
-    return 0
 
 
 if __name__ == "__main__":

@@ -273,12 +273,26 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, overrides, message):
     assert line.startswith("error: ") and message in line, line
 
 
-def test_variant_sets_a_vocabulary(tmp_path):
+def test_variant_sets_a_vocabulary(tmp_path, capsys):
+    import yaml
+
+    write_jsonl(tmp_path / "c.jsonl", corpus_records(80))
     raw = bpe_spec(tmp_path).to_dict()
     raw["tokenizer"] = None
-    raw["variants"] = {"bpe": {"tokenizer.vocab_size": 4096, "tokenizer.pattern": "llama3"}}
+    raw["variants"] = {
+        "bytes": {},
+        "bpe": {"tokenizer.vocab_size": 280, "tokenizer.pattern": "llama3"},
+        "bpe2": {"tokenizer.vocab_size": 270},
+    }
     spec = ExperimentSpec.from_dict(raw, source="t").with_variant("bpe")
-    assert (spec.tokenizer.vocab_size, spec.tokenizer.pattern) == (4096, "llama3")
+    assert (spec.tokenizer.vocab_size, spec.tokenizer.pattern) == (280, "llama3")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    assert ptok.main([str(tmp_path / "spec.yaml"), "variant=bpe"]) == 0
+    (one,) = capsys.readouterr().out.split()
+    assert BPETokenizer.load(one).pattern == "llama3"
+    assert ptok.main([str(tmp_path / "spec.yaml")]) == 0  # every variant with a tokenizer
+    both = capsys.readouterr().out.split()
+    assert both[0] == one and [BPETokenizer.load(p).vocab_size for p in both] == [280, 270]
 
 
 def test_writer_packs_uint32_ids_for_a_large_vocabulary(tmp_path):
