@@ -14,8 +14,9 @@ continuation is scored by the tokens holding its bytes (``choice_token_span``: t
 rule).
 
 Length: bits/byte, choices, continuations and character tasks share the sequence encoding
-(``encode_ids``, ``_token_sequence``) and the batched scorer (``_token_scores``); each takes the
-byte and the BPE path side by side so that the two cannot drift apart.
+(``encode_with_levels`` / ``encode_ids``, ``_token_sequence``) and the batched scorer
+(``_token_scores``); each takes the byte and the BPE path side by side so that the two cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -203,9 +204,16 @@ def score_texts(
     cfg = model.config
     check_tokenizer(cfg, tokenizer, "score_texts: tokenizer")
     stride = stride or max(context // 2, 1)
+    if tokenizer is None:
+        splitter = splitter_for(cfg)
+        seqs = [encode_with_levels(doc, splitter, cfg.num_stages) for doc in docs]
+    else:  # one batched call of the Rust encoder
+        seqs = [
+            ([cfg.bos_id, *ids.tolist()], [0] * (len(ids) + 1))
+            for ids in tokenizer.encode_batch([bytes(doc) for doc in docs])
+        ]
     pieces, owners, firsts = [], [], []
-    for d, doc in enumerate(docs):
-        toks, lvls = encode_ids(cfg, doc, tokenizer)
+    for d, (toks, lvls) in enumerate(seqs):
         for start, end, first in sliding_windows(len(toks) - 1, context, stride):
             pieces.append((toks[start:end], lvls[start:end]))
             owners.append(d)

@@ -36,6 +36,7 @@ the rows it drives.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -290,7 +291,7 @@ class TokenVocab:
     (token healing asks whether bytes could still grow into a longer token)."""
 
     def __init__(self, tokenizer: BPETokenizer) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # weak: ``of`` caches by the tokenizer
         self.token_bytes = list(tokenizer.token_bytes) + [b""] * (
             tokenizer.vocab_size - len(tokenizer.token_bytes)
         )
@@ -300,11 +301,29 @@ class TokenVocab:
         self.sampleable[self.eos_id] = True
         self.prefixes = {t[:i] for t in tokenizer.token_bytes for i in range(1, len(t))}
 
+    @property
+    def tokenizer(self) -> BPETokenizer:
+        tokenizer = self._tokenizer()
+        assert tokenizer is not None, "TokenVocab used after its tokenizer was freed"
+        return tokenizer
+
+    @classmethod
+    def of(cls, tokenizer: BPETokenizer) -> TokenVocab:
+        """The tokenizer's TokenVocab, built once per tokenizer object (the prefix set of a 32k
+        vocabulary takes ~0.1 s, too much for every ``generate`` call of an evaluation)."""
+        vocab = _VOCABS.get(tokenizer)
+        if vocab is None:
+            vocab = _VOCABS[tokenizer] = cls(tokenizer)
+        return vocab
+
     def starting_with(self, pending: bytes) -> torch.Tensor:
         """(V,) bool: ids whose bytes start with ``pending`` or are a proper prefix of it."""
         return torch.tensor(
             [bool(t) and (t.startswith(pending) or pending.startswith(t)) for t in self.token_bytes]
         )
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def heal(vocab: TokenVocab, ids: Sequence[int]) -> tuple[list[int], bytes]:
@@ -394,7 +413,7 @@ def generate(
     if stop is not None and (not isinstance(stop, (bytes, bytearray)) or not stop):
         raise ValueError(f"stop: expected non-empty bytes or None, got {stop!r}")
     check_tokenizer(model.config, tokenizer, "generate: tokenizer")
-    vocab = TokenVocab(tokenizer) if tokenizer is not None else None
+    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
     rows: list[ByteRow | TokenRow] = [
         ByteRow(bytes(p), max_new_bytes, stop)
         if vocab is None
@@ -458,7 +477,10 @@ def _held(out: bytearray, stop: bytes | None) -> int:
 
 
 def decode_rows(
-    model: AUNet, prompts: Sequence[bytes], settings: Sequence[Sampling]
+    model: AUNet,
+    prompts: Sequence[bytes],
+    settings: Sequence[Sampling],
+    tokenizer: BPETokenizer | None = None,
 ) -> Iterator[list[bytes | None]]:
     """One cached batched generation where every row has its own settings and RNG.
 
@@ -467,46 +489,51 @@ def decode_rows(
     finished. A row's bytes joined equal ``generate(model, prompt, **its settings)``: its RNG is
     seeded from its own ``seed`` and samples from its own logits only, so rows never shift each
     other's random draws (what a server batching unrelated requests needs). Rows finish
-    independently: a finished row is no longer stepped.
+    independently: a finished row is no longer stepped. A BPE model needs its ``tokenizer``
+    (rows are ``TokenRow``s, as in ``generate``).
     """
     n = len(prompts)
     if len(settings) != n:
         raise ValueError(f"decode_rows: {len(settings)} settings for {n} prompts")
     for s in settings:
         s.check()
+    check_tokenizer(model.config, tokenizer, "decode_rows: tokenizer")
+    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
     dev = model.tok_embeddings.weight.device
     rngs = []
     for s in settings:
         rng = torch.Generator(device=dev)
         rng.manual_seed(s.seed) if s.seed is not None else rng.seed()
         rngs.append(rng)
-    outs, sent = [bytearray() for _ in range(n)], [0] * n
+    sent = [0] * n
     live = [b for b in range(n) if settings[b].max_new_bytes > 0]
     first: list[bytes | None] = [None if b in live else b"" for b in range(n)]
     if not live:
         yield first
         return
+    rows: dict[int, ByteRow | TokenRow] = {
+        b: ByteRow(bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
+        if vocab is None
+        else TokenRow(vocab, bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
+        for b in live
+    }
     gen = Generator(model)
-    logits = gen.prefill(
-        [bytes(prompts[b]) for b in live], max(settings[b].max_new_bytes for b in live)
-    )
+    logits = gen.prefill([rows[b].context for b in live], max(r.steps for r in rows.values()))
     active = list(range(len(live)))  # Generator rows still running
     chunks = first
     while True:
         fed: list[tuple[int, int]] = []
         for j, r in enumerate(active):
             b, s = live[r], settings[live[r]]
-            t = int(sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b])[0])
-            done = t == EOS_ID
-            if not done:
-                outs[b].append(t)
-                if s.stop is not None and outs[b].endswith(s.stop):
-                    del outs[b][-len(s.stop) :]
-                    done = True
-                else:
-                    done = len(outs[b]) == s.max_new_bytes  # one byte per step until then
-            end = len(outs[b]) if done else len(outs[b]) - _held(outs[b], s.stop)
-            chunks[b] = bytes(outs[b][sent[b] : end])
+            row = rows[b]
+            allowed = row.allowed()
+            allowed = None if allowed is None else allowed[None]
+            t = int(
+                sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b], allowed)[0]
+            )
+            done = row.feed(t)
+            end = len(row.out) if done else len(row.out) - _held(row.out, s.stop)
+            chunks[b] = bytes(row.out[sent[b] : end])
             sent[b] = end
             if not done:
                 fed.append((r, t))

@@ -33,7 +33,7 @@ from aunet.evaluation import (
     score_texts,
 )
 from aunet.flops import flops_per_byte, flops_per_token, num_params, steps_for_budget
-from aunet.generate import TokenVocab, generate, heal, sample_next
+from aunet.generate import Sampling, TokenVocab, decode_rows, generate, heal, sample_next
 from aunet.model import AUNet
 from aunet.tokenizer import BPETokenizer
 
@@ -445,3 +445,31 @@ def test_aumodel_round_trip_restores_the_tokenizer(tok, tmp_path):
     assert bpb == aggregate(both).bits_per_byte
     with pytest.raises(ValueError, match="needs its tokenizer"):
         AUModel(loaded.model)
+
+
+def test_decode_rows_equal_generate(tok):
+    """The server's per-row decoding (``decode_rows``) gives each row ``generate``'s bytes."""
+    model = bpe_model(tok, seed=7)
+    prompts = [
+        b"The cat sat on the mat. It",
+        "日本".encode()[:4],
+        b"",
+        mid_token_prompt(tok),
+    ]
+    full = generate(model, prompts[0], 20, temperature=0.0, tokenizer=tok)
+    settings = [
+        Sampling(20, temperature=0.0, stop=full[6:9]),
+        Sampling(11, temperature=0.8, top_p=0.9, seed=1),
+        Sampling(0),
+        Sampling(17, temperature=1.0, top_k=30, seed=2, stop=b"e"),
+    ]
+    joined = [b""] * len(prompts)
+    for chunks in decode_rows(model, prompts, settings, tokenizer=tok):
+        for b, c in enumerate(chunks):
+            joined[b] += c or b""
+    for p, s, got in zip(prompts, settings, joined):
+        kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, stop=s.stop, seed=s.seed)
+        assert got == generate(model, p, s.max_new_bytes, tokenizer=tok, **kw)
+    assert joined[0] == full[:6]
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        next(decode_rows(model, prompts, settings))
