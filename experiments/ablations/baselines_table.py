@@ -28,7 +28,7 @@ LANGS = ("en", "de", "fr", "ru", "ja", "zh")
 
 
 def rows(path: str) -> tuple[list[dict[str, Any]], list[tb.Column]]:
-    """One row per variant (in the spec's order) and the table's columns."""
+    """One row per variant (the sweep's ``variant`` choices, in order) and the table's columns."""
     spec, sweep = load_sweep(path)
     sweep_dir = Path(join_path(spec.resources.storage_path, "sweeps", sweep.name))
     trials: dict[str, list[dict[str, Any]]] = {}
@@ -36,8 +36,9 @@ def rows(path: str) -> tuple[list[dict[str, Any]], list[tb.Column]]:
         rec = json.loads(p.read_text())
         trials.setdefault(rec["config"]["variant"], []).append(rec)
     lrs = sorted({float(r["config"]["train.lr"]) for recs in trials.values() for r in recs})
+    choices = next(d for d in sweep.dims if d.key == "variant").choices or {}
     out = []
-    for variant in spec.variants or {}:
+    for variant, overrides in choices.items():
         done = [r for r in trials.get(variant, []) if r.get("val_bits_per_byte") is not None]
         row: dict[str, Any] = {"variant": variant}
         for r in done:
@@ -45,7 +46,7 @@ def rows(path: str) -> tuple[list[dict[str, Any]], list[tb.Column]]:
         if done:
             best = min(done, key=lambda r: r["val_bits_per_byte"])
             metrics = get_run(spec.tracking.tracking_uri, best["mlflow_run_id"]).data.metrics
-            v = spec.with_variant(variant)
+            v = spec.with_overrides(overrides)
             manifest = read_manifest(v.dataset_dir())
             row.update(
                 params=best["num_params"],
