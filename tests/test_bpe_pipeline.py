@@ -248,6 +248,15 @@ def test_checkpoint_holds_the_verified_tokenizer(bpe_run):
     assert model.tokenizer.sha256 == sha and model.config.vocab_size == model.tokenizer.vocab_size
 
 
+def _naive_nats(model, tok, data: bytes) -> float:
+    """NLL (nats, float64) of ``data``'s tokens after BOS: one full forward, no windows."""
+    ids = [tok.bos_id, *tok.encode(data).tolist()]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long))
+    logp = torch.log_softmax(logits.double(), -1)
+    return -sum(float(logp[0, i, ids[i + 1]]) for i in range(len(ids) - 1))
+
+
 def test_evaluate_bpb_equals_a_naive_per_document_computation(bpe_run, tmp_path):
     """``python -m pipelines.evaluate`` on the checkpoint: per document, a full forward over
     [BOS] + its tokens, the NLL of its tokens in float64 over its bytes; per language too."""
@@ -265,12 +274,7 @@ def test_evaluate_bpb_equals_a_naive_per_document_computation(bpe_run, tmp_path)
     per: dict[str, list[float]] = {}
     for doc in _jsonl(root / "held_out.jsonl.gz"):
         data = doc["text"].encode()
-        ids = [tok.bos_id, *tok.encode(data).tolist()]
-        with torch.no_grad():
-            logp = torch.log_softmax(
-                model(torch.tensor([ids]), torch.zeros(1, len(ids), dtype=torch.long)).double(), -1
-            )
-        nats = -sum(float(logp[0, i, ids[i + 1]]) for i in range(len(ids) - 1))
+        nats = _naive_nats(model, tok, data)
         per.setdefault(doc["lang"], [0.0, 0.0])
         per[doc["lang"]][0] += nats
         per[doc["lang"]][1] += len(data)
@@ -307,3 +311,69 @@ def test_mismatched_vocab_fails_in_one_line_with_exit_2(bpe_run, capsys):
     assert main([str(path), "model.vocab_size=500", "train.eval_suite=null"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "model.vocab_size: 500" in err[0] and "320" in err[0], err
+
+
+def test_lm_eval_adapter_scores_a_bpe_checkpoint_in_bytes(bpe_run):
+    """The ``aunet`` lm-eval model on the BPE checkpoint: rolling log-likelihoods are the naive
+    per-document token NLL, continuations the project's junction-rule scores (tokenizer given)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from aunet.checkpoint import load_pretrained
+    from aunet.evaluation import score_continuations
+    from pipelines.lm_eval_model import AUNetLM
+
+    spec, root, result = bpe_run
+    tok = _tokenizer(root)
+    lm = AUNetLM(result.final_checkpoint, max_length=4096, batch_size=2)
+    assert lm.tokenizer.sha256 == tok.sha256
+    texts = [d["text"] for d in _jsonl(root / "held_out.jsonl.gz")]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    model = load_pretrained(result.final_checkpoint).double().eval()
+    for got, text in zip(lm.loglikelihood_rolling(rolling), texts):
+        assert got == pytest.approx(-_naive_nats(model, tok, text.encode()), rel=1e-5)
+    pairs = [("The quick brown", " fox"), ("Im Anfang", " war das Wort")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    want = score_continuations(
+        lm.aumodel.model, [(c.encode(), x.encode()) for c, x in pairs], 2, 4096, tokenizer=tok
+    )
+    assert lm.loglikelihood(reqs) == [(w.loglik, w.greedy) for w in want]
+
+
+def test_a_scaling_study_sizes_the_bpe_curve_on_the_byte_axis(bpe_run, tmp_path):
+    """``scaling plan`` with a BPE variant: widths from the data-to-model rule at FLOPs per byte
+    (per token / bytes per token), batch law in bytes, steps from the budget; without the
+    variant's dataset the plan says to build it."""
+    import yaml
+
+    from aunet.flops import batch_size_bytes, compute_optimal
+    from pipelines import scaling
+    from pipelines.data import read_manifest
+
+    spec, root, _ = bpe_run
+    raw = _raw(root)
+    raw["train"] = {"eval_batches": 1, "log_every": 1}
+    raw["model"]["multiple_of"] = 16
+    raw["study"] = {"name": "tiny", "budgets": [1e10, 1e11], "bytes_per_param": 20}
+    raw["study"]["variants"] = {"bpe": {}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    study_spec, study = scaling.load_study(path)
+    bpt = read_manifest(root / "dataset")["bytes_per_token"]["all"]
+    tok = _tokenizer(root)
+    template = study_spec.model.replace(
+        vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id
+    )
+    cells = scaling.plan_cells(study_spec, study)
+    assert [c.label for c in cells] == ["bpe@1e+10", "bpe@1e+11"]
+    for c in cells:
+        want = compute_optimal(template, c.budget, T, bytes_per_param=20, bytes_per_token=bpt)
+        assert c.overrides["model.dimensions"] == list(want["config"].dimensions)
+        assert c.batch_size == max(1, round(batch_size_bytes(c.budget) / (T * bpt)))
+        fpb = flops_per_token(want["config"], T) / bpt
+        assert c.steps == round(c.budget / (fpb * T * bpt * c.batch_size))
+        assert c.batch_bytes == pytest.approx(c.batch_size * T * bpt)
+    elsewhere = str(tmp_path / "nothing")
+    missing = scaling.load_study(path, [f"data.dataset_dir={elsewhere}"])
+    with pytest.raises(SpecError, match="study.variants.bpe: a tokenizer variant is sized"):
+        scaling.plan_cells(*missing)
