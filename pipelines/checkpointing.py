@@ -305,13 +305,16 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     )
 
 
-def save_final(full: dict[str, torch.Tensor], final_dir: str, config, meta: dict) -> None:
-    """``save_pretrained`` locally, or into a temp dir copied to a ``pyarrow.fs`` URI."""
+def save_final(
+    full: dict[str, torch.Tensor], final_dir: str, config, meta: dict, tokenizer=None
+) -> None:
+    """``save_pretrained`` locally, or into a temp dir copied to a ``pyarrow.fs`` URI; a token
+    model's ``tokenizer`` (``aunet.tokenizer.BPETokenizer``) is saved with its weights."""
     if not is_uri(final_dir):
-        save_pretrained(full, final_dir, config=config, metadata=meta)
+        save_pretrained(full, final_dir, config=config, metadata=meta, tokenizer=tokenizer)
         return
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(full, tmp, config=config, metadata=meta)
+        save_pretrained(full, tmp, config=config, metadata=meta, tokenizer=tokenizer)
         pyarrow.fs.copy_files(tmp, final_dir)

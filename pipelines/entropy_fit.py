@@ -8,6 +8,12 @@ and ``dataset_spec`` hands it to training, so checkpoints, evaluation and genera
 the boundaries the data was encoded with. The fit reads the documents the dataset keeps (same
 split hash, same ``data.max_documents`` cut, in input order), training split only, at most
 ``FIT_BYTES`` of them: a deterministic sample whatever the cluster size.
+
+``dataset_spec`` also hands training the vocabulary of a token-id dataset (the BPE baseline,
+docs/data.md): ``model.vocab_size``, ``bos_id`` and ``eos_id`` come from the manifest's
+``tokenizer`` entry, which the training tokenizer's size decides (a small corpus may yield fewer
+merges than asked for), so a spec leaves them at the byte defaults; a spec that sets another
+vocabulary than its dataset's fails in one line.
 """
 
 from __future__ import annotations
@@ -80,6 +86,43 @@ def with_strategy(spec: Any, strategy: dict[str, str]) -> Any:
 
 
 def dataset_spec(spec: Any, manifest: dict[str, Any] | None) -> Any:
-    """The spec a run trains with: its strategy as the dataset resolved it (manifest)."""
+    """The spec a run trains with: its strategy as the dataset resolved it, and the vocabulary
+    of the dataset's tokenizer (manifest); without a manifest, the spec as it is."""
     pairs = (manifest or {}).get("resolved_strategy")
-    return with_strategy(spec, dict(pairs)) if pairs else spec
+    spec = with_strategy(spec, dict(pairs)) if pairs else spec
+    return with_vocabulary(spec, manifest) if manifest is not None else spec
+
+
+def with_vocabulary(spec: Any, manifest: dict[str, Any]) -> Any:
+    """``spec`` with the model vocabulary of its dataset: the tokenizer's ids (vocab size, BOS,
+    EOS) for a token-id dataset, the 258 byte ids otherwise. ``model.vocab_size`` left at the
+    byte default takes the dataset's; any other value must equal it (one line naming both)."""
+    from aunet.config import VOCAB_SIZE, ConfigError
+
+    tok = manifest.get("tokenizer")
+    model = spec.model
+    if not tok:
+        if model.vocab_size != VOCAB_SIZE:
+            raise SpecError(
+                f"model.vocab_size: {model.vocab_size}, but the dataset is bytes ({VOCAB_SIZE} "
+                "ids; no tokenizer in its manifest.json): set tokenizer.vocab_size instead"
+            )
+        return spec
+    try:
+        want = {k: int(tok[k]) for k in ("vocab_size", "bos_id", "eos_id")}
+    except (KeyError, TypeError, ValueError):
+        raise SpecError(
+            "tokenizer: the dataset's manifest.json names a tokenizer without integer "
+            "vocab_size, bos_id and eos_id"
+        ) from None
+    if model.vocab_size not in (VOCAB_SIZE, want["vocab_size"]):
+        raise SpecError(
+            f"model.vocab_size: {model.vocab_size}, but the dataset's tokenizer has "
+            f"{want['vocab_size']} ids (manifest.json); leave model.vocab_size unset to take it"
+        )
+    if (model.vocab_size, model.bos_id, model.eos_id) == tuple(want.values()):
+        return spec
+    try:
+        return dataclasses.replace(spec, model=dataclasses.replace(model, **want))
+    except ConfigError as e:
+        raise SpecError(str(e)) from None

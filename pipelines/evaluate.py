@@ -12,6 +12,9 @@ for training to call (periodically or at the end).
 
 Scoring uses ``aunet.evaluation`` (training forward, docs/design.md): sliding-window bits/byte with
 the training context, byte log-likelihoods for choices, greedy generation for character tasks.
+A token model (the BPE baseline) is scored through its checkpoint's tokenizer, so every variant
+reports bits per byte: token NLL over the document's bytes, choices by their bytes, generations
+decoded to bytes (docs/design.md, BPE baseline).
 ``kind: lm_eval`` suites run lm-evaluation-harness tasks through the ``aunet`` adapter
 (``pipelines.lm_eval_model``, imported only then), which scores with the same functions.
 """
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -54,21 +57,27 @@ from pipelines.paths import absolute_tracking_uri, redact
 from pipelines.runtime import check_tracking_reachable
 from pipelines.spec import SpecError
 
+if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+Tokenizer = Optional["BPETokenizer"]  # a token model's tokenizer; None: the model reads bytes
 
 
 # ---------------------------------------------------------------------------------- suites
-def _choice_hits(model: AUNet, items: list, bs: int, max_len: int) -> dict[str, list[bool]]:
+def _choice_hits(
+    model: AUNet, items: list, bs: int, max_len: int, tok: Tokenizer = None
+) -> dict[str, list[bool]]:
     """Per item: is the argmax of the log-likelihoods (and of their per-character means) gold?"""
     if isinstance(items[0], PartialItem):  # the options change the context: compare contexts
         flat = [ChoiceItem(c, (it.continuation,), 0) for it in items for c in it.contexts]
-        lls = iter(score_choices(model, flat, bs, max_len).loglik)
+        lls = iter(score_choices(model, flat, bs, max_len, tokenizer=tok).loglik)
         hits = []
         for it in items:
             row = [next(lls)[0] for _ in it.contexts]
             hits.append(max(range(len(row)), key=row.__getitem__) == it.gold)
         return {"acc": hits}  # acc_norm is acc here: every option scores the same continuation
-    res = score_choices(model, items, bs, max_len)
+    res = score_choices(model, items, bs, max_len, tokenizer=tok)
     return {
         "acc": [p == it.gold for p, it in zip(res.pred, items)],
         "acc_norm": [p == it.gold for p, it in zip(res.pred_norm, items)],
@@ -79,9 +88,11 @@ def _mean(hits: list[bool]) -> float:
     return sum(hits) / len(hits)
 
 
-def _bpb(model: AUNet, t: TaskConfig, ctx: int, stride: int | None, bs: int) -> dict[str, float]:
+def _bpb(
+    model: AUNet, t: TaskConfig, ctx: int, stride: int | None, bs: int, tok: Tokenizer = None
+) -> dict[str, float]:
     docs = read_texts(t.path, t.text_field, t.group_field, t.limit)
-    scores = score_texts(model, [d.encode() for d, _ in docs], ctx, stride, bs)
+    scores = score_texts(model, [d.encode() for d, _ in docs], ctx, stride, bs, tokenizer=tok)
     out = {"bits_per_byte": aggregate(scores).bits_per_byte}
     groups = sorted({g for _, g in docs if g is not None})
     for g in groups:
@@ -91,12 +102,12 @@ def _bpb(model: AUNet, t: TaskConfig, ctx: int, stride: int | None, bs: int) -> 
     return out
 
 
-def _cloze(model: AUNet, t: TaskConfig, ctx: int, bs: int) -> dict[str, float]:
+def _cloze(model: AUNet, t: TaskConfig, ctx: int, bs: int, tok: Tokenizer) -> dict[str, float]:
     docs = read_texts(t.path, t.text_field, t.group_field, t.limit)
     pairs = make_cloze(docs, t.n, t.num_choices, t.seed, t.prefix_chars, t.min_chars)
     if not pairs:
         raise TaskDataError(f"{t.path}: no cloze items (need 2+ documents per group)")
-    hits = _choice_hits(model, [it for _, it in pairs], bs, ctx)
+    hits = _choice_hits(model, [it for _, it in pairs], bs, ctx, tok)
     out = {k: _mean(h) for k, h in hits.items()}
     groups = sorted({g for g, _ in pairs})
     for g in groups if len(groups) > 1 else ():
@@ -105,7 +116,7 @@ def _cloze(model: AUNet, t: TaskConfig, ctx: int, bs: int) -> dict[str, float]:
     return out
 
 
-def _char(model: AUNet, t: TaskConfig, bs: int) -> dict[str, float]:
+def _char(model: AUNet, t: TaskConfig, bs: int, tok: Tokenizer) -> dict[str, float]:
     from aunet.generate import generate
 
     words = read_words(t.path)
@@ -113,7 +124,8 @@ def _char(model: AUNet, t: TaskConfig, bs: int) -> dict[str, float]:
     def greedy(prompts: list[bytes], max_new: int) -> list[bytes]:
         out: list[bytes] = []
         for i in range(0, len(prompts), bs):
-            out += generate(model, prompts[i : i + bs], max_new, temperature=0.0, stop=b"\n")
+            batch = prompts[i : i + bs]
+            out += generate(model, batch, max_new, temperature=0.0, stop=b"\n", tokenizer=tok)
         return out
 
     out = {}
@@ -125,7 +137,7 @@ def _char(model: AUNet, t: TaskConfig, bs: int) -> dict[str, float]:
 
 
 def _lm_eval(
-    model: AUNet, name: str, t: TaskConfig, ctx: int, stride: int | None, bs: int
+    model: AUNet, name: str, t: TaskConfig, ctx: int, stride: int | None, bs: int, tok: Tokenizer
 ) -> dict[str, float]:
     """lm-evaluation-harness tasks through the ``aunet`` adapter: ``<lm task>/<metric>``."""
     try:
@@ -148,6 +160,7 @@ def _lm_eval(
             limit=t.limit,
             num_fewshot=t.num_fewshot,
             seed=t.seed,
+            tokenizer=tok,
         )
     except ValueError as e:  # an unknown task name, a continuation longer than the context
         raise TaskDataError(f"tasks.{name}: {e}") from None
@@ -161,8 +174,12 @@ def evaluate(
     context: int | None = None,
     tasks: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    tokenizer: Tokenizer = None,
 ) -> dict[str, float]:
     """Every suite of ``eval_cfg`` on ``model`` -> ``{"eval/<task>/<metric>": value}``.
+
+    ``tokenizer``: a token model's (``aunet.tokenizer.BPETokenizer``); default: the ``AUModel``'s
+    own (``from_pretrained`` restores it with the weights), None for a byte model.
 
     ``context`` is the training window (``seq_len``), used when the config sets none: windows and
     choice sequences never exceed it, as the model's capacities are sized for it. The model's
@@ -173,6 +190,7 @@ def evaluate(
 
     cfg = load_eval_config(eval_cfg) if isinstance(eval_cfg, (str, Path)) else eval_cfg
     net: AUNet = getattr(model, "model", model)  # AUModel wraps the AUNet
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     ctx = cfg.context or context
     if ctx is None:
         raise SpecError(f"{cfg.name}: context: not set and not known from the checkpoint; set it")
@@ -190,22 +208,22 @@ def evaluate(
             t0 = time.perf_counter()
             bs = cfg.batch_size
             if t.kind == "bpb":
-                res = _bpb(net, t, ctx, cfg.stride, bs)
+                res = _bpb(net, t, ctx, cfg.stride, bs, tok)
             elif t.kind == "cloze":
-                res = _cloze(net, t, ctx, bs)
+                res = _cloze(net, t, ctx, bs, tok)
             elif t.kind == "choice":
                 hub = None if t.hub is None else (t.hub.path, t.hub.name, t.hub.split)
                 items = load_choice_items(t.format, t.path, hub, t.limit)
-                res = {k: _mean(h) for k, h in _choice_hits(net, items, bs, ctx).items()}
+                res = {k: _mean(h) for k, h in _choice_hits(net, items, bs, ctx, tok).items()}
             elif t.kind == "lm_eval":
-                res = _lm_eval(net, name, t, ctx, cfg.stride, bs)
+                res = _lm_eval(net, name, t, ctx, cfg.stride, bs, tok)
             else:
                 try:
                     generation_splitter(net.config)
                 except ValueError as e:
                     say(f"evaluate: {name}: skipped: {e}")
                     continue
-                res = _char(net, t, bs)
+                res = _char(net, t, bs, tok)
             res["time_s"] = time.perf_counter() - t0
             say(f"evaluate: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
             metrics.update({f"eval/{name}/{k}": float(v) for k, v in res.items()})
@@ -348,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     from aunet.api import load_model
+    from aunet.checkpoint import CONFIG_FILE, load_tokenizer
     from pipelines.eval_config import help_text
     from pipelines.schema import cli_help, wants_help
 
@@ -368,9 +387,11 @@ def _main(argv: list[str]) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(src.path, map_location=device)
+    ours = (src.path / CONFIG_FILE).is_file()  # an official lingua checkpoint reads bytes
+    tok = load_tokenizer(src.path) if ours else None  # verified against config.json
     seq_len = (src.metadata.get("plan") or {}).get("seq_len")
     t0 = time.perf_counter()
-    metrics = evaluate(model, cfg, context=seq_len, tasks=tasks)
+    metrics = evaluate(model, cfg, context=seq_len, tasks=tasks, tokenizer=tok)
     wall = time.perf_counter() - t0
     step = int(src.metadata.get("step") or 0)
     print(f"{'metric':48s} {'value':>10s}")

@@ -20,6 +20,8 @@ the whole sequence), so the harness's numbers are the project's own:
 - ``generate_until(context, gen_kwargs)``: ``aunet.generate`` over bytes: ``max_gen_toks`` counts
   bytes, the output is cut before the first of the ``until`` strings, greedy unless
   ``do_sample``.
+A token model (the BPE baseline) is scored and generates through its checkpoint's tokenizer
+(``AUModel.tokenizer``): the same requests, bytes in and out, ``max_length`` then counts tokens.
 lm_eval is an optional dependency (``pip install -e .[eval]``); this module imports it at the top,
 and ``pipelines.evaluate`` imports this module only when a suite needs it.
 """
@@ -86,13 +88,15 @@ class AUNetLM(LM):
         device: str | None = None,
         dtype: str | None = None,
         verify: bool = True,
+        tokenizer: Any = None,
         **unused: Any,
     ) -> None:
         """``max_length``: bytes per scored window (default: the checkpoint's training
         ``seq_len``); ``stride``: rolling-window step (default ``max_length // 2``); ``device``:
         lm-eval's ``--device`` (its default ``cuda`` falls back to the CPU on a machine without
         one, with a message); ``dtype``: a floating-point torch dtype name (``bfloat16``);
-        lm-eval's ``max_batch_size`` and other harness-wide arguments are accepted and ignored."""
+        lm-eval's ``max_batch_size`` and other harness-wide arguments are accepted and ignored;
+        ``tokenizer``: a bare token model's ``BPETokenizer`` (an ``AUModel`` carries its own)."""
         super().__init__()
         device = _device(device)
         if isinstance(pretrained, AUModel):
@@ -101,6 +105,8 @@ class AUNetLM(LM):
             self.aumodel = AUModel(pretrained)
         else:
             self.aumodel = AUModel.from_pretrained(str(pretrained), device or "cpu", verify=verify)
+        if tokenizer is not None:
+            self.aumodel.tokenizer = tokenizer
         if device is not None or dtype is not None:
             self.aumodel.to(device, _dtype(dtype))
         self.batch_size = _batch_size(batch_size)
@@ -113,11 +119,18 @@ class AUNetLM(LM):
     def device(self) -> Any:
         return self.aumodel.device
 
+    @property
+    def tokenizer(self) -> Any:
+        """The model's ``BPETokenizer``, None for a byte model."""
+        return getattr(self.aumodel, "tokenizer", None)
+
     # ---------------------------------------------------------------------------- requests
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """(summed log-probability in nats, greedy?) of each continuation given its context."""
         pairs = [(ctx.encode("utf-8"), cont.encode("utf-8")) for ctx, cont in _args(requests)]
-        scores = score_continuations(self.aumodel.model, pairs, self.batch_size, self.max_length)
+        scores = score_continuations(
+            self.aumodel.model, pairs, self.batch_size, self.max_length, tokenizer=self.tokenizer
+        )
         out = [(s.loglik, s.greedy) for s in scores]
         for req, res in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
@@ -127,7 +140,12 @@ class AUNetLM(LM):
         """Log-probability (nats) of each whole text after BOS, windows of ``max_length``."""
         docs = [text.encode("utf-8") for (text,) in _args(requests)]
         scores = score_texts(
-            self.aumodel.model, docs, self.max_length, self.stride, self.batch_size
+            self.aumodel.model,
+            docs,
+            self.max_length,
+            self.stride,
+            self.batch_size,
+            tokenizer=self.tokenizer,
         )
         out = [-s.nats for s in scores]
         for req, res in zip(requests, out):
@@ -204,6 +222,7 @@ def run_tasks(
     limit: int | None = None,
     num_fewshot: int | None = None,
     seed: int = 0,
+    tokenizer: Any = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Run lm-eval tasks (defined under ``include_path``) on a loaded model through lm-eval's own
     evaluator -> (``{"<task>/<metric>": value}``, lm-eval's whole results dict).
@@ -215,7 +234,9 @@ def run_tasks(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = AUNetLM(model, batch_size=batch_size, max_length=max_length, stride=stride)
+    lm = AUNetLM(
+        model, batch_size=batch_size, max_length=max_length, stride=stride, tokenizer=tokenizer
+    )
     manager = TaskManager(include_path=include_path, include_defaults=False)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:

@@ -8,6 +8,13 @@ half a step of FLOPs, on either side of the budget (docs/flops.md). FLOPs per by
 dataset's measured bytes per token when its manifest is given, the accounting's defaults
 otherwise; pass the manifest whenever the dataset exists.
 
+A token-id dataset (a BPE baseline, docs/data.md) plans in the same bytes: a model position is a
+token, FLOPs per byte are FLOPs per token / the training split's bytes per token
+(``bytes_per_token``), the batch-size law's bytes become sequences of ``seq_len`` tokens at that
+rate, and ``bytes_per_step`` counts bytes, so ``train.flop_budget`` and the scaling laws put BPE
+models, byte models and AU-Nets on one axis. The model's vocabulary comes from the dataset's
+tokenizer (``pipelines.entropy_fit.dataset_spec``).
+
 A leaf of ``pipelines``: it imports the model library and the spec, nothing that starts Ray.
 """
 
@@ -20,6 +27,7 @@ from typing import Any
 
 from aunet.flops import batch_size_bytes, flops_per_byte, learning_rate, num_params
 from aunet.optim import warmup_steps
+from pipelines.entropy_fit import dataset_spec
 from pipelines.spec import ExperimentSpec, SpecError
 
 
@@ -27,9 +35,11 @@ from pipelines.spec import ExperimentSpec, SpecError
 class TrainPlan:
     """The resolved plan of one run; sent to the workers and stored in every checkpoint.
 
-    ``batch_size`` is in sequences of ``seq_len`` bytes per optimizer step (all ranks together).
-    FLOPs are ``aunet.flops.flops_per_byte`` (forward + backward) at the config's capacities, with
-    the dataset's measured bytes per token for uncapped stages.
+    ``batch_size`` is in sequences of ``seq_len`` positions per optimizer step (all ranks
+    together): bytes, or tokens of a token-id dataset, whose ``bytes_per_token`` is the training
+    split's average (1.0 for bytes). FLOPs are ``aunet.flops.flops_per_byte`` (forward +
+    backward) at the config's capacities, with the dataset's measured bytes per token for
+    uncapped stages.
     """
 
     seq_len: int
@@ -41,10 +51,15 @@ class TrainPlan:
     num_params: int
     batch_from_scaling_law: bool
     lr_from_scaling_law: bool
+    bytes_per_token: float = 1.0
 
     @property
-    def bytes_per_step(self) -> int:
-        return self.seq_len * self.batch_size
+    def bytes_per_step(self) -> float:
+        """Bytes per optimizer step; for a token model the stream's average (tokens x the
+        training split's bytes per token), not the batch's exact byte count."""
+        if self.bytes_per_token == 1.0:
+            return self.seq_len * self.batch_size  # an int for byte models, as before
+        return self.seq_len * self.batch_size * self.bytes_per_token
 
     @property
     def flops_per_step(self) -> float:
@@ -73,6 +88,22 @@ def measured_bytes_per_token(
     return {}
 
 
+def stream_bytes_per_token(manifest: Mapping[str, Any] | None) -> float:
+    """Bytes per model position of a dataset: its tokenizer's measured compression on the
+    training split (``bytes_per_token.all`` in the manifest, docs/data.md), 1.0 for bytes."""
+    if not manifest or not manifest.get("tokenizer"):
+        return 1.0
+    try:
+        bpt = float(manifest["bytes_per_token"]["all"])
+    except (KeyError, TypeError, ValueError):
+        raise SpecError(
+            "tokenizer: the dataset's manifest.json has a tokenizer but no bytes_per_token.all"
+        ) from None
+    if not bpt > 0:
+        raise SpecError(f"tokenizer: manifest.json: bytes_per_token.all is {bpt}, expected > 0")
+    return bpt
+
+
 def steps_for_budget(flop_budget: float, flops_per_step: float) -> int:
     """The one step rule: the nearest whole number of steps (see the module docstring)."""
     return round(flop_budget / flops_per_step)
@@ -90,12 +121,18 @@ def plan_training(
     FLOPs, found by fixed-point iteration since they depend on the batch size. A derived batch is
     rounded to whole sequences, at least one per worker, and up to a multiple of the worker count.
     """
+    spec = dataset_spec(spec, manifest)  # the vocabulary of a token-id dataset, entropy stages
     tr, T, cfg = spec.train, spec.data.seq_len, spec.model
     world = world_size or spec.resources.num_workers
-    fpb = flops_per_byte(cfg, T, **measured_bytes_per_token(spec, manifest))
+    bpt = stream_bytes_per_token(manifest)
+    if manifest and manifest.get("tokenizer"):
+        fpb = flops_per_byte(cfg, T, bytes_per_token=bpt)
+    else:
+        fpb = flops_per_byte(cfg, T, **measured_bytes_per_token(spec, manifest))
+    fps = fpb * bpt  # FLOPs per position: T positions make T x bpt bytes
 
     def sequences(C: float) -> int:
-        n = max(world, round(batch_size_bytes(C) / T))
+        n = max(world, round(batch_size_bytes(C) / (T * bpt)))
         return -(-n // world) * world
 
     if tr.batch_size is not None:
@@ -107,19 +144,19 @@ def plan_training(
     else:
         batch = world
         for _ in range(100):  # C grows with the batch at exponent 0.321 < 1: this converges
-            nxt = sequences(fpb * T * batch * tr.steps)
+            nxt = sequences(fps * T * batch * tr.steps)
             if nxt == batch:
                 break
             batch = nxt
     steps = tr.steps
     if steps is None:
-        steps = steps_for_budget(tr.flop_budget, fpb * T * batch)
+        steps = steps_for_budget(tr.flop_budget, fps * T * batch)
         if steps < 1:
             raise SpecError(
                 f"train.flop_budget: {tr.flop_budget:.3g} FLOPs is less than half a step "
-                f"({fpb * T * batch:.3g} FLOPs)"
+                f"({fps * T * batch:.3g} FLOPs)"
             )
-    total = fpb * T * batch * steps
+    total = fps * T * batch * steps
     return TrainPlan(
         seq_len=T,
         batch_size=batch,
@@ -130,4 +167,5 @@ def plan_training(
         num_params=num_params(cfg),
         batch_from_scaling_law=tr.batch_size is None,
         lr_from_scaling_law=tr.lr is None,
+        bytes_per_token=bpt,
     )

@@ -279,6 +279,8 @@ def collect_points(uri: str, experiment: str, study: str) -> tuple[list[dict], l
         hist["train/loss"] = hist["train/loss"] or [
             (step * per_step, v) for step, v in tracking.metric_history(uri, r.info.run_id, "loss")
         ]
+        bpt = float(p.get("plan.bytes_per_token", 1.0))  # a BPE run's loss is per token: per byte
+        hist["train/loss"] = [(c, v / bpt) for c, v in hist["train/loss"]]
         curves.append(
             {
                 "variant": point["variant"],

@@ -62,6 +62,7 @@ class Cell:
     steps: int
     batch_size: int
     lr: float
+    batch_bytes: float = 0.0  # bytes per step (a BPE cell: tokens x bytes per token)
 
 
 # ---------------------------------------------------------------------------------- cells
@@ -77,22 +78,32 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
     """
     from aunet.flops import compute_optimal, learning_rate
     from pipelines.data import is_complete, read_manifest
-    from pipelines.plan import plan_training
+    from pipelines.entropy_fit import dataset_spec
+    from pipelines.plan import plan_training, stream_bytes_per_token
 
     cells = []
-    T = spec.data.seq_len
     for variant, vo in study.variants.items():
         base = spec.with_overrides(vo)
+        T = base.data.seq_len  # a BPE variant's windows count tokens
         built = is_complete(base.dataset_dir())
         manifest = read_manifest(base.dataset_dir()) if built else None
+        if base.tokenizer is not None and manifest is None:
+            raise SpecError(
+                f"study.variants.{variant}: a tokenizer variant is sized with its dataset's "
+                "bytes per token; build it first (python -m pipelines.preprocess, or run)"
+            )
+        # A token model: its tokenizer's vocabulary, FLOPs per byte at the measured compression.
+        model = dataset_spec(base, manifest).model
+        bpt = {"bytes_per_token": stream_bytes_per_token(manifest)} if base.tokenizer else {}
         for budget in study.budgets:
             for sf in study.size_factors:
                 sized = compute_optimal(
-                    base.model,
+                    model,
                     budget,
                     T,
                     scale=study.scale,
                     bytes_per_param=study.bytes_per_param / sf**2,
+                    **bpt,
                 )["config"]
                 key = "model.layers" if study.scale == "depth" else "model.dimensions"
                 value = list(sized.layers if study.scale == "depth" else sized.dimensions)
@@ -129,6 +140,7 @@ def plan_cells(spec: ExperimentSpec, study: Study) -> list[Cell]:
                             plan.steps,
                             plan.batch_size,
                             plan.lr,
+                            plan.bytes_per_step,
                         )
                     )
     return cells
@@ -143,8 +155,9 @@ def format_cells(cells: Sequence[Cell], seq_len: int) -> str:
             for k, v in c.overrides.items()
             if k.startswith("model.dimensions") or k.startswith("model.layers")
         }
+        batch = c.batch_bytes or c.batch_size * seq_len
         lines.append(
-            f"{c.label:28s} {c.params:14,d} {c.steps:6d} {c.batch_size * seq_len:6d} "
+            f"{c.label:28s} {c.params:14,d} {c.steps:6d} {batch:6.0f} "
             f"{c.lr:9.3g}  {json.dumps(model)}"
         )
     return "\n".join(lines)

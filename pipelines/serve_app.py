@@ -177,7 +177,8 @@ class AUNetServer:
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = AUModel.from_pretrained(source, quantize=quantize).model
+        loaded = AUModel.from_pretrained(source, quantize=quantize)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer  # a BPE model's, else None
         self.limits = Limits(**(limits or {}))
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -187,7 +188,8 @@ class AUNetServer:
     async def _batched(self, jobs: list[Job]) -> AsyncIterator[list]:
         """One decode step per iteration: per job its new bytes, or StopIteration once done."""
         self.metrics.batch.observe(len(jobs))
-        rows = decode_rows(self.model, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        prompts, settings = [j.prompt for j in jobs], [j.sampling for j in jobs]
+        rows = decode_rows(self.model, prompts, settings, tokenizer=self.tokenizer)
         start, total = time.perf_counter(), 0
         while True:
             # The step runs in a thread so that the replica keeps accepting requests meanwhile.

@@ -5,8 +5,9 @@ sweep file fails in one line before Ray starts, and ``python -m pipelines.sweep 
 the keys. A dimension is categorical (``choices``: a list of values, or a mapping label ->
 dotted overrides, or ``variants`` for the spec's own) or a numeric range (``loguniform``,
 ``uniform``, ``int``) on one key; a range cannot change the dataset (``data.*``, the split
-strategy), since every dataset is built before the first trial. The ``strategy`` dimension's
-choices are whole split strategies (``{label: {word1: "1@1"}}``), checked at load.
+strategy, ``tokenizer.*``), since every dataset is built before the first trial. The
+``strategy`` dimension's choices are whole split strategies (``{label: {word1: "1@1"}}``),
+checked at load.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _parse_dim(key: str, raw: Any, spec: ExperimentSpec) -> Dim:
                 ok = False
         if not ok or not lo < hi or (kind == "loguniform" and lo <= 0):
             raise SpecError(f"{where}.{kind}: expected [low, high] with low < high, got {value!r}")
-        if key.startswith(("data.", "model.strategy")):
+        if key.startswith(("data.", "model.strategy", "tokenizer.")):
             raise SpecError(f"{where}: a range cannot change the dataset; use choices")
         return Dim(key, kind=kind, bounds=(lo, hi))
     kinds = ["choices", *RANGES]

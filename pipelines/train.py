@@ -32,6 +32,7 @@ from pipelines.checkpointing import (
     latest_saved_state,
     require_intact_checkpoint,
 )
+from pipelines.data import manifest_tokenizer
 from pipelines.entropy_fit import dataset_spec
 from pipelines.paths import is_uri, join_path
 from pipelines.plan import TrainPlan, plan_training
@@ -214,17 +215,19 @@ def train(
     _check_resumable(saved, explicit, _published_spec(spec), name)  # before Ray starts
     init_ray(spec.resources, tracking_uri=uri, env_vars=forwarded_env())
     info = preprocess(spec)
+    manifest_tokenizer(info.path)  # a token dataset's tokenizer.json verified here, in one line
     train_rows = info.sequences["train"]
-    plan = plan_training(spec, info.manifest)
+    plan = plan_training(spec, info.manifest)  # the vocabulary of a token dataset: one line if not
     if train_rows < plan.batch_size:
         raise SpecError(
             f"train.batch_size: {plan.batch_size} sequences per step, but the dataset "
             f"{info.path} has only {train_rows} training sequences"
         )
     _check_resumable(saved, plan.to_dict(), dataset_spec(spec, info.manifest), name)
+    unit = "bytes" if plan.bytes_per_token == 1.0 else f"tokens ({plan.bytes_per_token:.3g} B)"
     print(
         f"train: run {name}: {plan.num_params:,} params, {plan.steps} steps x "
-        f"{plan.batch_size} x {plan.seq_len} bytes, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
+        f"{plan.batch_size} x {plan.seq_len} {unit}, lr {plan.lr:.3g}, {plan.total_flops:.3g} "
         f"FLOPs ({plan.flops_per_byte:.3g}/byte)",
         file=sys.stderr,
     )
@@ -261,12 +264,12 @@ def train(
 
 
 def _published_spec(spec: ExperimentSpec) -> ExperimentSpec | None:
-    """The spec as its published dataset resolved it (entropy stages); None when it has entropy
-    stages and no dataset yet, so the check waits for preprocessing."""
+    """The spec as its published dataset resolved it (entropy stages, a tokenizer's vocabulary);
+    None when the dataset decides and is not built yet, so the check waits for preprocessing."""
     from pipelines.data import is_complete, read_manifest
     from pipelines.entropy_fit import has_entropy
 
-    if not has_entropy(spec.model.split_strategy):
+    if not has_entropy(spec.model.split_strategy) and spec.tokenizer is None:
         return spec
     if not is_complete(spec.dataset_dir()):
         return None

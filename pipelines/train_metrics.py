@@ -4,6 +4,12 @@
 its batch, every metric): it is the ground truth that the resume tests check, and it survives a
 tracking server that is down (docs/checkpoints.md). Metric names carry their MLflow chart group,
 ``train/``, ``val/`` or ``perf/`` (docs/platform.md, Metric names).
+
+Bits per byte for every variant: a token model's validation divides the summed token NLL by the
+exact bytes of the target tokens (the tokenizer's ``token_lengths``; BOS and EOS have none), so
+it is on the byte models' axis. Its ``train/bits_per_byte`` and ``bytes_seen`` use the training
+split's average bytes per token instead (``TrainPlan.bytes_per_token``): cheap per step, and exact
+in expectation over the stream, not per batch.
 """
 
 from __future__ import annotations
@@ -12,16 +18,47 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from aunet.loss import LN2
+from aunet.parallel import all_reduce_sum
 from pipelines.checkpointing import TrainState
-from pipelines.data import DataPosition
+from pipelines.data import DataPosition, val_batches
 from pipelines.paths import is_uri
 from pipelines.plan import TrainPlan
 from pipelines.progress import duration, rate, say
+
+if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    dataset: str,
+    batch_size: int,
+    rank: int,
+    world: int,
+    batches: int,
+    tok: BPETokenizer | None = None,
+) -> float | None:
+    """Bits/byte over the first ``batches`` validation batches (all ranks); None if empty.
+
+    Bytes: every target is a byte (BOS/EOS targets count as one, as in training's loss). Tokens
+    (``tok``): the summed NLL of all targets over the bytes the targets spell.
+    """
+    model.eval()
+    lengths = None if tok is None else torch.from_numpy(tok.token_lengths)
+    nats = count = 0.0
+    for b in val_batches(dataset, batch_size, rank=rank, world_size=world, max_batches=batches):
+        out = model(*b.model_inputs())
+        nats += float(out.ce) * b.targets.numel()
+        count += b.targets.numel() if lengths is None else int(lengths[b.targets].sum())
+    model.train()
+    nats, count = all_reduce_sum([nats, count])
+    return nats / count / LN2 if count else None
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -73,7 +110,7 @@ class StepMeter:
         step_s = data_s + compute_s + self.other_s
         metrics = {
             "train/loss": sums[0] / world,
-            "train/bits_per_byte": sums[1] / world / LN2,
+            "train/bits_per_byte": sums[1] / world / LN2 / plan.bytes_per_token,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/flops": plan.flops_per_step * step,

@@ -3,8 +3,11 @@
 The loop reads top to bottom; its collaborators each own one concern: ``WorkerArgs`` (what the
 driver sends), ``TrainState`` and ``Checkpointer`` (what is saved, when, and the restore:
 ``pipelines.checkpointing``), ``StepMeter`` (timings and the per-step metrics) and ``StepLog``
-(rank 0's ``steps.jsonl``: ``pipelines.train_metrics``), ``validate``, the MLflow ``Tracker``
-(rank 0), and ``FaultInjection`` (tests only).
+(rank 0's ``steps.jsonl``) and ``validate`` (``pipelines.train_metrics``), the MLflow ``Tracker``
+(rank 0), and ``FaultInjection`` (tests only). A token-id dataset's tokenizer (the BPE baseline,
+docs/data.md) is loaded and verified once per worker: validation divides by the exact bytes of
+the target tokens, the eval suites tokenize with it, and it is logged to MLflow and saved with
+the final checkpoint.
 
 Every rank runs the same sequence of collectives (FSDP, the metric all-reduce, validation, DCP,
 ``ray.train.report``), so the loop never branches on the rank except for writing files and MLflow.
@@ -26,19 +29,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from aunet.entropy import abbreviate
-from aunet.loss import LN2
 from aunet.model import AUNet
 from aunet.optim import build_optimizer, build_scheduler, clip_gradients
 from aunet.parallel import all_reduce_sum, local_device, param_dtype, peak_flops, shard
 from pipelines.checkpointing import Checkpointer, TrainState, full_state, save_final
-from pipelines.data import TrainBatches, val_batches
+from pipelines.data import TrainBatches, manifest_tokenizer
 from pipelines.paths import is_uri, join_path, redact
 from pipelines.plan import TrainPlan
 from pipelines.runtime import quiet_ray_console, ray_job_id
 from pipelines.spec import ExperimentSpec
-from pipelines.train_metrics import Progress, StepLog, StepMeter, say
+from pipelines.train_metrics import Progress, StepLog, StepMeter, say, validate
 
 if TYPE_CHECKING:
+    from aunet.tokenizer import BPETokenizer
+
     from pipelines.eval_config import EvalConfig
     from pipelines.tracking_run import Tracker
 
@@ -97,21 +101,6 @@ class WorkerArgs:
         return cls(**config)
 
 
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module, dataset: str, batch_size: int, rank: int, world: int, batches: int
-) -> float | None:
-    """Mean bits/byte over the first ``batches`` validation batches (all ranks); None if empty."""
-    model.eval()
-    nats = count = 0.0
-    for b in val_batches(dataset, batch_size, rank=rank, world_size=world, max_batches=batches):
-        out = model(*b.model_inputs())
-        nats, count = nats + float(out.ce) * b.tokens.numel(), count + b.tokens.numel()
-    model.train()
-    nats, count = all_reduce_sum([nats, count])
-    return nats / count / LN2 if count else None
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
 
@@ -122,6 +111,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = local_device(spec.resources.use_gpu)
+    tok = manifest_tokenizer(args.dataset)  # None for bytes; sha256-verified against the manifest
     model, opt, sched = _build(spec, plan, device)
     torch.manual_seed(tr.seed + rank)
     random.seed(tr.seed + rank)
@@ -139,7 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpointer.restore(model, opt, sched, state) and rank == 0:
         say(f"train: {args.run_name} resumed after step {state.step} at {state.position}")
     attention = {"aunet.attention": model.attn_backend}  # a tag at creation: outage-safe
-    tracker = _open_tracker(args, world, state, attention) if rank == 0 else None
+    tracker = _open_tracker(args, world, state, attention, tok) if rank == 0 else None
     state.mlflow_run_id = tracker.run_id if tracker is not None else None
     log, attempt = StepLog(args.run_dir, rank), uuid.uuid4().hex[:8]
     data = TrainBatches(
@@ -170,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         step, last = state.step, state.step == plan.steps
         sums = all_reduce_sum([loss, ce, *stage_tokens])
         metrics = meter.metrics(step, sums, lr, grad_norm, position.epoch, state)
-        metrics.update(_periodic_evals(args, model, state, last, rank, world, device))
+        metrics.update(_periodic_evals(args, model, state, last, rank, world, device, tok))
         if tracker is not None and _logged(args, step, metrics):
             tracker.log_metrics(metrics, step, replayable=True)  # steps.jsonl holds them too
         log.write(step, attempt, position, data.global_ids(position), metrics)
@@ -189,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             args.fault.after_step(step, rank, args.run_dir, tr.checkpoint_every)
         meter.end(metrics, periodic=_VAL in metrics or step % tr.checkpoint_every == 0)
 
-    return _finish(args, model, state, tracker, device, rank)
+    return _finish(args, model, state, tracker, device, rank, tok)
 
 
 def train_step(
@@ -216,14 +206,14 @@ MLFLOW_MARKER = "mlflow_unsent.json"  # metrics Tracker.close could not send (is
 
 
 def _periodic_evals(
-    args: WorkerArgs, model, state: TrainState, last: bool, rank: int, world: int, device
+    args: WorkerArgs, model, state: TrainState, last: bool, rank: int, world: int, device, tok
 ) -> dict[str, float]:
     """Validation every ``train.eval_every`` steps and at the end (updates ``state``); the eval
     suite every ``train.eval_suite_every`` steps (the last step's runs on the final weights)."""
     tr, step, out = args.spec.train, state.step, {}
     if step % tr.eval_every == 0 or last:
         t0 = time.perf_counter()
-        bpb = validate(model, args.dataset, args.plan.batch_size, rank, world, tr.eval_batches)
+        bpb = validate(model, args.dataset, args.plan.batch_size, rank, world, tr.eval_batches, tok)
         state.val_bits_per_byte = out[_VAL] = bpb
         if bpb is not None:  # the compute axis at this very point: bits/byte vs FLOPs in MLflow
             out["val/flops"] = args.plan.flops_per_step * step
@@ -231,7 +221,7 @@ def _periodic_evals(
         out["perf/eval_s"] = time.perf_counter() - t0
     if tr.eval_suite_every and step % tr.eval_suite_every == 0 and not last:
         t0 = time.perf_counter()
-        out.update(_suite_eval(args.eval_suite, args.spec, full_state(model), device, rank))
+        out.update(_suite_eval(args.eval_suite, args.spec, full_state(model), device, rank, tok))
         out[_SUITE_S] = time.perf_counter() - t0
     return out
 
@@ -264,8 +254,9 @@ def _build(spec: ExperimentSpec, plan: TrainPlan, device: torch.device):
     return model, opt, build_scheduler(opt, plan.warmup_steps, plan.steps, tr.lr_min_ratio)
 
 
-def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: int):
-    """The consolidated final checkpoint, its MLflow logging and the end-of-run suite (rank 0)."""
+def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: int, tok):
+    """The consolidated final checkpoint (with the tokenizer of a token-id dataset), its MLflow
+    logging and the end-of-run suite (rank 0)."""
     full = full_state(model)  # a collective gather, written by rank 0 alone
     final_dir = f"{args.run_dir}/final"
     if rank != 0:
@@ -279,14 +270,14 @@ def _finish(args: WorkerArgs, model, state: TrainState, tracker, device, rank: i
         "variant": args.variant,
         "mlflow_run_id": state.mlflow_run_id,
     }
-    save_final(full, final_dir, spec.model, meta)
+    save_final(full, final_dir, spec.model, meta, tok)
     if tracker is not None:
         tracker.log_artifact(final_dir, "final")
         if spec.tracking.log_model and not is_uri(final_dir):
             link = (_VAL, "val/flops", "val/bytes_seen")  # the final validation (its last point)
             tracker.log_model(final_dir, args.run_name, spec.tracking.register_model, link)
     if args.eval_suite is not None:
-        metrics = _suite_eval(args.eval_suite, spec, full, device, rank)
+        metrics = _suite_eval(args.eval_suite, spec, full, device, rank, tok)
         if tracker is not None:
             tracker.log_metrics(metrics, step)
     if tracker is not None:
@@ -307,7 +298,7 @@ def _logged(args: WorkerArgs, step: int, metrics: dict[str, Any]) -> bool:
 
 
 def _open_tracker(
-    args: WorkerArgs, world: int, state: TrainState, extra_tags: dict[str, str]
+    args: WorkerArgs, world: int, state: TrainState, extra_tags: dict[str, str], tok=None
 ) -> Tracker:
     """Rank 0's MLflow run: reopened by the checkpoint's run id or the run key, else created.
 
@@ -366,6 +357,10 @@ def _open_tracker(
             (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             tracker.log_artifact(str(Path(tmp) / "config.yaml"))
         tracker.log_artifact(join_path(args.dataset, "manifest.json"), "dataset")
+        if tok is not None:  # the verified tokenizer.json the dataset was encoded with
+            tracker.log_artifact(
+                join_path(args.dataset, manifest["tokenizer"]["file"]), "tokenizer"
+            )
         if manifest:
             tracker.log_input(dataset_input(args.dataset, manifest))
     return tracker
@@ -388,8 +383,10 @@ def _suite_eval(
     full: dict[str, torch.Tensor],
     device: torch.device,
     rank: int,
+    tok: BPETokenizer | None = None,
 ) -> dict[str, float]:
-    """The ``suite`` on ``full`` weights -> eval/<task>/<metric> (rank 0; the other ranks get {}).
+    """The ``suite`` on ``full`` weights -> eval/<task>/<metric> (rank 0; the other ranks get {});
+    a token model's suite scores bytes through ``tok``.
 
     Rank 0 scores a plain (unsharded) copy, so the suite's variable-length batches and greedy
     generation need no collective; the other ranks go on and wait in the next step's all-gather.
@@ -401,7 +398,7 @@ def _suite_eval(
         return {}
     model = AUNet(spec.model)
     model.load_state_dict(full)
-    return evaluate(model.to(device).eval(), suite, context=spec.data.seq_len)
+    return evaluate(model.to(device).eval(), suite, context=spec.data.seq_len, tokenizer=tok)
 
 
 def _wait_registered(run_dir: str, ckpt_step: int, timeout_s: float = 30.0) -> None:
