@@ -42,7 +42,6 @@ from pipelines.train_metrics import Progress, StepLog, StepMeter, say, validate
 
 if TYPE_CHECKING:
     from aunet.tokenizer import BPETokenizer
-
     from pipelines.eval_config import EvalConfig
     from pipelines.tracking_run import Tracker
 
