@@ -5,7 +5,8 @@ traceback (or, after Ray started, a page of Ray's log). Every ``python -m pipeli
 its ``main`` in ``run_main``, which turns the project's expected errors into that one line:
 
 - ``SpecError`` (a spec, override or YAML file), ``TaskDataError`` (an eval task's data),
-  ``CorpusError`` (a corpus line, an empty corpus), ``FileNotFoundError`` (an input path),
+  ``CorpusError`` (a corpus line, an empty corpus), ``DatasetError`` (a dataset file that
+  does not match its manifest), ``FileNotFoundError`` (an input path),
   ``CheckpointError`` / ``ConfigError`` (a missing or damaged checkpoint), ``TrackingUnreachable``;
 - the same errors raised in a Ray worker and re-raised in the driver wrapped by Ray
   (``RayTaskError``, Train's ``WorkerGroupError``): the wrapper is opened and the cause reported.
@@ -31,6 +32,7 @@ def expected_types() -> tuple[type[BaseException], ...]:
     from aunet.checkpoint import CheckpointError
     from aunet.config import ConfigError
     from pipelines.corpus import CorpusError
+    from pipelines.data import DatasetError
     from pipelines.eval_tasks import TaskDataError
     from pipelines.runtime import TrackingUnreachable
     from pipelines.schema import SpecError
@@ -38,6 +40,7 @@ def expected_types() -> tuple[type[BaseException], ...]:
     return (
         SpecError,
         CorpusError,
+        DatasetError,
         TaskDataError,
         CheckpointError,
         ConfigError,

@@ -58,6 +58,12 @@ if TYPE_CHECKING:  # torch is imported where batches are built: preprocessing ta
 
     from aunet.tokenizer import BPETokenizer
 
+
+class DatasetError(ValueError):
+    """A dataset on storage does not match its manifest (a damaged or swapped file): the command
+    lines report it in one line (``pipelines.cli``)."""
+
+
 FORMAT_VERSION = 2  # 2: per-unit shards, windows never cross units
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -186,9 +192,9 @@ def manifest_tokenizer(
     try:
         tok = BPETokenizer.from_json(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise DatasetError(f"{where}: {e}") from None
     if tok.sha256 != entry["sha256"] or tok.vocab_size != entry["vocab_size"]:
-        raise ValueError(
+        raise DatasetError(
             f"{where}: sha256 {tok.sha256[:12]} (vocab {tok.vocab_size}) is not the manifest's "
             f"{entry['sha256'][:12]} (vocab {entry['vocab_size']}): the shards were written with "
             "another tokenizer; rebuild with `python -m pipelines.preprocess <spec> --force`"

@@ -23,8 +23,10 @@ from aunet.tokenizer import BPETokenizer
 from pipelines import preprocess as pp
 from pipelines import tokenizer as ptok
 from pipelines import units
+from pipelines.cli import expected_error
 from pipelines.corpus import hash01
 from pipelines.data import (
+    DatasetError,
     ShardReader,
     load_split,
     manifest_tokenizer,
@@ -198,8 +200,9 @@ def test_manifest_tokenizer_verifies_the_file(built, tmp_path):
     BPETokenizer.train([b"other text entirely, other merges"] * 3, 300).save(
         copy / "tokenizer.json"
     )
-    with pytest.raises(ValueError, match="not the manifest's"):
+    with pytest.raises(DatasetError, match="not the manifest's"):
         manifest_tokenizer(copy)
+    assert expected_error(DatasetError("x")) is not None  # the command lines print one line
     (copy / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         manifest_tokenizer(copy)
