@@ -37,8 +37,7 @@ the rows it drives.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -171,6 +170,48 @@ class Generator:
             self.dec_caches[s] = self._new_cache(m.decoders[s], kvs, self.n[s], extra)
             self.deep[s] = x[ar, self.n[s] - 1]
         return m.head(x[ar, self.n[0] - 1])
+
+    @torch.inference_mode()
+    def add(
+        self, prompts: Sequence[bytes] | Sequence[Sequence[int]], max_new_bytes: int
+    ) -> torch.Tensor:
+        """Prefill new rows and append them after the running ones (continuous batching) ->
+        their next-id logits (B_new, V). Rows never read each other's state, so a row's numbers
+        do not depend on when it joined or what else runs (docs/serving.md, Batching)."""
+        new = Generator(self.model)
+        logits = new.prefill(prompts, max_new_bytes)
+        if not self.texts:
+            self.__dict__.update(new.__dict__)
+            return logits
+        self.texts += new.texts
+        self.levels += new.levels
+        self.streams += new.streams
+        self.n = torch.cat([self.n, new.n], 1)
+        self.boundary = torch.cat([self.boundary, new.boundary], 1)
+        self.deep = [torch.cat([a, b]) for a, b in zip(self.deep, new.deep)]
+        for mine, theirs in zip(self.enc_caches + self.dec_caches, new.enc_caches + new.dec_caches):
+            mine.append(theirs)
+        self.trunk_cache.append(new.trunk_cache)
+        return logits
+
+    @torch.inference_mode()
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``, renumbered 0..len(rows)-1 in that order (finished rows leave, so
+        that the next step advances every row without gathering its caches)."""
+        rows = [int(r) for r in rows]
+        if rows == list(range(len(self.texts))):
+            return
+        self.texts = [self.texts[r] for r in rows]
+        self.levels = [self.levels[r] for r in rows]
+        self.streams = [self.streams[r] for r in rows]
+        if not rows:  # empty: the next ``add`` starts afresh
+            self.texts = []
+            return
+        idx = torch.tensor(rows, device=self.n.device)
+        self.n, self.boundary = self.n[:, idx], self.boundary[:, idx]
+        self.deep = [d[idx] for d in self.deep]
+        for cache in [*self.enc_caches, *self.dec_caches, self.trunk_cache]:
+            cache.select(idx)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -440,106 +481,3 @@ def generate(
             logits = gen.step([t for _, t in fed], active)
     results = [bytes(r.out) for r in rows]
     return results[0] if single else results
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One row's generation settings, as ``generate`` takes them (checked by ``check``)."""
-
-    max_new_bytes: int
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop: bytes | None = None
-    seed: int | None = None
-
-    def check(self) -> None:
-        """Raise ValueError naming the bad setting."""
-        check_sampling(self.max_new_bytes, self.temperature, self.top_k, self.top_p)
-        if self.stop is not None and (
-            not isinstance(self.stop, (bytes, bytearray)) or not self.stop
-        ):
-            raise ValueError(f"stop: expected non-empty bytes or None, got {self.stop!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
-
-
-def _held(out: bytearray, stop: bytes | None) -> int:
-    """Bytes at the end of ``out`` that may begin ``stop``: not released until resolved."""
-    if not stop:
-        return 0
-    for k in range(min(len(stop) - 1, len(out)), 0, -1):
-        if out.endswith(stop[:k]):
-            return k
-    return 0
-
-
-def decode_rows(
-    model: AUNet,
-    prompts: Sequence[bytes],
-    settings: Sequence[Sampling],
-    tokenizer: BPETokenizer | None = None,
-) -> Iterator[list[bytes | None]]:
-    """One cached batched generation where every row has its own settings and RNG.
-
-    Each ``next()`` runs one decode step and gives, per row, the bytes it releases on that step
-    (b"" while a possible ``stop`` prefix is held back), then None on every step after the row
-    finished. A row's bytes joined equal ``generate(model, prompt, **its settings)``: its RNG is
-    seeded from its own ``seed`` and samples from its own logits only, so rows never shift each
-    other's random draws (what a server batching unrelated requests needs). Rows finish
-    independently: a finished row is no longer stepped. A BPE model needs its ``tokenizer``
-    (rows are ``TokenRow``s, as in ``generate``).
-    """
-    n = len(prompts)
-    if len(settings) != n:
-        raise ValueError(f"decode_rows: {len(settings)} settings for {n} prompts")
-    for s in settings:
-        s.check()
-    check_tokenizer(model.config, tokenizer, "decode_rows: tokenizer")
-    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
-    dev = model.tok_embeddings.weight.device
-    rngs = []
-    for s in settings:
-        rng = torch.Generator(device=dev)
-        rng.manual_seed(s.seed) if s.seed is not None else rng.seed()
-        rngs.append(rng)
-    sent = [0] * n
-    live = [b for b in range(n) if settings[b].max_new_bytes > 0]
-    first: list[bytes | None] = [None if b in live else b"" for b in range(n)]
-    if not live:
-        yield first
-        return
-    rows: dict[int, ByteRow | TokenRow] = {
-        b: ByteRow(bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
-        if vocab is None
-        else TokenRow(vocab, bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
-        for b in live
-    }
-    gen = Generator(model)
-    logits = gen.prefill([rows[b].context for b in live], max(r.steps for r in rows.values()))
-    active = list(range(len(live)))  # Generator rows still running
-    chunks = first
-    while True:
-        fed: list[tuple[int, int]] = []
-        for j, r in enumerate(active):
-            b, s = live[r], settings[live[r]]
-            row = rows[b]
-            allowed = row.allowed()
-            allowed = None if allowed is None else allowed[None]
-            t = int(
-                sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b], allowed)[0]
-            )
-            done = row.feed(t)
-            end = len(row.out) if done else len(row.out) - _held(row.out, s.stop)
-            chunks[b] = bytes(row.out[sent[b] : end])
-            sent[b] = end
-            if not done:
-                fed.append((r, t))
-        yield chunks
-        if not fed:
-            return
-        chunks = [None] * n
-        active = [r for r, _ in fed]
-        logits = gen.step([t for _, t in fed], active)

@@ -61,12 +61,35 @@ class StackCache:
         size = self.size
         while size < needed:
             size *= 2
+        self._pad(size)
+
+    def _pad(self, size: int) -> None:
+        """Enlarge to ``size`` slots. Only while slot == position holds for every row (a full
+        causal stack, or a window not yet filled): then the larger ring keeps every slot."""
         pad = size - self.size
+        if pad <= 0:
+            return
+        assert self.window is None or size <= self.window, "a full window ring cannot grow"
         pad_kv = (*self.k.shape[:2], pad, *self.k.shape[3:])
         self.k = torch.cat([self.k, self.k.new_zeros(pad_kv)], 2)
         self.v = torch.cat([self.v, self.v.new_zeros(pad_kv)], 2)
         empty = self.slot_pos.new_full((len(self.slot_pos), pad), -1)
         self.slot_pos = torch.cat([self.slot_pos, empty], 1)
+
+    def append(self, other: StackCache) -> None:
+        """Add ``other``'s rows after these (continuous batching: requests joining a running
+        generation). The smaller ring is padded: a ring smaller than its window was sized for all
+        the positions its rows announced, so none of them wrapped and slot == position."""
+        size = max(self.size, other.size)
+        self._pad(size)
+        other._pad(size)
+        self.k = torch.cat([self.k, other.k], 1)
+        self.v = torch.cat([self.v, other.v], 1)
+        self.slot_pos = torch.cat([self.slot_pos, other.slot_pos], 0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (R,) in that order (finished requests leave the batch)."""
+        self.k, self.v, self.slot_pos = self.k[:, rows], self.v[:, rows], self.slot_pos[rows]
 
     def load(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Prefill one row: k, v (n, KV, Dh) for positions 0..n-1; only the last S are kept."""
