@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from aunet.config import BOS_ID, EOS_ID, AUNetConfig, check_tokenizer
-from aunet.kvcache import StackCache, prefill_stack, step_stack, up_step
+from aunet.kvcache import StackCache, down_step, prefill_stack, step_stack, up_step
 from aunet.layers import CausalTransformer
 from aunet.model import AUNet
-from aunet.pooling import StagePlan, force_first, pooling_plan
+from aunet.pooling import force_first, pooling_plan
 from aunet.splitstream import LevelStream
 from aunet.splitting import Splitter
 
@@ -215,50 +215,78 @@ class Generator:
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Feed one byte (id) to each of ``rows`` (default: all) -> next-id logits (R, V)."""
+        """Feed one byte (id) to each of ``rows`` (default: all) -> next-id logits (R, V).
+
+        Stepping every row (a server drops finished rows with ``keep``) reads every cache without
+        gathering its rows."""
         m, K, P = self.model, self.config.num_stages, self.config.upsampling_positions
         dev = m.tok_embeddings.weight.device
-        rows = list(range(len(self.texts))) if rows is None else [int(r) for r in rows]
+        B = len(self.texts)
+        rows = list(range(B)) if rows is None else [int(r) for r in rows]
         tokens = [int(t) for t in tokens]
         if len(tokens) != len(rows) or not rows:
             raise ValueError(f"step: {len(tokens)} tokens for {len(rows)} rows")
         top = 256 if self.config.is_bytes else self.config.vocab_size
         if not all(0 <= t < top for t in tokens):
             raise ValueError(f"step: ids must be in [0, {top}), got {tokens}")
+        levels = []
         for b, t in zip(rows, tokens):
             self.texts[b].append(t)
-            self.levels[b].append(self._level(b, t))
-        level = torch.tensor([self.levels[b][-1] for b in rows], device=dev)
-        r = torch.tensor(rows, device=dev)
-        all_rows = rows == list(range(len(self.texts)))
+            lv = self._level(b, t)
+            self.levels[b].append(lv)
+            levels.append(lv)
+        all_rows = len(rows) == B and rows == list(range(B))
+        r = self._arange(B) if all_rows else torch.tensor(rows, device=dev)
         x = m.tok_embeddings(torch.tensor(tokens, device=dev))[:, None]  # (R, 1, D_0)
-        visited = []  # per advanced stage s < K: (rows, all_rows, encoder-s output)
+        if K:
+            level = torch.tensor(levels, device=dev)
+            deepest = max(levels)
+        visited = []  # per advanced stage s < K: (rows, all_rows, encoder-s output, pos, rope)
         for s in range(K):
-            pos = self.n[s, r]
-            x = step_stack(m.encoders[s], self.enc_caches[s], r, all_rows, x, pos)
-            visited.append((r, all_rows, x))
-            up = level > s  # rows whose byte closes a stage-(s+1) segment
-            if not bool(up.any()):
+            pos = self.n[s] if all_rows else self.n[s, r]
+            rope = m.encoders[s].rope(pos[:, None])  # the decoder steps at the same positions
+            x = step_stack(m.encoders[s], self.enc_caches[s], r, all_rows, x, pos, rope)
+            visited.append((r, all_rows, x, pos, rope))
+            if deepest <= s:
                 break
-            self.boundary[s, r[up]] = pos[up]
-            all_rows = all_rows and bool(up.all())
-            r, level, x = r[up], level[up], x[up]
-            one = torch.zeros(len(r), 1, dtype=torch.long, device=dev)
-            x = m.transitions[s].down(x, StagePlan(mask=one == 0, idx=one, counts=one[:, 0] + 1))
+            up = level > s  # rows whose byte closes a stage-(s+1) segment
+            if all_rows and bool(up.all()):
+                self.boundary[s] = pos
+            else:
+                all_rows = False
+                self.boundary[s, r[up]] = pos[up]
+                r, level, x = r[up], level[up], x[up]
+            x = down_step(m.transitions[s], x)
         else:
-            x = step_stack(m.trunk, self.trunk_cache, r, all_rows, x, self.n[K, r])
-            self.deep[K][r] = x[:, 0]
-            self.n[K, r] += 1
+            pos = self.n[K] if all_rows else self.n[K, r]
+            x = step_stack(m.trunk, self.trunk_cache, r, all_rows, x, pos)
+            if all_rows:
+                self.deep[K] = x[:, 0]
+                self.n[K] += 1
+            else:
+                self.deep[K][r] = x[:, 0]
+                self.n[K, r] += 1
         for s in reversed(range(len(visited))):
-            r, all_rows, skip = visited[s]
-            pos = self.n[s, r]
-            off = pos - self.boundary[s, r]
-            up = up_step(m.transitions[s], self.deep[s + 1][r], off % P, off == 0)
+            r, all_rows, skip, pos, rope = visited[s]
+            off = pos - (self.boundary[s] if all_rows else self.boundary[s, r])
+            deep = self.deep[s + 1] if all_rows else self.deep[s + 1][r]
+            up = up_step(m.transitions[s], deep, off % P, off == 0)
             x = skip + up if self.config.skip_connections[s] else up
-            x = step_stack(m.decoders[s], self.dec_caches[s], r, all_rows, x, pos)
-            self.deep[s][r] = x[:, 0]
-            self.n[s, r] += 1
+            x = step_stack(m.decoders[s], self.dec_caches[s], r, all_rows, x, pos, rope)
+            if all_rows:
+                self.deep[s] = x[:, 0]
+                self.n[s] += 1
+            else:
+                self.deep[s][r] = x[:, 0]
+                self.n[s, r] += 1
         return m.head(x[:, 0])
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """0..n-1 on the model's device, made once per size (a step needs it every time)."""
+        hit = getattr(self, "_ar", None)
+        if hit is None or len(hit) != n:
+            hit = self._ar = torch.arange(n, device=self.model.tok_embeddings.weight.device)
+        return hit
 
 
 def sample_next(
