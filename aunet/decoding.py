@@ -127,24 +127,35 @@ class Decoder:
         self.live = [self.live[j] for j in rows]
         self.logits = self.logits[rows] if rows else None
 
+    def _sample(self) -> list[int]:
+        """One id per live row, each from its own logits with its own generator. Rows with the
+        same settings share the batched part (masking, top-k/p, softmax; only the random draw is
+        per row): the ids ``sample_next`` gives each row alone."""
+        groups: dict[tuple, list[int]] = {}
+        for j, x in enumerate(self.live):
+            groups.setdefault((x.s.temperature, x.s.top_k, x.s.top_p), []).append(j)
+        ids = [0] * len(self.live)
+        for (temperature, top_k, top_p), rows in groups.items():
+            allowed = [self.live[j].row.allowed() for j in rows]
+            mask = None if allowed[0] is None else torch.stack(allowed)
+            logits = self.logits[rows] if len(rows) < len(self.live) else self.logits
+            rngs = [self.live[j].rng for j in rows]
+            got = sample_next(logits, temperature, top_k, top_p, rngs, mask).tolist()
+            for j, t in zip(rows, got):
+                ids[j] = int(t)
+        return ids
+
     def step(self) -> dict[Hashable, tuple[bytes, bool]]:
         """Sample one id per running request, release its bytes, drop the finished, and run one
         decode step for the rest."""
         out: dict[Hashable, tuple[bytes, bool]] = {k: (b"", True) for k in self.empty}
         self.empty = []
+        ids = self._sample()
         keep, fed = [], []
-        for j, x in enumerate(self.live):
-            allowed = x.row.allowed()
-            allowed = None if allowed is None else allowed[None]
-            s = x.s
-            t = int(
-                sample_next(
-                    self.logits[j : j + 1], s.temperature, s.top_k, s.top_p, x.rng, allowed
-                )[0]
-            )
+        for j, (x, t) in enumerate(zip(self.live, ids)):
             done = x.row.feed(t)
             out_b = x.row.out
-            end = len(out_b) if done else len(out_b) - _held(out_b, s.stop)
+            end = len(out_b) if done else len(out_b) - _held(out_b, x.s.stop)
             out[x.key] = (bytes(out_b[x.sent : end]), done)
             x.sent = end
             if not done:

@@ -289,23 +289,23 @@ class Generator:
         return hit
 
 
-def sample_next(
+def sample_probs(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    rng: torch.Generator | None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (R, V) -> next ids (R,). Only ids where ``allowed`` (R, V) bool is True are drawn;
-    without it (a byte model) everything but BOS, which has no byte to return."""
+    """logits (R, V) -> what to draw from (R, V): the masked logits when greedy (temperature 0
+    or top_k 1: take their argmax), else probabilities. Only ids where ``allowed`` (R, V) bool is
+    True can come out; without it (a byte model) everything but BOS, which has no byte."""
     logits = logits.float().clone()
     if allowed is None:
         logits[:, BOS_ID] = -float("inf")
     else:
         logits = logits.masked_fill(~allowed.to(logits.device), -float("inf"))
     if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
+        return logits
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -315,7 +315,39 @@ def sample_next(
         sp, si = probs.sort(-1, descending=True)
         sp = sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0.0)  # keep the smallest set reaching p
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=rng)[:, 0]
+    return probs
+
+
+def draw(
+    probs: torch.Tensor, rngs: torch.Generator | Sequence[torch.Generator | None] | None
+) -> torch.Tensor:
+    """One id per row of probs (R, V) -> (R,): ``torch.multinomial(probs, 1)``'s draw written out
+    (argmax of p / q with q ~ Exp(1), the same numbers and generator use), so that rows with
+    their own generators (``rngs``: one per row) still share one division and one argmax."""
+    if rngs is None or isinstance(rngs, torch.Generator):
+        q = torch.empty_like(probs).exponential_(1, generator=rngs)
+    else:
+        q = torch.cat(
+            [
+                torch.empty_like(probs[j : j + 1]).exponential_(1, generator=g)
+                for j, g in enumerate(rngs)
+            ]
+        )
+    return (probs / q).argmax(-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: torch.Generator | Sequence[torch.Generator | None] | None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (R, V) -> next ids (R,) (``sample_probs``, then ``draw`` with ``rng``: one generator
+    for all rows, or one per row)."""
+    p = sample_probs(logits, temperature, top_k, top_p, allowed)
+    return p.argmax(-1) if temperature == 0 or top_k == 1 else draw(p, rng)
 
 
 def check_sampling(

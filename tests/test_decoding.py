@@ -9,7 +9,7 @@ import torch
 from test_generate import CONT, PROMPTS, make_model, naive_logits
 
 from aunet.decoding import Decoder, Sampling, decode_rows
-from aunet.generate import Generator, generate
+from aunet.generate import Generator, draw, generate
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,3 +100,19 @@ def test_decode_rows_and_bad_input() -> None:
         Decoder(model).add([b"x"], [Sampling(3, top_k=0)], [0])
     with pytest.raises(ValueError, match="2 prompts, 1 settings"):
         Decoder(model).add([b"x", b"y"], [Sampling(3)], [0])
+
+
+def test_draw_is_multinomial() -> None:
+    """``draw`` (one batched argmax over per-row exponential draws) picks what
+    ``torch.multinomial`` picks with the same generators, and leaves them in the same state."""
+    torch.manual_seed(0)
+    for seed in range(200):
+        probs = (torch.randn(4, 258) * 3).softmax(-1)
+        probs[:, ::3] = 0.0  # ids top-k / top-p / BOS masking removed
+        one, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(draw(probs, one), torch.multinomial(probs, 1, generator=ref)[:, 0])
+        rows = [torch.Generator().manual_seed(seed * 7 + j) for j in range(4)]
+        refs = [torch.Generator().manual_seed(seed * 7 + j) for j in range(4)]
+        want = [int(torch.multinomial(probs[j : j + 1], 1, generator=refs[j])) for j in range(4)]
+        assert draw(probs, rows).tolist() == want
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(rows, refs))
