@@ -280,17 +280,30 @@ class AUNetServer:
                 window_bytes, window_start = 0, now
 
     async def _bytes(self, job: Job, arrived: float) -> AsyncIterator[bytes]:
+        """The request's bytes as the scheduler releases them. Chunks that queued up while the
+        previous one was being sent go out together: one message per step and request would
+        make the streaming path, not the model, the limit of a large batch."""
         request = _Request(job)
         self._submit(request)
-        first = True
+        first, done = True, False
         try:
-            while (chunk := await request.out.get()) is not None:
-                if isinstance(chunk, Exception):
-                    raise chunk
-                if first:
-                    self.metrics.ttfb.observe(time.perf_counter() - arrived)
-                    first = False
-                yield chunk
+            while not done:
+                item, parts = await request.out.get(), []
+                while True:
+                    if item is None:
+                        done = True
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    parts.append(item)
+                    if request.out.empty():
+                        break
+                    item = request.out.get_nowait()
+                if parts:
+                    if first:
+                        self.metrics.ttfb.observe(time.perf_counter() - arrived)
+                        first = False
+                    yield b"".join(parts)
         finally:
             request.gone = True  # a client that left mid-stream frees its row at the next step
 
