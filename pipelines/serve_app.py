@@ -35,7 +35,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from aunet.decoding import Sampling
+from aunet.decoding import Decoder, Sampling
 
 KEYS = ("prompt", "prompt_b64", "max_new_bytes", "temperature", "top_k", "top_p", "stop", "seed")
 KEYS += ("stream",)
@@ -153,7 +153,7 @@ class _Metrics:
         )
         self.batch = metrics.Histogram(
             "aunet_batch_size",
-            "Requests in the running generation, per decode step.",
+            "Requests in the running generation, per scheduler round.",
             boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self.rate = metrics.Gauge(
@@ -183,6 +183,7 @@ class AUNetServer:
         batch_wait_timeout_s: float = 0.01,
         limits: dict | None = None,
         threads: int | None = None,
+        step_budget_s: float = 0.01,
     ) -> None:
         import torch
 
@@ -195,13 +196,12 @@ class AUNetServer:
         self.limits = Limits(**(limits or {}))
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.step_budget_s = step_budget_s
         self.metrics = _Metrics()
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
+        self._queue, self._task = None, None  # made on first use: they need the running loop
 
     def _submit(self, request: _Request) -> None:
-        """Queue a request for the scheduler, started on first use (it needs the replica's
-        running event loop) and restarted should it ever have stopped."""
+        """Queue a request; start the scheduler (again, should it ever have stopped)."""
         if self._queue is None:
             self._queue = asyncio.Queue()
         if self._task is None or self._task.done():
@@ -232,8 +232,6 @@ class AUNetServer:
         client left, admit queued ones (their prompts are prefilled and join the batch), run the
         step in a worker thread (the replica keeps accepting requests) and hand each request its
         bytes. A failing step fails the requests it held, never the loop."""
-        from aunet.decoding import Decoder
-
         decoder = Decoder(self.model, self.tokenizer)
         live: dict[int, _Request] = {}
         ids, window_bytes, window_start = 0, 0, time.perf_counter()
@@ -245,20 +243,17 @@ class AUNetServer:
             gone = [k for k, r in live.items() if r.gone]
             keys = list(range(ids, ids + len(new)))
             ids += len(new)
-
-            def advance(decoder=decoder, new=new, gone=gone, keys=keys) -> dict:
-                decoder.drop(gone)
-                decoder.add([r.job.prompt for r in new], [r.job.sampling for r in new], keys)
-                return decoder.step()
-
             for k in gone:
                 live.pop(k)
             live.update(zip(keys, new))
             if not live:
                 continue
-            self.metrics.batch.observe(len(live))
+
+            self.metrics.batch.observe(len(live))  # once per round (one or more steps)
             try:
-                out = await asyncio.to_thread(advance)
+                out = await asyncio.to_thread(
+                    self._round, decoder, new, gone, keys, [*live.values()]
+                )
             except Exception as e:  # noqa: BLE001 - handed to every request of the batch
                 for r in live.values():
                     r.out.put_nowait(e)
@@ -278,6 +273,39 @@ class AUNetServer:
                     self.metrics.bytes.inc(window_bytes)
                     self.metrics.rate.set(window_bytes / max(now - window_start, 1e-9))
                 window_bytes, window_start = 0, now
+
+    def _round(self, decoder: Decoder, new: list, gone: list, keys: list, live: list) -> dict:
+        """One scheduler round in the worker thread: departures, arrivals (one prefill), steps."""
+        decoder.drop(gone)
+        decoder.add([r.job.prompt for r in new], [r.job.sampling for r in new], keys)
+        return self._steps(decoder, live)
+
+    def _steps(self, decoder: Decoder, live: list[_Request]) -> dict[int, list]:
+        """Decode steps in one worker-thread round: {key: [bytes, finished]}. Steps go on for up
+        to ``step_budget_s`` while no request finished, no client left and nothing waits for a
+        free slot: a round per step would pay the thread hop, the event loop and a streamed
+        message per step, which cost more than a step of a small model (docs/serving.md)."""
+        out: dict[int, list] = {}
+        start = time.perf_counter()
+        while True:
+            finished = False
+            for k, (chunk, done) in decoder.step().items():
+                got = out.setdefault(k, [b"", False])
+                got[0] += chunk
+                got[1] = done
+                finished = finished or done
+            if (
+                finished
+                or not len(decoder)
+                or time.perf_counter() - start >= self.step_budget_s
+                or any(r.gone for r in live)
+                or (
+                    self._queue is not None
+                    and self._queue.qsize()
+                    and len(decoder) < self.max_batch_size
+                )
+            ):
+                return out
 
     async def _bytes(self, job: Job, arrived: float) -> AsyncIterator[bytes]:
         """The request's bytes as the scheduler releases them. Chunks that queued up while the
