@@ -379,16 +379,16 @@ def build(
     limits: dict | None = None,
     num_cpus: float = 1,
 ) -> serve.Application:
-    """The bound Serve application. ``max_ongoing_requests`` is one batch per replica (what its
-    scheduler runs at once; a finished request's slot goes to the next at once);
-    ``max_queued_requests`` (default 4 batches) bounds the wait: past it Serve answers 503
-    instead of queueing without end."""
+    """The bound Serve application. ``max_ongoing_requests`` is two batches per replica: one
+    running, one waiting in the replica's own queue to take a slot at the next step (a request
+    held back by Serve's router instead waits for its retry); ``max_queued_requests`` (default
+    4 batches) bounds the wait: past it Serve answers 503 instead of queueing without end."""
     if source and "://" not in source and ":/" not in source and os.path.exists(source):
         source = os.path.abspath(source)  # replicas run in Ray's session directory
     deployment = serve.deployment(AUNetServer).options(
         name="aunet",
         num_replicas=replicas,
-        max_ongoing_requests=max_batch_size,
+        max_ongoing_requests=2 * max_batch_size,
         max_queued_requests=max_queued_requests or 4 * max_batch_size,
         ray_actor_options={"num_cpus": num_cpus},
     )
