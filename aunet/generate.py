@@ -37,17 +37,16 @@ the rows it drives.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from aunet.config import BOS_ID, EOS_ID, AUNetConfig, check_tokenizer
-from aunet.kvcache import StackCache, prefill_stack, step_stack, up_step
+from aunet.kvcache import StackCache, down_step, prefill_stack, step_stack, up_step
 from aunet.layers import CausalTransformer
 from aunet.model import AUNet
-from aunet.pooling import StagePlan, force_first, pooling_plan
+from aunet.pooling import force_first, pooling_plan
 from aunet.splitstream import LevelStream
 from aunet.splitting import Splitter
 
@@ -173,70 +172,140 @@ class Generator:
         return m.head(x[ar, self.n[0] - 1])
 
     @torch.inference_mode()
+    def add(
+        self, prompts: Sequence[bytes] | Sequence[Sequence[int]], max_new_bytes: int
+    ) -> torch.Tensor:
+        """Prefill new rows and append them after the running ones (continuous batching) ->
+        their next-id logits (B_new, V). Rows never read each other's state, so a row's numbers
+        do not depend on when it joined or what else runs (docs/serving.md, Batching)."""
+        new = Generator(self.model)
+        logits = new.prefill(prompts, max_new_bytes)
+        if not self.texts:
+            self.__dict__.update(new.__dict__)
+            return logits
+        self.texts += new.texts
+        self.levels += new.levels
+        self.streams += new.streams
+        self.n = torch.cat([self.n, new.n], 1)
+        self.boundary = torch.cat([self.boundary, new.boundary], 1)
+        self.deep = [torch.cat([a, b]) for a, b in zip(self.deep, new.deep)]
+        for mine, theirs in zip(self.enc_caches + self.dec_caches, new.enc_caches + new.dec_caches):
+            mine.append(theirs)
+        self.trunk_cache.append(new.trunk_cache)
+        return logits
+
+    @torch.inference_mode()
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows``, renumbered 0..len(rows)-1 in that order (finished rows leave, so
+        that the next step advances every row without gathering its caches)."""
+        rows = [int(r) for r in rows]
+        if rows == list(range(len(self.texts))):
+            return
+        self.texts = [self.texts[r] for r in rows]
+        self.levels = [self.levels[r] for r in rows]
+        self.streams = [self.streams[r] for r in rows]
+        if not rows:  # empty: the next ``add`` starts afresh
+            self.texts = []
+            return
+        idx = torch.tensor(rows, device=self.n.device)
+        self.n, self.boundary = self.n[:, idx], self.boundary[:, idx]
+        self.deep = [d[idx] for d in self.deep]
+        for cache in [*self.enc_caches, *self.dec_caches, self.trunk_cache]:
+            cache.select(idx)
+
+    @torch.inference_mode()
     def step(self, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Feed one byte (id) to each of ``rows`` (default: all) -> next-id logits (R, V)."""
+        """Feed one byte (id) to each of ``rows`` (default: all) -> next-id logits (R, V).
+
+        Stepping every row (a server drops finished rows with ``keep``) reads every cache without
+        gathering its rows."""
         m, K, P = self.model, self.config.num_stages, self.config.upsampling_positions
         dev = m.tok_embeddings.weight.device
-        rows = list(range(len(self.texts))) if rows is None else [int(r) for r in rows]
+        B = len(self.texts)
+        rows = list(range(B)) if rows is None else [int(r) for r in rows]
         tokens = [int(t) for t in tokens]
         if len(tokens) != len(rows) or not rows:
             raise ValueError(f"step: {len(tokens)} tokens for {len(rows)} rows")
         top = 256 if self.config.is_bytes else self.config.vocab_size
         if not all(0 <= t < top for t in tokens):
             raise ValueError(f"step: ids must be in [0, {top}), got {tokens}")
+        levels = []
         for b, t in zip(rows, tokens):
             self.texts[b].append(t)
-            self.levels[b].append(self._level(b, t))
-        level = torch.tensor([self.levels[b][-1] for b in rows], device=dev)
-        r = torch.tensor(rows, device=dev)
-        all_rows = rows == list(range(len(self.texts)))
+            lv = self._level(b, t)
+            self.levels[b].append(lv)
+            levels.append(lv)
+        all_rows = len(rows) == B and rows == list(range(B))
+        r = self._arange(B) if all_rows else torch.tensor(rows, device=dev)
         x = m.tok_embeddings(torch.tensor(tokens, device=dev))[:, None]  # (R, 1, D_0)
-        visited = []  # per advanced stage s < K: (rows, all_rows, encoder-s output)
+        if K:
+            level = torch.tensor(levels, device=dev)
+            deepest = max(levels)
+        visited = []  # per advanced stage s < K: (rows, all_rows, encoder-s output, pos, rope)
         for s in range(K):
-            pos = self.n[s, r]
-            x = step_stack(m.encoders[s], self.enc_caches[s], r, all_rows, x, pos)
-            visited.append((r, all_rows, x))
-            up = level > s  # rows whose byte closes a stage-(s+1) segment
-            if not bool(up.any()):
+            pos = self.n[s] if all_rows else self.n[s, r]
+            rope = m.encoders[s].rope(pos[:, None])  # the decoder steps at the same positions
+            x = step_stack(m.encoders[s], self.enc_caches[s], r, all_rows, x, pos, rope)
+            visited.append((r, all_rows, x, pos, rope))
+            if deepest <= s:
                 break
-            self.boundary[s, r[up]] = pos[up]
-            all_rows = all_rows and bool(up.all())
-            r, level, x = r[up], level[up], x[up]
-            one = torch.zeros(len(r), 1, dtype=torch.long, device=dev)
-            x = m.transitions[s].down(x, StagePlan(mask=one == 0, idx=one, counts=one[:, 0] + 1))
+            up = level > s  # rows whose byte closes a stage-(s+1) segment
+            if all_rows and bool(up.all()):
+                self.boundary[s] = pos
+            else:
+                all_rows = False
+                self.boundary[s, r[up]] = pos[up]
+                r, level, x = r[up], level[up], x[up]
+            x = down_step(m.transitions[s], x)
         else:
-            x = step_stack(m.trunk, self.trunk_cache, r, all_rows, x, self.n[K, r])
-            self.deep[K][r] = x[:, 0]
-            self.n[K, r] += 1
+            pos = self.n[K] if all_rows else self.n[K, r]
+            x = step_stack(m.trunk, self.trunk_cache, r, all_rows, x, pos)
+            if all_rows:
+                self.deep[K] = x[:, 0]
+                self.n[K] += 1
+            else:
+                self.deep[K][r] = x[:, 0]
+                self.n[K, r] += 1
         for s in reversed(range(len(visited))):
-            r, all_rows, skip = visited[s]
-            pos = self.n[s, r]
-            off = pos - self.boundary[s, r]
-            up = up_step(m.transitions[s], self.deep[s + 1][r], off % P, off == 0)
+            r, all_rows, skip, pos, rope = visited[s]
+            off = pos - (self.boundary[s] if all_rows else self.boundary[s, r])
+            deep = self.deep[s + 1] if all_rows else self.deep[s + 1][r]
+            up = up_step(m.transitions[s], deep, off % P, off == 0)
             x = skip + up if self.config.skip_connections[s] else up
-            x = step_stack(m.decoders[s], self.dec_caches[s], r, all_rows, x, pos)
-            self.deep[s][r] = x[:, 0]
-            self.n[s, r] += 1
+            x = step_stack(m.decoders[s], self.dec_caches[s], r, all_rows, x, pos, rope)
+            if all_rows:
+                self.deep[s] = x[:, 0]
+                self.n[s] += 1
+            else:
+                self.deep[s][r] = x[:, 0]
+                self.n[s, r] += 1
         return m.head(x[:, 0])
 
+    def _arange(self, n: int) -> torch.Tensor:
+        """0..n-1 on the model's device, made once per size (a step needs it every time)."""
+        hit = getattr(self, "_ar", None)
+        if hit is None or len(hit) != n:
+            hit = self._ar = torch.arange(n, device=self.model.tok_embeddings.weight.device)
+        return hit
 
-def sample_next(
+
+def sample_probs(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    rng: torch.Generator | None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (R, V) -> next ids (R,). Only ids where ``allowed`` (R, V) bool is True are drawn;
-    without it (a byte model) everything but BOS, which has no byte to return."""
+    """logits (R, V) -> what to draw from (R, V): the masked logits when greedy (temperature 0
+    or top_k 1: take their argmax), else probabilities. Only ids where ``allowed`` (R, V) bool is
+    True can come out; without it (a byte model) everything but BOS, which has no byte."""
     logits = logits.float().clone()
     if allowed is None:
         logits[:, BOS_ID] = -float("inf")
     else:
         logits = logits.masked_fill(~allowed.to(logits.device), -float("inf"))
     if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
+        return logits
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -246,7 +315,39 @@ def sample_next(
         sp, si = probs.sort(-1, descending=True)
         sp = sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0.0)  # keep the smallest set reaching p
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=rng)[:, 0]
+    return probs
+
+
+def draw(
+    probs: torch.Tensor, rngs: torch.Generator | Sequence[torch.Generator | None] | None
+) -> torch.Tensor:
+    """One id per row of probs (R, V) -> (R,): ``torch.multinomial(probs, 1)``'s draw written out
+    (argmax of p / q with q ~ Exp(1), the same numbers and generator use), so that rows with
+    their own generators (``rngs``: one per row) still share one division and one argmax."""
+    if rngs is None or isinstance(rngs, torch.Generator):
+        q = torch.empty_like(probs).exponential_(1, generator=rngs)
+    else:
+        q = torch.cat(
+            [
+                torch.empty_like(probs[j : j + 1]).exponential_(1, generator=g)
+                for j, g in enumerate(rngs)
+            ]
+        )
+    return (probs / q).argmax(-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: torch.Generator | Sequence[torch.Generator | None] | None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (R, V) -> next ids (R,) (``sample_probs``, then ``draw`` with ``rng``: one generator
+    for all rows, or one per row)."""
+    p = sample_probs(logits, temperature, top_k, top_p, allowed)
+    return p.argmax(-1) if temperature == 0 or top_k == 1 else draw(p, rng)
 
 
 def check_sampling(
@@ -440,106 +541,3 @@ def generate(
             logits = gen.step([t for _, t in fed], active)
     results = [bytes(r.out) for r in rows]
     return results[0] if single else results
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One row's generation settings, as ``generate`` takes them (checked by ``check``)."""
-
-    max_new_bytes: int
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop: bytes | None = None
-    seed: int | None = None
-
-    def check(self) -> None:
-        """Raise ValueError naming the bad setting."""
-        check_sampling(self.max_new_bytes, self.temperature, self.top_k, self.top_p)
-        if self.stop is not None and (
-            not isinstance(self.stop, (bytes, bytearray)) or not self.stop
-        ):
-            raise ValueError(f"stop: expected non-empty bytes or None, got {self.stop!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
-
-
-def _held(out: bytearray, stop: bytes | None) -> int:
-    """Bytes at the end of ``out`` that may begin ``stop``: not released until resolved."""
-    if not stop:
-        return 0
-    for k in range(min(len(stop) - 1, len(out)), 0, -1):
-        if out.endswith(stop[:k]):
-            return k
-    return 0
-
-
-def decode_rows(
-    model: AUNet,
-    prompts: Sequence[bytes],
-    settings: Sequence[Sampling],
-    tokenizer: BPETokenizer | None = None,
-) -> Iterator[list[bytes | None]]:
-    """One cached batched generation where every row has its own settings and RNG.
-
-    Each ``next()`` runs one decode step and gives, per row, the bytes it releases on that step
-    (b"" while a possible ``stop`` prefix is held back), then None on every step after the row
-    finished. A row's bytes joined equal ``generate(model, prompt, **its settings)``: its RNG is
-    seeded from its own ``seed`` and samples from its own logits only, so rows never shift each
-    other's random draws (what a server batching unrelated requests needs). Rows finish
-    independently: a finished row is no longer stepped. A BPE model needs its ``tokenizer``
-    (rows are ``TokenRow``s, as in ``generate``).
-    """
-    n = len(prompts)
-    if len(settings) != n:
-        raise ValueError(f"decode_rows: {len(settings)} settings for {n} prompts")
-    for s in settings:
-        s.check()
-    check_tokenizer(model.config, tokenizer, "decode_rows: tokenizer")
-    vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
-    dev = model.tok_embeddings.weight.device
-    rngs = []
-    for s in settings:
-        rng = torch.Generator(device=dev)
-        rng.manual_seed(s.seed) if s.seed is not None else rng.seed()
-        rngs.append(rng)
-    sent = [0] * n
-    live = [b for b in range(n) if settings[b].max_new_bytes > 0]
-    first: list[bytes | None] = [None if b in live else b"" for b in range(n)]
-    if not live:
-        yield first
-        return
-    rows: dict[int, ByteRow | TokenRow] = {
-        b: ByteRow(bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
-        if vocab is None
-        else TokenRow(vocab, bytes(prompts[b]), settings[b].max_new_bytes, settings[b].stop)
-        for b in live
-    }
-    gen = Generator(model)
-    logits = gen.prefill([rows[b].context for b in live], max(r.steps for r in rows.values()))
-    active = list(range(len(live)))  # Generator rows still running
-    chunks = first
-    while True:
-        fed: list[tuple[int, int]] = []
-        for j, r in enumerate(active):
-            b, s = live[r], settings[live[r]]
-            row = rows[b]
-            allowed = row.allowed()
-            allowed = None if allowed is None else allowed[None]
-            t = int(
-                sample_next(logits[j : j + 1], s.temperature, s.top_k, s.top_p, rngs[b], allowed)[0]
-            )
-            done = row.feed(t)
-            end = len(row.out) if done else len(row.out) - _held(row.out, s.stop)
-            chunks[b] = bytes(row.out[sent[b] : end])
-            sent[b] = end
-            if not done:
-                fed.append((r, t))
-        yield chunks
-        if not fed:
-            return
-        chunks = [None] * n
-        active = [r for r, _ in fed]
-        logits = gen.step([t for _, t in fed], active)

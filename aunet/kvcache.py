@@ -20,11 +20,13 @@ row, from the model's public pieces (``Attention.qkv``, norms, feed-forward, tra
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from aunet.layers import Attention, CausalTransformer
-from aunet.transitions import Transition, mean_up
+from aunet.layers import Attention, CausalTransformer, apply_rope
+from aunet.transitions import Transition, interleave_down, mean_up
 
 
 class StackCache:
@@ -61,12 +63,35 @@ class StackCache:
         size = self.size
         while size < needed:
             size *= 2
+        self._pad(size)
+
+    def _pad(self, size: int) -> None:
+        """Enlarge to ``size`` slots. Only while slot == position holds for every row (a full
+        causal stack, or a window not yet filled): then the larger ring keeps every slot."""
         pad = size - self.size
+        if pad <= 0:
+            return
+        assert self.window is None or size <= self.window, "a full window ring cannot grow"
         pad_kv = (*self.k.shape[:2], pad, *self.k.shape[3:])
         self.k = torch.cat([self.k, self.k.new_zeros(pad_kv)], 2)
         self.v = torch.cat([self.v, self.v.new_zeros(pad_kv)], 2)
         empty = self.slot_pos.new_full((len(self.slot_pos), pad), -1)
         self.slot_pos = torch.cat([self.slot_pos, empty], 1)
+
+    def append(self, other: StackCache) -> None:
+        """Add ``other``'s rows after these (continuous batching: requests joining a running
+        generation). The smaller ring is padded: a ring smaller than its window was sized for all
+        the positions its rows announced, so none of them wrapped and slot == position."""
+        size = max(self.size, other.size)
+        self._pad(size)
+        other._pad(size)
+        self.k = torch.cat([self.k, other.k], 1)
+        self.v = torch.cat([self.v, other.v], 1)
+        self.slot_pos = torch.cat([self.slot_pos, other.slot_pos], 0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (R,) in that order (finished requests leave the batch)."""
+        self.k, self.v, self.slot_pos = self.k[:, rows], self.v[:, rows], self.slot_pos[rows]
 
     def load(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Prefill one row: k, v (n, KV, Dh) for positions 0..n-1; only the last S are kept."""
@@ -90,7 +115,7 @@ class StackCache:
 
     def visible(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(R, S) bool: slots a query at position pos (R,) may attend (causal, in the window)."""
-        sp = self.slot_pos[rows]
+        sp = self.slot_pos.index_select(0, rows)
         ok = (sp >= 0) & (sp <= pos[:, None])
         if self.window is not None:
             ok &= sp > pos[:, None] - self.window
@@ -107,7 +132,8 @@ class StackCache:
         """k, v (R, S, KV, Dh) of the given rows (no copy when every row is asked for in order)."""
         if all_rows:
             return self.k[layer], self.v[layer]
-        return self.k[layer, rows], self.v[layer, rows]
+        # index_select: a plain row copy, several times faster than advanced indexing here
+        return self.k[layer].index_select(0, rows), self.v[layer].index_select(0, rows)
 
 
 def prefill_stack(
@@ -141,6 +167,39 @@ def attend_cached(
     return att.wo(out.transpose(1, 2).flatten(2))
 
 
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused_qkv(att: Attention) -> torch.Tensor | None:
+    """wq, wk, wv stacked into one (H + 2 KV) * Dh x D weight: one matrix product per block and
+    step instead of three (a decode step at serving sizes costs its number of small operations,
+    docs/serving.md). Rebuilt when a weight changes (tensor versions); None when the projections
+    are not plain float linears (INT8: ``AUModel.from_pretrained(..., quantize="int8")``)."""
+    lins = (att.wq, att.wk, att.wv)
+    if not all(type(m) is torch.nn.Linear and m.bias is None for m in lins):
+        return None
+    key = tuple((m.weight.data_ptr(), m.weight._version) for m in lins)
+    hit = _FUSED.get(att)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = _FUSED[att] = (key, torch.cat([m.weight for m in lins]))
+    return hit[1]
+
+
+def _qkv_step(
+    att: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Attention.qkv`` for one position per row, x (R, 1, D): one fused product and one
+    rotation of q and k together (they share the positions)."""
+    w = _fused_qkv(att)
+    if w is None:
+        return att.qkv(x, cos, sin)
+    H, KV = att.n_heads, att.n_kv_heads
+    qkv = F.linear(x, w).view(x.shape[0], 1, H + 2 * KV, att.head_dim)
+    qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
+    return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
+
+
 def step_stack(
     stack: CausalTransformer,
     cache: StackCache,
@@ -148,21 +207,33 @@ def step_stack(
     all_rows: bool,
     x: torch.Tensor,
     pos: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One new position per row: x (R, 1, D_s) at stage-local positions pos (R,) -> (R, 1, D_s)."""
+    """One new position per row: x (R, 1, D_s) at stage-local positions pos (R,) -> (R, 1, D_s).
+
+    ``rope``: the cos/sin tables (R, 1, Dh/2) of ``pos`` when the caller already has them (a
+    stage's encoder and decoder step at the same positions)."""
     if len(stack.layers) == 0:
         return x
-    cos, sin = stack.rope(pos[:, None])  # (R, 1, Dh/2)
+    cos, sin = rope if rope is not None else stack.rope(pos[:, None])
     slots = cache.claim(rows, pos)
     visible = cache.visible(rows, pos)[:, None, None, :]
     for i, layer in enumerate(stack.layers):
         att = layer.attention
-        q, k, v = att.qkv(layer.attention_norm(x), cos, sin)
+        q, k, v = _qkv_step(att, layer.attention_norm(x), cos, sin)
         cache.put(i, rows, slots, k[:, 0], v[:, 0])
         kc, vc = cache.get(i, rows, all_rows)
         h = x + attend_cached(att, q, kc, vc, visible)
         x = h + layer.feed_forward(layer.ffn_norm(h))
     return x
+
+
+def down_step(trans: Transition, x: torch.Tensor) -> torch.Tensor:
+    """``Transition.down`` of one position per row that closes a segment: x (R, 1, d_in) ->
+    (R, 1, d_out), without building a pooling plan."""
+    if trans.nonparametric:
+        return interleave_down(x, trans.ratio)
+    return trans.trans_down(trans.down_norm(x))
 
 
 def up_step(
@@ -181,4 +252,8 @@ def up_step(
     if trans.kind == "repeat":
         return project(zn + trans.pos_encoding(offset[:, None]))
     m_in = trans.indexed_norm(zn) if trans.nonparametric else zn
-    return project(zn) + trans.indexed_linear(m_in, offset[:, None])
+    # every position's matrix at once, then each row's own: one product instead of a sort and a
+    # product per position (IndexedMatMul's way, right for the long sequences of training)
+    w = trans.indexed_linear.weight  # (P, D_s, D_{s+1})
+    every = F.linear(m_in[:, 0], w.flatten(0, 1)).view(len(offset), w.shape[0], w.shape[1])
+    return project(zn) + every[torch.arange(len(offset), device=offset.device), offset][:, None]

@@ -22,6 +22,7 @@ from aunet.checkpoint import (
     save_pretrained,
 )
 from aunet.config import AUNetConfig, ConfigError
+from aunet.decoding import Sampling, decode_rows
 from aunet.evaluation import (
     ChoiceItem,
     aggregate,
@@ -33,7 +34,7 @@ from aunet.evaluation import (
     score_texts,
 )
 from aunet.flops import flops_per_byte, flops_per_token, num_params, steps_for_budget
-from aunet.generate import Sampling, TokenVocab, decode_rows, generate, heal, sample_next
+from aunet.generate import TokenVocab, generate, heal, sample_next
 from aunet.model import AUNet
 from aunet.tokenizer import BPETokenizer
 

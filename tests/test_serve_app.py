@@ -12,6 +12,7 @@ import base64
 import concurrent.futures as cf
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from aunet.config import BOS_ID, AUNetConfig
 from aunet.generate import generate
 from aunet.model import AUNet
 from aunet.splitting import Splitter
+from aunet.tokenizer import BPETokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -102,13 +104,13 @@ REQUESTS = [
 ]
 
 
-def direct(model: AUNet, body: dict) -> bytes:
+def direct(model: AUNet, body: dict, tokenizer: BPETokenizer | None = None) -> bytes:
     prompt = body.get("prompt", {"prompt_b64": body.get("prompt_b64")})
     prompt = base64.b64decode(prompt["prompt_b64"]) if isinstance(prompt, dict) else prompt.encode()
     stop = body["stop"].encode() if "stop" in body else None
     keys = ("max_new_bytes", "temperature", "top_k", "top_p", "seed")
     kw = {k: body[k] for k in keys if k in body}
-    return generate(model, prompt, **{"temperature": 1.0, **kw}, stop=stop)
+    return generate(model, prompt, **{"temperature": 1.0, **kw}, stop=stop, tokenizer=tokenizer)
 
 
 def test_concurrent_requests_equal_direct_generate(app):
@@ -130,6 +132,44 @@ def test_concurrent_requests_equal_direct_generate(app):
             assert base64.b64decode(out["b64"]) == want and out["generated_bytes"] == len(want)
             assert out["text"] == want.decode("utf-8", "replace")
     assert json.loads(got[0][1])["generated_bytes"] == 40
+
+
+def test_requests_joining_a_running_generation_equal_direct_generate(app):
+    """Continuous batching: requests sent while a long one streams join its generation (they end
+    before it does) and still return exactly ``generate``'s bytes."""
+    url, _, model = app
+    long = {"prompt": "A long one", "max_new_bytes": 300, "temperature": 0.8, "seed": 11}
+    want_long = direct(model, long)
+    assert len(want_long) == 300, "the long request must run to its limit"
+    short = [
+        {"prompt": "joins", "max_new_bytes": 12, "temperature": 0},
+        {"prompt": "caf\u00e9", "max_new_bytes": 20, "seed": 4, "top_k": 30},
+        {"prompt": "x", "max_new_bytes": 9, "seed": 8, "stream": True},
+    ]
+    started = threading.Event()
+
+    def read_long() -> tuple[bytes, float]:
+        data = json.dumps({**long, "stream": True}).encode()
+        req = urllib.request.Request(url + "/generate", data=data, method="POST")
+        out = b""
+        with urllib.request.urlopen(req, timeout=120) as r:
+            while chunk := r.read1(65536):
+                out += chunk
+                started.set()
+        return out, time.perf_counter()
+
+    with cf.ThreadPoolExecutor(1 + len(short)) as pool:
+        long_future = pool.submit(read_long)
+        assert started.wait(60)  # the long generation is running
+        got = list(pool.map(lambda b: post(url, b), short))
+        short_done = time.perf_counter()
+        got_long, long_done = long_future.result()
+    assert got_long == want_long
+    assert short_done < long_done, "the short requests waited for the long one to end"
+    for body, (status, raw) in zip(short, got):
+        assert status == 200, raw
+        out = raw if body.get("stream") else base64.b64decode(json.loads(raw)["b64"])
+        assert out == direct(model, body)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +238,48 @@ def test_metrics_reach_the_prometheus_endpoint(app):
     assert set(found) == want, sorted(want - set(found))
     assert found["ray_aunet_requests_total"] >= len(REQUESTS)
     assert found["ray_aunet_generated_bytes_total"] >= 40
+
+
+def test_bpe_model_is_served_with_its_tokenizer(app, tmp_path):
+    """A BPE checkpoint (saved with its tokenizer) served as a second application: its answers
+    equal ``generate(..., tokenizer=)``, token healing of a prompt cut mid-word included."""
+    from ray import serve
+
+    from pipelines.serve_app import build
+
+    url = app[0]
+    text = b"the cat sat on the mat and the dog sat on the log; " * 20
+    tok = BPETokenizer.train([text, b"a world of words, the worldly wordsmith"], 300)
+    torch.manual_seed(2)
+    cfg = AUNetConfig(
+        dimensions=[32],
+        layers=[1],
+        head_dims=[16],
+        multiple_of=16,
+        vocab_size=tok.vocab_size,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+    )
+    model = AUNet(cfg).eval()
+    ckpt = save_pretrained(model, tmp_path / "bpe", tokenizer=tok)
+    serve.run(build(str(ckpt), max_batch_size=4), name="bpe", route_prefix="/bpe", blocking=False)
+    while serve.status().applications["bpe"].status != "RUNNING":
+        time.sleep(0.5)
+    bodies = [
+        {"prompt": "the cat sat on the m", "max_new_bytes": 30, "temperature": 0},
+        {"prompt": "the wor", "max_new_bytes": 25, "seed": 3, "stop": "t"},
+        {"prompt": "", "max_new_bytes": 17, "seed": 1, "top_p": 0.9, "stream": True},
+    ]
+    try:
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(lambda b: post(url + "/bpe", b), bodies))
+    finally:
+        serve.delete("bpe")
+    for body, (status, raw) in zip(bodies, got):
+        assert status == 200, raw
+        out = raw if body.get("stream") else base64.b64decode(json.loads(raw)["b64"])
+        assert out == direct(model, body, tok)
+    assert len(base64.b64decode(json.loads(got[0][1])["b64"])) == 30
 
 
 def test_int8_model_generates(tmp_path):
