@@ -200,9 +200,19 @@ def test_bad_requests_get_400_with_one_line(app, body, reason):
 
 def test_overload_gets_503_and_the_app_keeps_serving(app):
     url, _, model = app
-    body = {"prompt": "load", "max_new_bytes": 120, "seed": 3}
-    with cf.ThreadPoolExecutor(40) as pool:
-        got = list(pool.map(lambda _: post(url, body), range(40)))
+    body = {"prompt": "load", "max_new_bytes": 300, "seed": 3}
+    # 60 requests released together against room for 2 x MAX_BATCH running and 4 x MAX_BATCH
+    # queued: with continuous batching short answers finish fast, so arrivals spread over the
+    # pool's start-up could otherwise all fit.
+    n = 60
+    start = threading.Barrier(n)
+
+    def one(_):
+        start.wait(timeout=60)
+        return post(url, body)
+
+    with cf.ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(one, range(n)))
     codes = sorted(status for status, _ in got)
     assert set(codes) == {200, 503} and codes.count(200) >= MAX_BATCH, codes
     want = direct(model, body)
