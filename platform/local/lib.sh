@@ -128,14 +128,23 @@ print_exports() {
 # Processes of the tree of the recorded leader $1 (see proc_closure), given the ones known so
 # far. A leader that died (e.g. `ray start` failing half-way) can leave orphans in its session:
 # its pid is not reused while they hold it as their session id, and those that are ours()
-# are stopped too.
+# are stopped too. So are ours() processes outside that session: a Ray process that was still
+# being started when its parent died has been re-parented to init (ppid 1), in a session of its
+# own.
 tree_of() {
   local pid="$1" alive="$2" p
   shift 2
   if [[ -n "$alive" ]]; then
     proc_closure "$pid" "$@"
   else
-    for p in $(proc_closure "$pid" "$@"); do
+    local others=" " f l
+    for f in "$RAY_PIDFILE" "$MLFLOW_PIDFILE"; do  # another service's live tree is not an orphan
+      l="$(live_pid "$f")"
+      [[ -n "$l" && "$l" != "$pid" ]] && others+="$(proc_closure "$l" "$l" | tr '\n' ' ')"
+    done
+    for p in $( { proc_closure "$pid" "$@"; ps -e -o pid=,ppid= | awk '$2 == 1 { print $1 }'; } |
+      sort -un); do
+      [[ "$others" == *" $p "* ]] && continue
       ours "$p" && echo "$p"
     done
   fi
