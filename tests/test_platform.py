@@ -375,6 +375,22 @@ def _started_by(state: Path) -> set[int]:
     return found
 
 
+def _describe(pids: set[int]) -> str:
+    """pid, parent, session and command line of each process: what a failure needs to say."""
+    lines = []
+    for pid in sorted(pids):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            lines.append(f"{pid}: gone")
+            continue
+        service = [e.decode() for e in env if e.startswith(b"AUNET_PLATFORM_SERVICE=")]
+        lines.append(f"{pid}: ppid {stat[1]} sid {stat[3]} {service} {cmd[:160]}")
+    return "\n".join(lines)
+
+
 def _clean_up(env: dict[str, str], state: Path) -> set[int]:
     """After a platform test: `down` if anything `up` started is still alive, then SIGKILL for
     what is left (found by _started_by only) and Ray's current-cluster file if it names the
@@ -525,6 +541,7 @@ def test_local_up_on_busy_port_stops_what_it_started(
         finally:
             proc.kill()
         left = _started_by(state)
+        described = _describe(left)
     finally:
         holder.close()
         _clean_up(env, state)
@@ -532,5 +549,5 @@ def test_local_up_on_busy_port_stops_what_it_started(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert f"port {port}" in lines[0], lines[0]
-    assert not left, f"left running after the failed up: {left}\n{out}"
+    assert not left, f"left running after the failed up:\n{described}\n{out}"
     assert not (state / "ray/ray.pid").exists() and not (state / "mlflow/mlflow.pid").exists()

@@ -69,10 +69,18 @@ live_pid() {
   return 0
 }
 
-# True if process $1 was started by this platform: spawn puts AUNET_PLATFORM_DIR=$STATE_DIR in
-# the environment of both services, and every process below them inherits it.
-ours() {
-  { tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -qxF "AUNET_PLATFORM_DIR=$STATE_DIR"
+# Live processes of service $1 (ray or mlflow) started by this platform, wherever they were
+# re-parented: spawn puts AUNET_PLATFORM_DIR=$STATE_DIR and AUNET_PLATFORM_SERVICE=$1 in the
+# service's environment, and every process below it inherits both (a shell that merely exported
+# AUNET_PLATFORM_DIR, like `up` itself, has no service).
+service_pids() {
+  local f
+  {  # grep exits 1 when nothing matches: not an error here
+    for f in /proc/[0-9]*/environ; do
+      [[ -r "$f" ]] && echo "$f"
+    done | xargs -r grep -lzxF "AUNET_PLATFORM_DIR=$STATE_DIR" 2>/dev/null |
+      xargs -r grep -lzxF "AUNET_PLATFORM_SERVICE=$1" 2>/dev/null | cut -d/ -f3 | sort -un
+  } || true
 }
 
 # Alive (non-zombie) processes among: the given pids, every process in session $1 (the
@@ -125,28 +133,20 @@ print_exports() {
   echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"
 }
 
-# Processes of the tree of the recorded leader $1 (see proc_closure), given the ones known so
-# far. A leader that died (e.g. `ray start` failing half-way) can leave orphans in its session:
-# its pid is not reused while they hold it as their session id, and those that are ours()
-# are stopped too. So are ours() processes outside that session: a Ray process that was still
-# being started when its parent died has been re-parented to init (ppid 1), in a session of its
-# own.
+# Processes of service $1 whose recorded leader is $2: with the leader alive ($3 non-empty), its
+# tree (see proc_closure) given the ones known so far ($4...). With the leader dead (e.g. `ray
+# start` failing half-way), what that service left: its session's members while the leader's pid
+# has not been reused (a pid is not reused while a session bears its id), which also finds Ray's
+# agents whose retitling (setproctitle) overwrote their environment, plus every process carrying
+# the service's environment (service_pids), which finds those that left the session.
 tree_of() {
-  local pid="$1" alive="$2" p
-  shift 2
+  local name="$1" pid="$2" alive="$3" sid="-"
+  shift 3
   if [[ -n "$alive" ]]; then
     proc_closure "$pid" "$@"
   else
-    local others=" " f l
-    for f in "$RAY_PIDFILE" "$MLFLOW_PIDFILE"; do  # another service's live tree is not an orphan
-      l="$(live_pid "$f")"
-      [[ -n "$l" && "$l" != "$pid" ]] && others+="$(proc_closure "$l" "$l" | tr '\n' ' ')"
-    done
-    for p in $( { proc_closure "$pid" "$@"; ps -e -o pid=,ppid= | awk '$2 == 1 { print $1 }'; } |
-      sort -un); do
-      [[ "$others" == *" $p "* ]] && continue
-      ours "$p" && echo "$p"
-    done
+    [[ "$pid" =~ ^[0-9]+$ && -z "$(proc_start "$pid")" ]] && sid="$pid"
+    { proc_closure "$sid" "$@"; service_pids "$name"; } | sort -un
   fi
   return 0
 }
@@ -163,9 +163,9 @@ stop_tree() {
   alive="$(live_pid "$pidfile")"
   known=""
   if [[ -n "$alive" ]]; then
-    known="$(tree_of "$pid" "$alive" "$pid" | tr '\n' ' ')"
-  elif [[ "$pid" =~ ^[0-9]+$ && -z "$(proc_start "$pid")" ]]; then
-    known="$(tree_of "$pid" "" | tr '\n' ' ')"
+    known="$(tree_of "$name" "$pid" "$alive" "$pid" | tr '\n' ' ')"
+  else  # the leader is gone (its pid may even have been reused)
+    known="$(tree_of "$name" "$pid" "" | tr '\n' ' ')"
   fi
   if [[ -z "$known" ]]; then
     echo "$name: not running (removing stale $pidfile)"
@@ -184,7 +184,7 @@ stop_tree() {
   while [[ -n "$known" && $SECONDS -lt $deadline ]]; do
     sleep 0.2
     # shellcheck disable=SC2086
-    known="$(tree_of "$pid" "$alive" $known | tr '\n' ' ')"
+    known="$(tree_of "$name" "$pid" "$alive" $known | tr '\n' ' ')"
   done
   if [[ -n "$known" ]]; then
     echo "$name: still running after ${STOP_TIMEOUT}s, sending SIGKILL to: $known"
@@ -192,7 +192,7 @@ stop_tree() {
     kill -KILL $known 2>/dev/null || true
     sleep 1
     # shellcheck disable=SC2086
-    known="$(tree_of "$pid" "$alive" $known | tr '\n' ' ')"
+    known="$(tree_of "$name" "$pid" "$alive" $known | tr '\n' ' ')"
   fi
   if [[ -n "$known" ]]; then
     echo "$name: processes still alive: $known" >&2
