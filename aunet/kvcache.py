@@ -12,6 +12,9 @@ keeps its own ring of slots and its own position per slot:
   written, so eviction never drops a key that is still visible.
 - Full causal stack: S is at least the number of positions ever written, so slot = position; the
   ring grows (doubling) if a caller writes past the size it announced.
+- A sliding-window ring may also start smaller than its window (a deep stage, whose rows gain a
+  position only every few bytes): until it reaches w slots no row has wrapped (slot = position),
+  so it grows the same way, up to w. Attention then reads the slots in use, not w.
 Keys are stored after RoPE, so their slot order does not matter to attention.
 
 The step functions below run one stack, or one transition's upsampling, on one new position per
@@ -59,11 +62,12 @@ class StackCache:
         return self.slot_pos.shape[1]
 
     def _grow(self, needed: int) -> None:
-        """Full-causal stacks only: enlarge so that slot == position keeps holding."""
+        """Enlarge (doubling, up to the window) so that slot == position keeps holding: a full
+        causal stack, or a window ring not yet full."""
         size = self.size
         while size < needed:
             size *= 2
-        self._pad(size)
+        self._pad(size if self.window is None else min(size, self.window))
 
     def _pad(self, size: int) -> None:
         """Enlarge to ``size`` slots. Only while slot == position holds for every row (a full
@@ -107,7 +111,7 @@ class StackCache:
 
     def claim(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Reserve the slot of position pos (R,) for each row in rows (R,); returns slots (R,)."""
-        if self.window is None and int(pos.max()) >= self.size:
+        if (self.window is None or self.size < self.window) and int(pos.max()) >= self.size:
             self._grow(int(pos.max()) + 1)
         slots = pos % self.size
         self.slot_pos[rows, slots] = pos

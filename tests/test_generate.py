@@ -124,6 +124,28 @@ def test_cached_logits_match_full_forward(K: int, upsampling: str) -> None:
     assert [c.size for c in byte_caches] == [model.config.windows[0]] * len(byte_caches)
 
 
+@pytest.mark.parametrize("K", [1, 2])
+def test_deep_window_rings_grow_from_the_prompt_then_wrap(K: int) -> None:
+    """Deep stages' sliding-window rings start at the prompt's positions and grow as segments
+    close (aunet/kvcache.py): logits equal the full forward while they grow, after they reach
+    the window and once rows wrap."""
+    model = make_model(K, sliding_windows=[6, 24, 16][: K + 1])
+    feed = CONT + CONT  # ~50 words: every deep ring outgrows its window
+    gen = Generator(model)
+    logits = [gen.prefill(PROMPTS, max_new_bytes=1)]
+    deep = [gen.enc_caches[s] for s in range(1, K)] + [gen.trunk_cache]
+    start = [c.size for c in deep]
+    assert all(size < w for size, w in zip(start, model.config.windows[1:]))
+    for t in feed:
+        logits.append(gen.step([t] * len(PROMPTS)))
+    assert [c.size for c in deep] == list(model.config.windows[1:]), start
+    assert int(gen.n[1].min()) > model.config.windows[1], "stage 1 must wrap its ring"
+    for b, prompt in enumerate(PROMPTS):
+        ref = naive_logits(model, prompt, feed, rerun=False)
+        got = torch.stack([step[b] for step in logits])
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize(
     "K, upsampling, kw",
     [
