@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from aunet.config import check_tokenizer
-from aunet.generate import ByteRow, Generator, TokenRow, TokenVocab, check_sampling, sample_next
+from aunet.generate import (
+    ByteRow,
+    Generator,
+    TokenRow,
+    TokenVocab,
+    check_sampling,
+    sample_next,
+    stack_allowed,
+)
 from aunet.model import AUNet
 
 if TYPE_CHECKING:
@@ -35,6 +43,7 @@ class Sampling:
     top_p: float | None = None
     stop: bytes | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -47,6 +56,8 @@ class Sampling:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: expected true or false, got {self.ignore_eos!r}")
 
 
 def _held(out: bytearray, stop: bytes | None) -> int:
@@ -103,9 +114,9 @@ class Decoder:
                 self.empty.append(key)
                 continue
             row = (
-                ByteRow(bytes(p), s.max_new_bytes, s.stop)
+                ByteRow(bytes(p), s.max_new_bytes, s.stop, s.ignore_eos)
                 if self.vocab is None
-                else TokenRow(self.vocab, bytes(p), s.max_new_bytes, s.stop)
+                else TokenRow(self.vocab, bytes(p), s.max_new_bytes, s.stop, s.ignore_eos)
             )
             new.append(_Live(key, row, s, self.dev))
         if not new:
@@ -136,8 +147,7 @@ class Decoder:
             groups.setdefault((x.s.temperature, x.s.top_k, x.s.top_p), []).append(j)
         ids = [0] * len(self.live)
         for (temperature, top_k, top_p), rows in groups.items():
-            allowed = [self.live[j].row.allowed() for j in rows]
-            mask = None if allowed[0] is None else torch.stack(allowed)
+            mask = stack_allowed([self.live[j].row.allowed() for j in rows])
             logits = self.logits[rows] if len(rows) < len(self.live) else self.logits
             rngs = [self.live[j].rng for j in rows]
             got = sample_next(logits, temperature, top_k, top_p, rngs, mask).tolist()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aunet.config import BOS_ID, EOS_ID, AUNetConfig, check_tokenizer
+from aunet.config import BOS_ID, EOS_ID, VOCAB_SIZE, AUNetConfig, check_tokenizer
 from aunet.kvcache import StackCache, down_step, prefill_stack, step_stack, up_step
 from aunet.layers import CausalTransformer
 from aunet.model import AUNet
@@ -356,6 +356,16 @@ def sample_next(
     return p.argmax(-1) if temperature == 0 or top_k == 1 else draw(p, rng)
 
 
+def stack_allowed(masks: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Rows' ``allowed()`` masks -> (R, V) for ``sample_next``, or None when every row takes the
+    byte default (all but BOS)."""
+    if all(m is None for m in masks):
+        return None
+    V = next(len(m) for m in masks if m is not None)
+    default = byte_ids_allowed(V, False)
+    return torch.stack([default if m is None else m for m in masks])
+
+
 def check_sampling(
     max_new_bytes: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
@@ -370,16 +380,30 @@ def check_sampling(
         raise ValueError(f"top_p: expected a value in (0, 1] or None, got {top_p!r}")
 
 
-class ByteRow:
-    """One row of byte generation: each sampled id is one output byte."""
+def byte_ids_allowed(vocab_size: int, ignore_eos: bool) -> torch.Tensor:
+    """(V,) bool: what a byte model may sample: every id but BOS (and EOS with ``ignore_eos``)."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[BOS_ID] = False
+    if ignore_eos:
+        allowed[EOS_ID] = False
+    return allowed
 
-    def __init__(self, prompt: bytes, max_new_bytes: int, stop: bytes | None) -> None:
+
+class ByteRow:
+    """One row of byte generation: each sampled id is one output byte. With ``ignore_eos`` EOS is
+    never drawn, so the row runs to ``max_new_bytes`` or ``stop`` (a load test comparing models
+    on equal lengths, whatever their EOS habits)."""
+
+    def __init__(
+        self, prompt: bytes, max_new_bytes: int, stop: bytes | None, ignore_eos: bool = False
+    ) -> None:
         self.context, self.max_new_bytes, self.stop = prompt, max_new_bytes, stop
         self.out = bytearray()
         self.steps = max_new_bytes  # cache positions the row may need after the prompt
+        self.mask = byte_ids_allowed(VOCAB_SIZE, True) if ignore_eos else None
 
     def allowed(self) -> torch.Tensor | None:
-        return None  # sample_next's byte default: all but BOS
+        return self.mask  # None: sample_next's byte default, all but BOS
 
     def feed(self, t: int) -> bool:
         """Take the sampled id; True when the row is finished (EOS, ``stop``, the byte limit)."""
@@ -406,6 +430,8 @@ class TokenVocab:
         lengths = torch.as_tensor(tokenizer.token_lengths)
         self.sampleable = lengths > 0
         self.sampleable[self.eos_id] = True
+        self.without_eos = self.sampleable.clone()
+        self.without_eos[self.eos_id] = False
         self.prefixes = {t[:i] for t in tokenizer.token_bytes for i in range(1, len(t))}
 
     @property
@@ -461,17 +487,23 @@ class TokenRow:
     """
 
     def __init__(
-        self, vocab: TokenVocab, prompt: bytes, max_new_bytes: int, stop: bytes | None
+        self,
+        vocab: TokenVocab,
+        prompt: bytes,
+        max_new_bytes: int,
+        stop: bytes | None,
+        ignore_eos: bool = False,
     ) -> None:
         self.vocab, self.max_new_bytes, self.stop = vocab, max_new_bytes, stop
         self.context, self.pending = heal(vocab, vocab.tokenizer.encode(prompt))
         self.out = bytearray()
         self.steps = max_new_bytes + len(self.pending)  # every step takes >= 1 byte
+        self.ignore_eos = ignore_eos
 
     def allowed(self) -> torch.Tensor:
         if self.pending:
             return self.vocab.starting_with(self.pending)
-        return self.vocab.sampleable
+        return self.vocab.without_eos if self.ignore_eos else self.vocab.sampleable
 
     def feed(self, t: int) -> bool:
         """Take the sampled id; True when the row is finished (EOS, ``stop``, the byte limit)."""
@@ -505,10 +537,12 @@ def generate(
     seed: int | None = None,
     on_step: Callable[[int], None] | None = None,
     tokenizer: BPETokenizer | None = None,
+    ignore_eos: bool = False,
 ) -> bytes | list[bytes]:
     """Continuations of each prompt (without the prompt), stopping at ``max_new_bytes``, EOS or
     ``stop`` (neither is returned). temperature 0 or top_k 1 is greedy; ``seed`` makes sampling
     reproducible. ``on_step(k)`` is called after each of the k decode steps (progress bars).
+    ``ignore_eos`` never draws EOS (rows end at ``max_new_bytes`` or ``stop``).
 
     A BPE model needs its ``tokenizer``: the output is still bytes (``TokenRow``)."""
     single = isinstance(prompts, (bytes, bytearray))
@@ -522,9 +556,9 @@ def generate(
     check_tokenizer(model.config, tokenizer, "generate: tokenizer")
     vocab = TokenVocab.of(tokenizer) if tokenizer is not None else None
     rows: list[ByteRow | TokenRow] = [
-        ByteRow(bytes(p), max_new_bytes, stop)
+        ByteRow(bytes(p), max_new_bytes, stop, ignore_eos)
         if vocab is None
-        else TokenRow(vocab, bytes(p), max_new_bytes, stop)
+        else TokenRow(vocab, bytes(p), max_new_bytes, stop, ignore_eos)
         for p in batch
     ]
     if max_new_bytes > 0 and batch:
@@ -535,7 +569,7 @@ def generate(
         active = list(range(len(batch)))
         k = 0
         while True:
-            allowed = None if vocab is None else torch.stack([rows[b].allowed() for b in active])
+            allowed = stack_allowed([rows[b].allowed() for b in active])
             ids = sample_next(logits, temperature, top_k, top_p, rng, allowed).tolist()
             fed = [(b, t) for b, t in zip(active, ids) if not rows[b].feed(t)]
             k += 1

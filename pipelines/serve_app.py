@@ -5,7 +5,7 @@
 - ``prompt``: UTF-8 text, or ``{"prompt_b64": "..."}`` (also accepted as a top-level
   ``prompt_b64``) for arbitrary bytes;
 - ``max_new_bytes`` (default 256), ``temperature`` (1.0), ``top_k``, ``top_p``, ``stop`` (text,
-  not returned), ``seed``: as ``aunet.generate.generate`` takes them;
+  not returned), ``seed``, ``ignore_eos`` (false): as ``aunet.generate.generate`` takes them;
 - ``stream``: false -> one JSON object ``{"text", "b64", "generated_bytes"}``; true -> the raw
   bytes, streamed as they are generated.
 
@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from aunet.decoding import Decoder, Sampling
 
 KEYS = ("prompt", "prompt_b64", "max_new_bytes", "temperature", "top_k", "top_p", "stop", "seed")
-KEYS += ("stream",)
+KEYS += ("ignore_eos", "stream")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,9 @@ def parse_request(raw: bytes, limits: Limits = Limits()) -> Job:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream: expected true or false")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos: expected true or false")
     sampling = Sampling(
         max_new_bytes=_number(body, "max_new_bytes", 256, int),
         temperature=_number(body, "temperature", 1.0, float),
@@ -121,6 +124,7 @@ def parse_request(raw: bytes, limits: Limits = Limits()) -> Job:
         top_p=_number(body, "top_p", None, float),
         stop=stop.encode("utf-8", "surrogatepass") if stop else None,
         seed=_number(body, "seed", None, int),
+        ignore_eos=ignore_eos,
     )
     if sampling.temperature is None:
         raise BadRequest("temperature: expected a number, got null")

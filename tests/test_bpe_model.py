@@ -296,6 +296,9 @@ def test_generate_eos_and_arguments(tok):
         logits[torch.as_tensor(tok.token_lengths) == 0] = -torch.inf
         model.vocab.weight[tok.eos_id] = 50 * model.vocab.weight[int(logits.argmax())]
     assert generate(model, b"", 4, temperature=0.0, tokenizer=tok) == b""
+    # ignore_eos: the next best token instead, up to the byte limit
+    out = generate(model, b"", 12, temperature=0.0, tokenizer=tok, ignore_eos=True)
+    assert len(out) == 12 and out.startswith(tok.token_bytes[int(logits.argmax())])
     with pytest.raises(ValueError, match="needs its tokenizer"):
         generate(model, b"a", 4)
     with pytest.raises(ValueError, match="do not match"):

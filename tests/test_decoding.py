@@ -87,6 +87,25 @@ def test_staggered_requests_equal_direct_generate() -> None:
     assert len(got[0]) == 30
 
 
+def test_ignore_eos_rows_share_a_batch_with_ordinary_ones() -> None:
+    """Rows with and without ignore_eos in one sampling group each get ``generate``'s bytes."""
+    model = make_model(1, seed=4)
+    settings = [
+        Sampling(20, temperature=0.8, seed=1, ignore_eos=True),
+        Sampling(20, temperature=0.8, seed=2),
+        Sampling(20, temperature=0.0, ignore_eos=True),
+    ]
+    steps = list(decode_rows(model, PROMPTS[:3], settings))
+    for b, s in enumerate(settings):
+        got = b"".join(step[b] or b"" for step in steps)
+        want = generate(
+            model, PROMPTS[b], 20, temperature=s.temperature, seed=s.seed, ignore_eos=s.ignore_eos
+        )
+        assert got == want
+    with pytest.raises(ValueError, match="ignore_eos"):
+        Sampling(3, ignore_eos=1).check()
+
+
 def test_decode_rows_and_bad_input() -> None:
     model = make_model(1, seed=2)
     settings = [Sampling(9, temperature=0.0), Sampling(0), Sampling(4, seed=1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aunet.api import AUModel
 from aunet.checkpoint import CheckpointError, save_pretrained
@@ -195,6 +196,28 @@ def test_top_k_top_p_support() -> None:
     bos = torch.zeros(2, 258)
     bos[:, BOS_ID] = 10.0
     assert (sample_next(bos, 0.0, None, None, rng) != BOS_ID).all()
+
+
+def test_ignore_eos_runs_to_the_byte_limit() -> None:
+    """A model that prefers EOS everywhere: without ignore_eos it stops at once; with it, greedy
+    equals the naive loop with EOS masked, and sampling fills max_new_bytes."""
+    model = make_model(2, seed=5)
+    model.vocab.register_forward_hook(
+        lambda mod, inp, out: out + 100 * F.one_hot(torch.tensor(EOS_ID), out.shape[-1])
+    )
+    assert generate(model, PROMPTS[1], 20, temperature=0.0) == b""
+    got = generate(model, PROMPTS[1], 20, temperature=0.0, ignore_eos=True)
+    lv = levels_fn(model)
+    text, levels = bytearray(PROMPTS[1]), [model.config.num_stages, *lv(PROMPTS[1])]
+    with torch.no_grad():
+        for _ in range(20):
+            logits = model(torch.tensor([[BOS_ID, *text]]), torch.tensor([levels]))[0, -1]
+            logits[[BOS_ID, EOS_ID]] = -float("inf")
+            text.append(int(logits.argmax()))
+            levels.append(lv(text)[-1])
+    assert got == bytes(text[len(PROMPTS[1]) :])
+    sampled = generate(model, PROMPTS[:2], 17, seed=1, ignore_eos=True)
+    assert [len(x) for x in sampled] == [17, 17]
 
 
 def test_stop_bytes_and_eos() -> None:

@@ -97,7 +97,12 @@ def post(url: str, body) -> tuple[int, bytes]:
 REQUESTS = [
     {"prompt": "The quick brown fox", "max_new_bytes": 40, "temperature": 0},
     {"prompt": "caf\u00e9 au lait", "max_new_bytes": 25, "seed": 5},
-    {"prompt_b64": base64.b64encode(b"\xff\xfe bytes").decode(), "max_new_bytes": 33, "seed": 1},
+    {
+        "prompt_b64": base64.b64encode(b"\xff\xfe bytes").decode(),
+        "max_new_bytes": 33,
+        "seed": 1,
+        "ignore_eos": True,
+    },
     {"prompt": {"prompt_b64": base64.b64encode(b"nested").decode()}, "max_new_bytes": 7, "seed": 2},
     {"prompt": "", "max_new_bytes": 30, "temperature": 0.7, "top_k": 50, "top_p": 0.9, "seed": 9},
     {"prompt": "x", "max_new_bytes": 0},
@@ -108,7 +113,7 @@ def direct(model: AUNet, body: dict, tokenizer: BPETokenizer | None = None) -> b
     prompt = body.get("prompt", {"prompt_b64": body.get("prompt_b64")})
     prompt = base64.b64decode(prompt["prompt_b64"]) if isinstance(prompt, dict) else prompt.encode()
     stop = body["stop"].encode() if "stop" in body else None
-    keys = ("max_new_bytes", "temperature", "top_k", "top_p", "seed")
+    keys = ("max_new_bytes", "temperature", "top_k", "top_p", "seed", "ignore_eos")
     kw = {k: body[k] for k in keys if k in body}
     return generate(model, prompt, **{"temperature": 1.0, **kw}, stop=stop, tokenizer=tokenizer)
 
@@ -189,6 +194,7 @@ def test_requests_joining_a_running_generation_equal_direct_generate(app):
         ({"prompt": "x", "top_k": 0}, "top_k: expected an int >= 1"),
         ({"prompt": "x", "stop": ""}, "stop: expected a non-empty string"),
         ({"prompt": "x", "stream": "yes"}, "stream: expected true or false"),
+        ({"prompt": "x", "ignore_eos": 1}, "ignore_eos: expected true or false"),
     ],
 )
 def test_bad_requests_get_400_with_one_line(app, body, reason):
