@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1")
     ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     ap.add_argument("--max-queued-requests", type=int, default=None, help="503 beyond this")
+    ap.add_argument(
+        "--step-budget-ms",
+        type=float,
+        default=50,
+        help="decode time per scheduler round before bytes go out (default 50)",
+    )
     ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     ap.add_argument("--log", action="store_true", help="log as a pyfunc model, print its URI")
     ap.add_argument("--run-id", default=None, help="--log: into this run (default: a new run)")
@@ -144,6 +150,8 @@ def _main(argv: list[str]) -> int:
     for key in ("replicas", "max_batch_size", "port"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')}: expected >= 1, got {getattr(args, key)}")
+    if not args.step_budget_ms > 0:
+        raise ValueError(f"--step-budget-ms: expected > 0, got {args.step_budget_ms}")
     # Fail before Ray starts: the source must resolve to a readable checkpoint here.
     local = resolve_checkpoint(args.source) or Path(args.source)
     read_config(local)

@@ -187,7 +187,7 @@ class AUNetServer:
         batch_wait_timeout_s: float = 0.01,
         limits: dict | None = None,
         threads: int | None = None,
-        step_budget_s: float = 0.01,
+        step_budget_s: float = 0.05,
     ) -> None:
         import torch
 
@@ -282,13 +282,15 @@ class AUNetServer:
         """One scheduler round in the worker thread: departures, arrivals (one prefill), steps."""
         decoder.drop(gone)
         decoder.add([r.job.prompt for r in new], [r.job.sampling for r in new], keys)
-        return self._steps(decoder, live)
+        return self._steps(decoder, live, first=bool(new))
 
-    def _steps(self, decoder: Decoder, live: list[_Request]) -> dict[int, list]:
+    def _steps(self, decoder: Decoder, live: list[_Request], first: bool) -> dict[int, list]:
         """Decode steps in one worker-thread round: {key: [bytes, finished]}. Steps go on for up
         to ``step_budget_s`` while no request finished, no client left and nothing waits for a
         free slot: a round per step would pay the thread hop, the event loop and a streamed
-        message per step, which cost more than a step of a small model (docs/serving.md)."""
+        message per step, which cost more than a step of a small model (docs/serving.md). A
+        round that admitted requests (``first``) ends after one step: their first bytes go out
+        at once, and the budget sets only the later chunks' granularity."""
         out: dict[int, list] = {}
         start = time.perf_counter()
         while True:
@@ -299,7 +301,8 @@ class AUNetServer:
                 got[1] = done
                 finished = finished or done
             if (
-                finished
+                first
+                or finished
                 or not len(decoder)
                 or time.perf_counter() - start >= self.step_budget_s
                 or any(r.gone for r in live)
@@ -382,11 +385,16 @@ def build(
     batch_wait_timeout_s: float = 0.01,
     limits: dict | None = None,
     num_cpus: float = 1,
+    step_budget_s: float = 0.05,
 ) -> serve.Application:
     """The bound Serve application. ``max_ongoing_requests`` is two batches per replica: one
     running, one waiting in the replica's own queue to take a slot at the next step (a request
     held back by Serve's router instead waits for its retry); ``max_queued_requests`` (default
-    4 batches) bounds the wait: past it Serve answers 503 instead of queueing without end."""
+    4 batches) bounds the wait: past it Serve answers 503 instead of queueing without end.
+    ``step_budget_s``: how long one scheduler round may decode before its bytes go out (a
+    streamed answer's granularity; docs/serving.md, Batching)."""
+    if not step_budget_s > 0:
+        raise ValueError(f"step_budget_s: expected > 0, got {step_budget_s!r}")
     if source and "://" not in source and ":/" not in source and os.path.exists(source):
         source = os.path.abspath(source)  # replicas run in Ray's session directory
     deployment = serve.deployment(AUNetServer).options(
@@ -403,6 +411,7 @@ def build(
         batch_wait_timeout_s,
         limits,
         max(1, int(num_cpus)),
+        step_budget_s,
     )
 
 

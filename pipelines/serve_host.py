@@ -40,6 +40,7 @@ def deploy(args: argparse.Namespace, source: str) -> str:
         quantize=args.quantize,
         max_queued_requests=args.max_queued_requests,
         num_cpus=args.num_cpus,
+        step_budget_s=args.step_budget_ms / 1000,
     )
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{LOOPBACK}:{args.port}"

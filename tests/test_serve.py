@@ -109,7 +109,14 @@ def test_serve_cli_help_and_bad_source(tmp_path, capsys) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     assert e.value.code == 0
-    for option in ("--replicas", "--max-batch-size", "--quantize", "--port", "--log"):
+    for option in (
+        "--replicas",
+        "--max-batch-size",
+        "--quantize",
+        "--port",
+        "--log",
+        "--step-budget-ms",
+    ):
         assert option in text
     assert main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
@@ -117,6 +124,8 @@ def test_serve_cli_help_and_bad_source(tmp_path, capsys) -> None:
     assert err.count("\n") == 1 and not ray.is_initialized()
     assert main([str(tmp_path), "--replicas", "0"]) == 2
     assert "--replicas: expected >= 1" in capsys.readouterr().err
+    assert main([str(tmp_path), "--step-budget-ms", "0"]) == 2
+    assert "--step-budget-ms: expected > 0" in capsys.readouterr().err
 
 
 def test_serve_configs_validate_with_ray_serve_schema() -> None:

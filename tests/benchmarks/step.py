@@ -1,7 +1,7 @@
 """Milliseconds per ``Generator.step`` at serving sizes: the quickstart AU-Net and its byte
 baseline of equal parameters (tests/benchmarks/serve.py), at batch 1 and 16, one thread.
 
-    python tests/benchmarks/step.py [--steps 128 --repeat 5 --clock cpu --profile]
+    python tests/benchmarks/step.py [--steps 128 --repeat 5 --clock cpu --profile --width 1]
 
 Every row is prefilled with 64 bytes of the quickstart validation text and then fed the text's
 next bytes (teacher-forced, so the AU-Net's stage 1 runs at a real word rate, unlike the random
@@ -52,13 +52,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--width", type=int, default=1, help="as tests/benchmarks/serve.py --width")
     args = ap.parse_args()
     global clock
     clock = CLOCK[args.clock]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    aunet = AUNet(AUNetConfig(**QUICKSTART)).eval()
-    models = {"aunet": aunet, "baseline": baseline(aunet.num_params()).eval()}
+    w = args.width
+    shape = dict(dimensions=[d * w for d in QUICKSTART["dimensions"]])
+    shape["head_dims"] = [h * w for h in QUICKSTART["head_dims"]]
+    aunet = AUNet(AUNetConfig(**{**QUICKSTART, **shape})).eval()
+    models = {"aunet": aunet, "baseline": baseline(aunet.num_params(), w).eval()}
     text = text_bytes(16 * 997 + 64 + args.steps)
     best: dict[tuple[str, int], float] = {}
     for _ in range(args.repeat):
