@@ -1,4 +1,4 @@
-"""The body of ``POST /generate`` (docs/serving.md, Requests): parsed and checked before anything
+"""The body of ``POST /generate`` (docs/serving.md, The API): parsed and checked before anything
 reaches the scheduler, so that a bad request is an HTTP 400 with a one-line reason naming the key
 at fault and never costs a decode step. Pure Python: unit-testable without Ray or Serve.
 """
