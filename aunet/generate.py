@@ -152,28 +152,25 @@ class Generator:
         bounds = [p.idx[ar, n - 1] for p, n in zip(plans, self.n[1:])]
         self.boundary = torch.stack(bounds) if K else self.n[:0]
         self.deep: list[torch.Tensor | None] = [None] * (K + 1)
-        # Stage 0 gains a position per step; deeper stages one per closed segment, so their
-        # rings start at what the prompt needs and grow on demand (aunet/kvcache.py).
-        extra = max_new_bytes + 1
+        # Room per stage beyond the prompt: stage 0 gains a position per step; deeper stages one
+        # per closed segment, so their rings start at what the prompt needs and grow on demand
+        # (aunet/kvcache.py).
+        room = [max_new_bytes + 1] + [1] * K
         x, skips = m.tok_embeddings(tokens), []
         self.enc_caches, self.dec_caches = [None] * K, [None] * K
         for s in range(K):
             x, kvs = prefill_stack(m.encoders[s], x, m.attn_backend)
-            self.enc_caches[s] = self._new_cache(
-                m.encoders[s], kvs, self.n[s], extra if s == 0 else 1
-            )
+            self.enc_caches[s] = self._new_cache(m.encoders[s], kvs, self.n[s], room[s])
             skips.append(x)
             x = m.transitions[s].down(x, plans[s])
         x, kvs = prefill_stack(m.trunk, x, m.attn_backend)
-        self.trunk_cache = self._new_cache(m.trunk, kvs, self.n[K], extra if K == 0 else 1)
+        self.trunk_cache = self._new_cache(m.trunk, kvs, self.n[K], room[K])
         self.deep[K] = x[ar, self.n[K] - 1]
         for s in reversed(range(K)):
             up = m.transitions[s].up(x, plans[s])
             x = skips[s] + up if self.config.skip_connections[s] else up
             x, kvs = prefill_stack(m.decoders[s], x, m.attn_backend)
-            self.dec_caches[s] = self._new_cache(
-                m.decoders[s], kvs, self.n[s], extra if s == 0 else 1
-            )
+            self.dec_caches[s] = self._new_cache(m.decoders[s], kvs, self.n[s], room[s])
             self.deep[s] = x[ar, self.n[s] - 1]
         return m.head(x[ar, self.n[0] - 1])
 

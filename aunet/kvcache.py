@@ -111,8 +111,10 @@ class StackCache:
 
     def claim(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Reserve the slot of position pos (R,) for each row in rows (R,); returns slots (R,)."""
-        if (self.window is None or self.size < self.window) and int(pos.max()) >= self.size:
-            self._grow(int(pos.max()) + 1)
+        if self.window is None or self.size < self.window:
+            top = int(pos.max())
+            if top >= self.size:
+                self._grow(top + 1)
         slots = pos % self.size
         self.slot_pos[rows, slots] = pos
         return slots

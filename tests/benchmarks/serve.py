@@ -66,6 +66,14 @@ def baseline(target: int, width: int = 1) -> AUNet:
     return build(max(1, round((target - one) / (two - one)) + 1))
 
 
+def models(width: int = 1) -> tuple[AUNet, AUNet]:
+    """The quickstart AU-Net with every width and head dim times ``width``, and its baseline."""
+    shape = dict(dimensions=[d * width for d in QUICKSTART["dimensions"]])
+    shape["head_dims"] = [h * width for h in QUICKSTART["head_dims"]]
+    aunet = AUNet(AUNetConfig(**{**QUICKSTART, **shape})).eval()
+    return aunet, baseline(aunet.num_params(), width).eval()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,13 +176,9 @@ def main() -> None:
     from pipelines.serve_app import build
 
     torch.manual_seed(0)
-    w = args.width
-    shape = dict(dimensions=[d * w for d in QUICKSTART["dimensions"]])
-    shape["head_dims"] = [h * w for h in QUICKSTART["head_dims"]]
-    aunet = AUNet(AUNetConfig(**{**QUICKSTART, **shape})).eval()
-    base = baseline(aunet.num_params(), w).eval()
+    aunet, base = models(args.width)
     print(
-        f"params: AU-Net {aunet.num_params()} (d={shape['dimensions']}), baseline "
+        f"params: AU-Net {aunet.num_params()} (d={aunet.config.dimensions}), baseline "
         f"{base.num_params()} (d={base.config.dimensions[0]}, {base.config.layers[0]} layers)"
     )
     prompts = [d[:64].decode("utf-8", "ignore") for d in docs("quickstart_val.jsonl.gz", 1 << 16)]

@@ -24,10 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import text_bytes  # noqa: E402
-from serve import baseline  # noqa: E402
-from serve_int8 import QUICKSTART  # noqa: E402
+from serve import models  # noqa: E402
 
-from aunet.config import AUNetConfig  # noqa: E402
 from aunet.generate import Generator  # noqa: E402
 from aunet.model import AUNet  # noqa: E402
 
@@ -58,15 +56,12 @@ def main() -> None:
     clock = CLOCK[args.clock]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    w = args.width
-    shape = dict(dimensions=[d * w for d in QUICKSTART["dimensions"]])
-    shape["head_dims"] = [h * w for h in QUICKSTART["head_dims"]]
-    aunet = AUNet(AUNetConfig(**{**QUICKSTART, **shape})).eval()
-    models = {"aunet": aunet, "baseline": baseline(aunet.num_params(), w).eval()}
+    aunet, base = models(args.width)
+    nets = {"aunet": aunet, "baseline": base}
     text = text_bytes(16 * 997 + 64 + args.steps)
     best: dict[tuple[str, int], float] = {}
     for _ in range(args.repeat):
-        for name, model in models.items():
+        for name, model in nets.items():
             for batch in (1, 16):
                 s = run(model, batch, args.steps, text)
                 best[name, batch] = min(best.get((name, batch), s), s)
