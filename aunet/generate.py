@@ -36,19 +36,22 @@ the rows it drives.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from aunet.config import BOS_ID, EOS_ID, VOCAB_SIZE, AUNetConfig, check_tokenizer
-from aunet.kvcache import StackCache, down_step, prefill_stack, step_stack, up_step
+from aunet.kvcache import StackCache, prefill_stack
 from aunet.layers import CausalTransformer
 from aunet.model import AUNet
 from aunet.pooling import force_first, pooling_plan
 from aunet.splitstream import LevelStream
 from aunet.splitting import Splitter
+from aunet.stepping import LinearStep, NormStep, StackStep, TransitionStep
 
 if TYPE_CHECKING:
     from aunet.tokenizer import BPETokenizer
@@ -81,7 +84,8 @@ class Generator:
 
     State per row b: text (prompt + fed bytes; a BPE model's: ids), levels (BOS first), n[s, b]
     positions at stage s, boundary[s, b] = stage-s position of the latest stage-(s+1) token,
-    deep[s+1][b] its output.
+    deep[s+1][b] its output. A Generator decodes with the weights its model had when it was made
+    (aunet/stepping.py).
     """
 
     def __init__(self, model: AUNet) -> None:
@@ -91,12 +95,20 @@ class Generator:
         self.texts: list[bytearray] = []
         self.levels: list[list[int]] = []
         self.streams: list[LevelStream | None] = []
+        # each stack's decode-step operands, read once (aunet/stepping.py)
+        self._steps = {
+            "enc": [StackStep(e) for e in model.encoders],
+            "trunk": StackStep(model.trunk),
+            "dec": [StackStep(d) for d in model.decoders],
+            "trans": [TransitionStep(t) for t in model.transitions],
+        }
+        self._head = (NormStep(model.vocab_norm), LinearStep(model.vocab))
 
     def _level(self, row: int, byte: int) -> int:
         """The new byte's level on the row's text so far, from the row's LevelStream: O(1) per
         byte instead of re-splitting the text (docs/design.md, Generation: incremental levels)."""
         stream = self.streams[row]
-        return int(stream.push(bytes((byte,)))[0]) if stream is not None else 0
+        return stream.push_byte(byte) if stream is not None else 0
 
     def _new_cache(
         self, stack: CausalTransformer, kvs: list, counts: torch.Tensor, extra: int
@@ -222,7 +234,7 @@ class Generator:
 
         Stepping every row (a server drops finished rows with ``keep``) reads every cache without
         gathering its rows."""
-        m, K, P = self.model, self.config.num_stages, self.config.upsampling_positions
+        m, K = self.model, self.config.num_stages
         dev = m.tok_embeddings.weight.device
         B = len(self.texts)
         rows = list(range(B)) if rows is None else [int(r) for r in rows]
@@ -240,49 +252,55 @@ class Generator:
             levels.append(lv)
         all_rows = len(rows) == B and rows == list(range(B))
         r = self._arange(B) if all_rows else torch.tensor(rows, device=dev)
-        x = m.tok_embeddings(torch.tensor(tokens, device=dev))[:, None]  # (R, 1, D_0)
-        if K:
-            level = torch.tensor(levels, device=dev)
-            deepest = max(levels)
+        x = F.embedding(torch.tensor(tokens, device=dev), m.tok_embeddings.weight)[:, None]
+        deepest = max(levels) if K else 0
+        # Row subsets are chosen from the Python levels and taken with index_select/index_copy_:
+        # at serving sizes a step costs its number of small operations (docs/serving.md).
         visited = []  # per advanced stage s < K: (rows, all_rows, encoder-s output, pos, rope)
         for s in range(K):
-            pos = self.n[s] if all_rows else self.n[s, r]
-            rope = m.encoders[s].rope(pos[:, None])  # the decoder steps at the same positions
-            x = step_stack(m.encoders[s], self.enc_caches[s], r, all_rows, x, pos, rope)
+            pos = self.n[s] if all_rows else self.n[s].index_select(0, r)
+            enc = self._steps["enc"][s]
+            rope = enc.rope(pos, x.dtype)  # the decoder steps at the same positions
+            x = enc(self.enc_caches[s], r, all_rows, x, pos, rope)
             visited.append((r, all_rows, x, pos, rope))
             if deepest <= s:
                 break
-            up = level > s  # rows whose byte closes a stage-(s+1) segment
-            if all_rows and bool(up.all()):
+            sub = [j for j, lv in enumerate(levels) if lv > s]  # rows closing a stage-s+1 segment
+            if all_rows and len(sub) == len(levels):
                 self.boundary[s] = pos
             else:
                 all_rows = False
-                self.boundary[s, r[up]] = pos[up]
-                r, level, x = r[up], level[up], x[up]
-            x = down_step(m.transitions[s], x)
+                idx = torch.tensor(sub, device=dev)
+                r, x, pos = r.index_select(0, idx), x.index_select(0, idx), pos.index_select(0, idx)
+                self.boundary[s].index_copy_(0, r, pos)
+                levels = [levels[j] for j in sub]
+            x = self._steps["trans"][s].down(x)
         else:
-            pos = self.n[K] if all_rows else self.n[K, r]
-            x = step_stack(m.trunk, self.trunk_cache, r, all_rows, x, pos)
-            if all_rows:
-                self.deep[K] = x[:, 0]
-                self.n[K] += 1
-            else:
-                self.deep[K][r] = x[:, 0]
-                self.n[K, r] += 1
+            pos = self.n[K] if all_rows else self.n[K].index_select(0, r)
+            x = self._steps["trunk"](self.trunk_cache, r, all_rows, x, pos)
+            self._advance(K, r, all_rows, x, pos)
         for s in reversed(range(len(visited))):
             r, all_rows, skip, pos, rope = visited[s]
-            off = pos - (self.boundary[s] if all_rows else self.boundary[s, r])
-            deep = self.deep[s + 1] if all_rows else self.deep[s + 1][r]
-            up = up_step(m.transitions[s], deep, off % P, off == 0)
+            bound = self.boundary[s] if all_rows else self.boundary[s].index_select(0, r)
+            deep = self.deep[s + 1] if all_rows else self.deep[s + 1].index_select(0, r)
+            off = pos - bound
+            up = self._steps["trans"][s].up(deep, off)
             x = skip + up if self.config.skip_connections[s] else up
-            x = step_stack(m.decoders[s], self.dec_caches[s], r, all_rows, x, pos, rope)
-            if all_rows:
-                self.deep[s] = x[:, 0]
-                self.n[s] += 1
-            else:
-                self.deep[s][r] = x[:, 0]
-                self.n[s, r] += 1
-        return m.head(x[:, 0])
+            x = self._steps["dec"][s](self.dec_caches[s], r, all_rows, x, pos, rope)
+            self._advance(s, r, all_rows, x, pos)
+        norm, vocab = self._head
+        return vocab(norm(x[:, 0]))  # m.head
+
+    def _advance(
+        self, s: int, r: torch.Tensor, all_rows: bool, x: torch.Tensor, pos: torch.Tensor
+    ) -> None:
+        """Stage s gained position pos (R,) on rows r, with output x (R, 1, D_s)."""
+        if all_rows:
+            self.deep[s] = x[:, 0]
+            self.n[s] += 1  # pos is this row of n: read for the last time
+        else:
+            self.deep[s].index_copy_(0, r, x[:, 0])
+            self.n[s].index_copy_(0, r, pos + 1)
 
     def _arange(self, n: int) -> torch.Tensor:
         """0..n-1 on the model's device, made once per size (a step needs it every time)."""
@@ -355,9 +373,13 @@ def sample_next(
 
 def stack_allowed(masks: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     """Rows' ``allowed()`` masks -> (R, V) for ``sample_next``, or None when every row takes the
-    byte default (all but BOS)."""
+    byte default (all but BOS). Rows sharing one mask object (the usual case: the masks are
+    made once per vocabulary) get a view of it, not R copies."""
     if all(m is None for m in masks):
         return None
+    first = masks[0]
+    if first is not None and all(m is first for m in masks):
+        return first.expand(len(masks), -1)
     V = next(len(m) for m in masks if m is not None)
     default = byte_ids_allowed(V, False)
     return torch.stack([default if m is None else m for m in masks])
@@ -377,8 +399,10 @@ def check_sampling(
         raise ValueError(f"top_p: expected a value in (0, 1] or None, got {top_p!r}")
 
 
+@functools.lru_cache(maxsize=8)
 def byte_ids_allowed(vocab_size: int, ignore_eos: bool) -> torch.Tensor:
-    """(V,) bool: what a byte model may sample: every id but BOS (and EOS with ``ignore_eos``)."""
+    """(V,) bool: what a byte model may sample: every id but BOS (and EOS with ``ignore_eos``).
+    One shared tensor per argument pair: read it, never write to it."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     allowed[BOS_ID] = False
     if ignore_eos:

@@ -17,19 +17,15 @@ keeps its own ring of slots and its own position per slot:
   so it grows the same way, up to w. Attention then reads the slots in use, not w.
 Keys are stored after RoPE, so their slot order does not matter to attention.
 
-The step functions below run one stack, or one transition's upsampling, on one new position per
-row, from the model's public pieces (``Attention.qkv``, norms, feed-forward, transition weights).
+``prefill_stack`` fills the caches from a prompt; the decode steps that read and extend them are in
+aunet/stepping.py.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.nn.functional as F
 
-from aunet.layers import Attention, CausalTransformer, apply_rope
-from aunet.transitions import Transition, interleave_down, mean_up
+from aunet.layers import CausalTransformer
 
 
 class StackCache:
@@ -119,20 +115,22 @@ class StackCache:
         self.slot_pos[rows, slots] = pos
         return slots
 
-    def visible(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """(R, S) bool: slots a query at position pos (R,) may attend (causal, in the window)."""
-        sp = self.slot_pos.index_select(0, rows)
-        ok = (sp >= 0) & (sp <= pos[:, None])
-        if self.window is not None:
-            ok &= sp > pos[:, None] - self.window
-        return ok
+    def visible(self, rows: torch.Tensor, all_rows: bool) -> torch.Tensor:
+        """(R, S) bool: the slots a query at each row's newest position may attend, once that
+        position is claimed. That is every written slot: a window ring of S = w slots holds
+        exactly the last w positions (the window including the query), a ring not yet grown to
+        its window and a full causal stack hold positions 0..pos (slot == position, so none has
+        been evicted and none lies outside a window wider than the ring), and no row ever holds
+        a position past its newest (tests/test_stepping.py checks it against that rule)."""
+        sp = self.slot_pos if all_rows else self.slot_pos.index_select(0, rows)
+        return sp >= 0
 
-    def put(
-        self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
-        """Write k, v (R, KV, Dh) of the new positions into their claimed slots."""
-        self.k[layer, rows, slots] = k
-        self.v[layer, rows, slots] = v
+    def put(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (R, KV, Dh) of the new positions into their claimed slots, given as
+        ``flat`` (R,) = row * S + slot: one copy per tensor into the (B * S) slots of ``layer``
+        (the ring tensors are kept contiguous: every method replaces them with new ones)."""
+        self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, flat, k)
+        self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, flat, v)
 
     def get(self, layer: int, rows: torch.Tensor, all_rows: bool) -> tuple[torch.Tensor, ...]:
         """k, v (R, S, KV, Dh) of the given rows (no copy when every row is asked for in order)."""
@@ -158,108 +156,3 @@ def prefill_stack(
         h = x + att.attend(q, k, v, stack.window, backend)
         x = h + layer.feed_forward(layer.ffn_norm(h))
     return x, kvs
-
-
-def attend_cached(
-    att: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
-) -> torch.Tensor:
-    """q (R, 1, H, Dh), cached k/v (R, S, KV, Dh), visible (R, 1, 1, S) bool -> (R, 1, D)."""
-    rep = att.n_heads // att.n_kv_heads
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible
-    )
-    return att.wo(out.transpose(1, 2).flatten(2))
-
-
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fused_qkv(att: Attention) -> torch.Tensor | None:
-    """wq, wk, wv stacked into one (H + 2 KV) * Dh x D weight: one matrix product per block and
-    step instead of three (a decode step at serving sizes costs its number of small operations,
-    docs/serving.md). Rebuilt when a weight changes (tensor versions); None when the projections
-    are not plain float linears (INT8: ``AUModel.from_pretrained(..., quantize="int8")``)."""
-    lins = (att.wq, att.wk, att.wv)
-    if not all(type(m) is torch.nn.Linear and m.bias is None for m in lins):
-        return None
-    key = tuple((m.weight.data_ptr(), m.weight._version) for m in lins)
-    hit = _FUSED.get(att)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = _FUSED[att] = (key, torch.cat([m.weight for m in lins]))
-    return hit[1]
-
-
-def _qkv_step(
-    att: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Attention.qkv`` for one position per row, x (R, 1, D): one fused product and one
-    rotation of q and k together (they share the positions)."""
-    w = _fused_qkv(att)
-    if w is None:
-        return att.qkv(x, cos, sin)
-    H, KV = att.n_heads, att.n_kv_heads
-    qkv = F.linear(x, w).view(x.shape[0], 1, H + 2 * KV, att.head_dim)
-    qk = apply_rope(qkv[:, :, : H + KV], cos, sin)
-    return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV :]
-
-
-def step_stack(
-    stack: CausalTransformer,
-    cache: StackCache,
-    rows: torch.Tensor,
-    all_rows: bool,
-    x: torch.Tensor,
-    pos: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One new position per row: x (R, 1, D_s) at stage-local positions pos (R,) -> (R, 1, D_s).
-
-    ``rope``: the cos/sin tables (R, 1, Dh/2) of ``pos`` when the caller already has them (a
-    stage's encoder and decoder step at the same positions)."""
-    if len(stack.layers) == 0:
-        return x
-    cos, sin = rope if rope is not None else stack.rope(pos[:, None])
-    slots = cache.claim(rows, pos)
-    visible = cache.visible(rows, pos)[:, None, None, :]
-    for i, layer in enumerate(stack.layers):
-        att = layer.attention
-        q, k, v = _qkv_step(att, layer.attention_norm(x), cos, sin)
-        cache.put(i, rows, slots, k[:, 0], v[:, 0])
-        kc, vc = cache.get(i, rows, all_rows)
-        h = x + attend_cached(att, q, kc, vc, visible)
-        x = h + layer.feed_forward(layer.ffn_norm(h))
-    return x
-
-
-def down_step(trans: Transition, x: torch.Tensor) -> torch.Tensor:
-    """``Transition.down`` of one position per row that closes a segment: x (R, 1, d_in) ->
-    (R, 1, d_out), without building a pooling plan."""
-    if trans.nonparametric:
-        return interleave_down(x, trans.ratio)
-    return trans.trans_down(trans.down_norm(x))
-
-
-def up_step(
-    trans: Transition, z: torch.Tensor, offset: torch.Tensor, boundary: torch.Tensor
-) -> torch.Tensor:
-    """``Transition.up`` at one position: deep z (R, D_{s+1}), offset (R,) in [0, P), boundary (R,)
-    bool (stage s+1 advanced here) -> (R, 1, D_s)."""
-    z = z[:, None]
-    zn = z if trans.nonparametric else trans.up_norm(z)
-
-    def project(u: torch.Tensor) -> torch.Tensor:
-        return mean_up(u, trans.ratio) if trans.nonparametric else trans.trans_up(u)
-
-    if trans.kind == "scatter":
-        return torch.where(boundary[:, None, None], project(zn), 0.0)
-    if trans.kind == "repeat":
-        return project(zn + trans.pos_encoding(offset[:, None]))
-    m_in = trans.indexed_norm(zn) if trans.nonparametric else zn
-    # every position's matrix at once, then each row's own: one product instead of a sort and a
-    # product per position (IndexedMatMul's way, right for the long sequences of training)
-    w = trans.indexed_linear.weight  # (P, D_s, D_{s+1})
-    every = F.linear(m_in[:, 0], w.flatten(0, 1)).view(len(offset), w.shape[0], w.shape[1])
-    return project(zn) + every[torch.arange(len(offset), device=offset.device), offset][:, None]

@@ -134,6 +134,18 @@ class LevelStream:
             out[k] = level
         return out
 
+    def push_byte(self, b: int) -> int:
+        """``push`` of one byte (0..255) -> its level: a decode step's per-row call, without the
+        array."""
+        if not self._word:
+            self.text.append(b)
+            return self._resplit_level(0)
+        level = self._byte(b)
+        if self._resplit:
+            self.text.append(b)
+            level = self._resplit_level(level)
+        return level
+
     def _resplit_level(self, level: int) -> int:
         for i, one, lookback in self._resplit:
             if i + 1 > level:
