@@ -67,6 +67,9 @@ def main() -> None:
                 best[name, batch] = min(best.get((name, batch), s), s)
     for (name, batch), s in best.items():
         print(f"{name:8} batch {batch:2}: {1000 * s:6.2f} ms/step  {batch / s:7.0f} bytes/s")
+    for batch in (1, 16):
+        ratio = best["baseline", batch] / best["aunet", batch]
+        print(f"batch {batch:2}: AU-Net / baseline bytes/s {ratio:.2f}x")
     if args.profile:
         for batch in (1, 16):
             prof = cProfile.Profile()
