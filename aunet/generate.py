@@ -84,8 +84,8 @@ class Generator:
 
     State per row b: text (prompt + fed bytes; a BPE model's: ids), levels (BOS first), n[s, b]
     positions at stage s, boundary[s, b] = stage-s position of the latest stage-(s+1) token,
-    deep[s+1][b] its output. A Generator decodes with the weights its model had when it was made
-    (aunet/stepping.py).
+    deep[s+1][b] its output. The model's weights must not change while a Generator decodes
+    (aunet/stepping.py: its fused weights are copies taken when the Generator is made).
     """
 
     def __init__(self, model: AUNet) -> None:

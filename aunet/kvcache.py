@@ -128,7 +128,8 @@ class StackCache:
     def put(self, layer: int, flat: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (R, KV, Dh) of the new positions into their claimed slots, given as
         ``flat`` (R,) = row * S + slot: one copy per tensor into the (B * S) slots of ``layer``
-        (the ring tensors are kept contiguous: every method replaces them with new ones)."""
+        (the ring tensors stay contiguous: ``load`` and ``put`` write in place, the other methods
+        replace them with new contiguous ones)."""
         self.k[layer].view(-1, *self.k.shape[3:]).index_copy_(0, flat, k)
         self.v[layer].view(-1, *self.v.shape[3:]).index_copy_(0, flat, v)
 

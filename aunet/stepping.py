@@ -14,8 +14,11 @@ of the training forward with fewer of them:
   (``StackCache.put``), and attention reads every written slot (``StackCache.visible``).
 
 Other dtypes (bf16 on a GPU) keep the modules' own upcasts, and linears that are not plain
-(``AUModel.from_pretrained(..., quantize="int8")``) run as modules. The fused weights are copies:
-a ``Generator`` decodes with the weights its model had when it was made.
+(``AUModel.from_pretrained(..., quantize="int8")``) run as modules. The fused weights (q/k/v,
+w1/w3, and trans_up with the multilinear upsampling matrices) are copies, kept per module while
+the model lives (about 0.7x the parameters again for a large multilinear model), made or
+refreshed when a ``Generator`` is made; every other weight is read live. So a model's weights
+must not change while a ``Generator`` of it is decoding: make a new one after an update.
 """
 
 from __future__ import annotations
