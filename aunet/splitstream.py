@@ -121,22 +121,13 @@ class LevelStream:
     def push(self, data: bytes) -> np.ndarray:
         """Levels of ``data``'s bytes (uint8, shape (len(data),)), appended to the stream."""
         out = np.zeros(len(data), np.uint8)
-        if not self._word:
-            for k, b in enumerate(bytes(data)):
-                self.text.append(b)
-                out[k] = self._resplit_level(0)
-            return out
         for k, b in enumerate(bytes(data)):
-            level = self._byte(b)
-            if self._resplit:
-                self.text.append(b)
-                level = self._resplit_level(level)
-            out[k] = level
+            out[k] = self.push_byte(b)
         return out
 
     def push_byte(self, b: int) -> int:
-        """``push`` of one byte (0..255) -> its level: a decode step's per-row call, without the
-        array."""
+        """Level of one more byte (0..255), appended to the stream (a decode step's per-row
+        call: no array)."""
         if not self._word:
             self.text.append(b)
             return self._resplit_level(0)

@@ -60,15 +60,9 @@ def fused_linears(owner: nn.Module, lins: tuple[nn.Module, ...]) -> torch.Tensor
     return fused_weight(owner, [m.weight for m in lins]) if all(map(_plain, lins)) else None
 
 
-def step_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``RMSNorm`` ``norm`` of x (..., D): one kernel in float32, the module otherwise."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-    return norm(x)
-
-
 class NormStep:
-    """``step_norm`` with the module's operands read once."""
+    """An ``RMSNorm`` of x (..., D), its operands read once: one kernel in float32, the module
+    otherwise."""
 
     __slots__ = ("module", "weight", "shape", "eps")
 
@@ -209,6 +203,9 @@ class TransitionStep:
         if self.param:
             self.down_norm, self.up_norm = NormStep(trans.down_norm), NormStep(trans.up_norm)
             self.trans_down = LinearStep(trans.trans_down)
+            self.trans_up = LinearStep(trans.trans_up)
+        elif self.kind == "multilinear":
+            self.indexed_norm = NormStep(trans.indexed_norm)
         self.w_up = None  # (P + 1) * D_s x D_{s+1}: trans_up, then position 0..P-1's matrix
         if self.kind == "multilinear" and self.param and _plain(trans.trans_up):
             w = trans.indexed_linear.weight
@@ -224,43 +221,26 @@ class TransitionStep:
     def up(self, z: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         """``Transition.up`` at one position: deep z (R, D_{s+1}), off (R,) = stage-s position
         minus that of the latest stage-(s+1) token (0: stage s+1 advanced here) -> (R, 1, D_s)."""
-        P = self.trans.positions
-        if self.w_up is None:
-            return up_step(self.trans, z, off % P, off == 0)
-        R = len(off)
-        ar = self._ar
+        trans, P, R = self.trans, self.trans.positions, len(off)
+        ar = self._ar  # 0..R-1: each row picks its own position's matrix
         if ar is None or len(ar) != R or ar.device != off.device:
             ar = self._ar = torch.arange(R, device=off.device)
-        every = F.linear(self.up_norm(z), self.w_up).view(R, P + 1, self.trans.d_in)
-        return (every[:, 0] + every[ar, off % P + 1])[:, None]
+        if self.w_up is not None:
+            every = F.linear(self.up_norm(z), self.w_up).view(R, P + 1, trans.d_in)
+            return (every[:, 0] + every[ar, off % P + 1])[:, None]
+        z = z[:, None]
+        zn = self.up_norm(z) if self.param else z
 
+        def project(u: torch.Tensor) -> torch.Tensor:
+            return self.trans_up(u) if self.param else mean_up(u, trans.ratio)
 
-def down_step(trans: Transition, x: torch.Tensor) -> torch.Tensor:
-    """``Transition.down`` of one position per row that closes a segment: x (R, 1, d_in) ->
-    (R, 1, d_out), without building a pooling plan."""
-    if trans.nonparametric:
-        return interleave_down(x, trans.ratio)
-    return trans.trans_down(step_norm(trans.down_norm, x))
-
-
-def up_step(
-    trans: Transition, z: torch.Tensor, offset: torch.Tensor, boundary: torch.Tensor
-) -> torch.Tensor:
-    """``Transition.up`` at one position: deep z (R, D_{s+1}), offset (R,) in [0, P), boundary (R,)
-    bool (stage s+1 advanced here) -> (R, 1, D_s)."""
-    z = z[:, None]
-    zn = z if trans.nonparametric else step_norm(trans.up_norm, z)
-
-    def project(u: torch.Tensor) -> torch.Tensor:
-        return mean_up(u, trans.ratio) if trans.nonparametric else trans.trans_up(u)
-
-    if trans.kind == "scatter":
-        return torch.where(boundary[:, None, None], project(zn), 0.0)
-    if trans.kind == "repeat":
-        return project(zn + trans.pos_encoding(offset[:, None]))
-    m_in = step_norm(trans.indexed_norm, zn) if trans.nonparametric else zn
-    # every position's matrix at once, then each row's own: one product instead of a sort and a
-    # product per position (IndexedMatMul's way, right for the long sequences of training)
-    w = trans.indexed_linear.weight  # (P, D_s, D_{s+1})
-    every = F.linear(m_in[:, 0], w.flatten(0, 1)).view(len(offset), w.shape[0], w.shape[1])
-    return project(zn) + every[torch.arange(len(offset), device=offset.device), offset][:, None]
+        if self.kind == "scatter":
+            return torch.where((off == 0)[:, None, None], project(zn), 0.0)
+        if self.kind == "repeat":
+            return project(zn + trans.pos_encoding((off % P)[:, None]))
+        m_in = zn if self.param else self.indexed_norm(zn)
+        # every position's matrix at once, then each row's own: one product instead of a sort and a
+        # product per position (IndexedMatMul's way, right for the long sequences of training)
+        w = trans.indexed_linear.weight  # (P, D_s, D_{s+1})
+        every = F.linear(m_in[:, 0], w.flatten(0, 1)).view(R, P, w.shape[1])
+        return project(zn) + every[ar, off % P][:, None]
