@@ -11,14 +11,7 @@ from test_generate import CONT, PROMPTS, make_model, naive_logits
 from aunet.decoding import Decoder, Sampling, decode_rows
 from aunet.generate import Generator, draw, generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add contention (the suite shares 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("K, kw", [(0, {}), (2, {}), (2, {"sliding_windows": None}), (3, {})])

@@ -90,13 +90,7 @@ def naive_greedy(model: AUNet, prompt: bytes, n: int) -> bytes:
     return bytes(text[len(prompt) :])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add contention (the suite shares 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [(0, "multilinear")] + [(K, u) for K in (1, 2, 3) for u in UPSAMPLINGS]

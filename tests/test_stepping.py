@@ -11,13 +11,7 @@ from torch import nn
 from aunet.generate import Generator
 from aunet.stepping import StackStep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cached_logits(model: nn.Module, feed: bytes) -> list[torch.Tensor]:
